@@ -1,0 +1,228 @@
+"""What distillation costs on top of plain training, and how kdjax's step compares with PyTorch.
+
+Measured side by side in one process (interleaved rounds, median per variant, after warm-up):
+ResNet-18 student, ResNet-34 teacher, CIFAR-size inputs (32x32x3, 100 classes), batch 64,
+SGD with momentum; KD recipe = 0.1 CE + 0.9 KD (T = 4).
+
+* ``precomputed_overhead`` = KD step reading stored teacher logits / plain CE step (target <= 1.05)
+* ``live_overhead`` = KD step with the live teacher inside it / (CE step + teacher forward) (<= 1.00)
+* ``vs_pytorch`` = kdjax live-KD step / the same step written plainly in PyTorch (<= 1.0)
+* ``fraction_of_peak``: XLA's ``cost_analysis()`` flops of each step / its time / the peak
+  (``--peak-gflops``: 333 for this 2-core AVX-512 CPU; on a GPU the script measures a matmul peak).
+
+Usage: ``python benchmarks/step_overhead.py --json results/step_overhead.json``
+XLA:CPU flags matter; set them in the environment (``XLA_FLAGS=...``) - the JSON records them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from kdjax import models, recipe, sharding, teachers, train
+
+BATCH, SIZE, CLASSES, TEMPERATURE, ALPHA, LR = 64, 32, 100, 4.0, 0.9, 0.1
+
+
+def make_batch(seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {"image": rng.normal(size=(BATCH, SIZE, SIZE, 3)).astype(np.float32),
+            "label": rng.integers(0, CLASSES, BATCH).astype(np.int32)}
+
+
+def flops_of(jitted, *args) -> float:
+    cost = jitted.lower(*args).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float(cost.get("flops", 0.0)) if cost else 0.0
+
+
+def jax_variants(dtype):
+    """Returns ({name: zero-arg callable running one step}, {name: flops per call})."""
+    mesh = sharding.make_mesh()
+    tx = optax.sgd(LR, momentum=0.9)
+    student = models.create("resnet18", CLASSES, dtype=dtype)
+    teacher_module = models.create("resnet34", CLASSES, dtype=dtype)
+    t_vars = teacher_module.init(jax.random.PRNGKey(1), jnp.zeros((1, SIZE, SIZE, 3)))
+    t_vars, t_sh = train.put_teacher(t_vars, mesh)
+    live = teachers.from_linen(teacher_module)
+    apply = train.linen_student(student)
+    sample = jnp.zeros((1, SIZE, SIZE, 3))
+    batch = sharding.global_batch(make_batch(0), mesh)
+    # The stored teacher logits, as the logit store would hand them over (float16).
+    stored = dict(batch, teacher_logits=jax.jit(lambda v, b: live(v, b).logits.astype(
+        jnp.float16))(t_vars, batch))
+    kd_recipe = (recipe.ce(1 - ALPHA), recipe.kd(TEMPERATURE, ALPHA))
+    specs = {"ce": ((recipe.ce(),), None, {}, batch),
+             "kd_precomputed": (kd_recipe, teachers.precomputed(), {}, stored),
+             "kd_live": (kd_recipe, live, t_vars, batch)}
+    runs, flops = {}, {}
+    for name, (rec, teacher, tv, b) in specs.items():
+        state, st_sh = train.init_train_state(student, tx, sample, seed=0, mesh=mesh)
+        step = train.make_train_step(apply, tx, rec, teacher, mesh=mesh, state_shardings=st_sh,
+                                     teacher_shardings=t_sh if tv else None,
+                                     guard_nonfinite=False)
+        flops[name] = flops_of(step, state, tv, b)
+        holder = {"state": state}
+
+        def run(step=step, holder=holder, tv=tv, b=b):
+            holder["state"], metrics = step(holder["state"], tv, b)
+            jax.block_until_ready(metrics)
+        runs[name] = run
+    teacher_fwd = jax.jit(lambda v, b: live(v, b).logits)
+    flops["teacher_forward"] = flops_of(teacher_fwd, t_vars, batch)
+    runs["teacher_forward"] = lambda: jax.block_until_ready(teacher_fwd(t_vars, batch))
+    return runs, flops
+
+
+def torch_variant():
+    """The live-KD step written plainly in PyTorch (same architectures, batch, optimizer)."""
+    import torch
+    import torch.nn as tnn
+    import torch.nn.functional as F
+
+    torch.set_num_threads(os.cpu_count())
+
+    class Block(tnn.Module):
+        def __init__(self, cin, cout, stride):
+            super().__init__()
+            self.conv1 = tnn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+            self.bn1 = tnn.BatchNorm2d(cout)
+            self.conv2 = tnn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+            self.bn2 = tnn.BatchNorm2d(cout)
+            self.down = None
+            if stride != 1 or cin != cout:
+                self.down = tnn.Sequential(tnn.Conv2d(cin, cout, 1, stride, bias=False),
+                                           tnn.BatchNorm2d(cout))
+
+        def forward(self, x):
+            out = F.relu(self.bn1(self.conv1(x)))
+            out = self.bn2(self.conv2(out))
+            return F.relu(out + (x if self.down is None else self.down(x)))
+
+    class ResNet(tnn.Module):
+        def __init__(self, layers, classes):
+            super().__init__()
+            self.conv1 = tnn.Conv2d(3, 64, 7, 2, 3, bias=False)
+            self.bn1 = tnn.BatchNorm2d(64)
+            blocks, cin = [], 64
+            for i, (n, cout) in enumerate(zip(layers, (64, 128, 256, 512))):
+                for j in range(n):
+                    blocks.append(Block(cin, cout, 2 if (j == 0 and i > 0) else 1))
+                    cin = cout
+            self.blocks = tnn.Sequential(*blocks)
+            self.fc = tnn.Linear(512, classes)
+
+        def forward(self, x):
+            x = F.max_pool2d(F.relu(self.bn1(self.conv1(x))), 3, 2, 1)
+            return self.fc(self.blocks(x).mean((2, 3)))
+
+    torch.manual_seed(0)
+    student, teacher = ResNet((2, 2, 2, 2), CLASSES), ResNet((3, 4, 6, 3), CLASSES).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    opt = torch.optim.SGD(student.parameters(), lr=LR, momentum=0.9)
+    b = make_batch(0)
+    x = torch.from_numpy(b["image"]).permute(0, 3, 1, 2).contiguous()
+    y = torch.from_numpy(b["label"]).long()
+
+    def run():
+        with torch.no_grad():
+            t_logits = teacher(x)
+        s_logits = student(x)
+        kd = F.kl_div(F.log_softmax(s_logits / TEMPERATURE, -1),
+                      F.log_softmax(t_logits / TEMPERATURE, -1), log_target=True,
+                      reduction="batchmean") * TEMPERATURE ** 2
+        loss = (1 - ALPHA) * F.cross_entropy(s_logits, y) + ALPHA * kd
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return run, torch.__version__
+
+
+def measure(runs: dict, rounds: int, warmup: int) -> dict[str, float]:
+    for run in runs.values():
+        for _ in range(warmup):
+            run()
+    times = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, run in runs.items():
+            t0 = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def gpu_matmul_peak(dtype) -> float:
+    """Measured FLOP/s of a large matmul on the default device (the denominator on a GPU)."""
+    n = 8192
+    a = jnp.ones((n, n), dtype)
+    f = jax.jit(lambda a: a @ a)
+    jax.block_until_ready(f(a))
+    t0 = time.perf_counter()
+    for _ in range(10):
+        out = f(a)
+    jax.block_until_ready(out)
+    return 10 * 2 * n ** 3 / (time.perf_counter() - t0)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--json", help="write the results to this JSON file")
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--peak-gflops", type=float, default=333.0,
+                        help="f32 peak of this CPU (2 cores x 2.6 GHz x 64 FLOP/cycle)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch comparison")
+    args = parser.parse_args()
+
+    dtype = jnp.dtype(args.dtype)
+    runs, flops = jax_variants(dtype)
+    torch_version = None
+    if not args.no_torch:
+        try:
+            runs["torch_kd_live"], torch_version = torch_variant()
+        except ImportError:
+            print("torch is not installed: skipping vs_pytorch (pip install torch==2.13.0)")
+    t = measure(runs, args.rounds, args.warmup)
+
+    backend = jax.default_backend()
+    peak = (gpu_matmul_peak(dtype) if backend == "gpu" else args.peak_gflops * 1e9)
+    result = {
+        "precomputed_overhead": t["kd_precomputed"] / t["ce"],
+        "live_overhead": t["kd_live"] / (t["ce"] + t["teacher_forward"]),
+        "seconds": t,
+        "gflops_per_step": {k: v / 1e9 for k, v in flops.items()},
+        "fraction_of_peak": {k: flops[k] / t[k] / peak for k in flops},
+        "peak_gflops": peak / 1e9,
+        "images_per_second": {k: BATCH / t[k] for k in t},
+        "backend": backend, "devices": jax.device_count(), "jax": jax.__version__,
+        "torch": torch_version, "dtype": args.dtype, "machine": platform.processor() or platform.machine(),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""), "batch": BATCH, "rounds": args.rounds,
+    }
+    if "torch_kd_live" in t:
+        result["vs_pytorch"] = t["kd_live"] / t["torch_kd_live"]
+    for key in ("precomputed_overhead", "live_overhead", "vs_pytorch"):
+        if key in result:
+            print(f"{key:>22}: {result[key]:.3f}")
+    for k in t:
+        frac = result["fraction_of_peak"].get(k)
+        print(f"{k:>22}: {1e3 * t[k]:8.1f} ms  {BATCH / t[k]:7.1f} img/s"
+              + (f"  {100 * frac:5.1f}% of peak" if frac is not None else ""))
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,540 @@
+"""Shared grain input pipeline: per-host sharding, batching, eval padding, resumable iterators.
+
+Every dataset in :mod:`kdjax.data` goes through the two entry points of this module:
+
+* :func:`make_train_iterator`: an infinite (or ``num_epochs``-long) stream of shuffled, augmented
+  examples, split across hosts without overlap and batched to the host-local batch size.
+* :func:`make_eval_iterator`: one pass over a split, padded to whole global batches, with ``mask``
+  marking the padding rows.
+
+Both return grain ``DatasetIterator`` objects: ``get_state()``/``set_state()`` round-trip exactly, and
+``grain.checkpoint.CheckpointSave(iterator)`` / ``CheckpointRestore(iterator)`` store the state in an
+orbax checkpoint. :func:`prefetch_to_device` turns the host-local batches into global ``jax.Array``
+values sharded over a mesh, in a background thread, while keeping that state exact.
+
+Batches are dicts of NumPy arrays with a leading host-local batch axis ``B = global // process_count``:
+
+======== ======== ========== ==========================================================
+key      dtype    shape      meaning
+======== ======== ========== ==========================================================
+image    any      [B, ...]   what the transform returned (float32 normalised by default)
+label    int32    [B]        class index
+id       int64    [B]        record index of the example in its source (keys teacher logits)
+mask     bool     [B]        True for real rows; False for eval padding rows
+epoch    int32    [B]        train batches only: the epoch the row was drawn in
+======== ======== ========== ==========================================================
+
+Determinism. Record order within epoch ``e`` is ``grain``'s ``index_shuffle`` permutation with seed
+``seed + e``; host ``h`` of ``P`` takes positions ``h, h + P, h + 2P, ...`` of that permutation, up to
+``P * (N // P)`` positions, so hosts are disjoint, together cover all but ``N mod P`` records of each
+epoch (a different remainder every epoch) and each gets exactly ``N // P`` records per epoch. The
+augmentation of a record is ``transform(record, example_rng(seed, epoch, id))``: a pure function of
+``(seed, epoch, id)``, reproducible one example at a time with :func:`train_example`.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import grain
+import jax
+import numpy as np
+
+Transform = Callable[[Mapping[str, Any], "np.random.Generator | None"], Mapping[str, Any]]
+"""``transform(record, rng) -> {'image': ..., 'label': ..., ...}``. ``rng`` is None in eval."""
+
+_MAX_SEED = 2**32
+
+
+class ArraySource:
+    """Random-access source over equal-length in-memory arrays (MNIST-1D, digits, tests).
+
+    ``source[i]`` is ``{key: arrays[key][i]}``: the same record interface as a TFDS data source, so
+    in-memory datasets run through the same grain pipeline as ImageNet.
+
+    Args:
+      arrays: mapping from key to array; every array has the same leading length ``N >= 1`` and
+        ``'image'`` and ``'label'`` are present.
+    """
+
+    def __init__(self, arrays: Mapping[str, Any]):
+        if not isinstance(arrays, Mapping):
+            raise TypeError(
+                f"arrays must be a mapping of key -> array, got {type(arrays).__name__}; "
+                "pass e.g. {'image': x, 'label': y}."
+            )
+        missing = {"image", "label"} - set(arrays)
+        if missing:
+            raise ValueError(
+                f"arrays is missing key(s) {sorted(missing)}; got keys {sorted(arrays)}. "
+                "An ArraySource needs at least 'image' and 'label'."
+            )
+        self._arrays = {key: np.asarray(value) for key, value in arrays.items()}
+        lengths = {key: (value.shape[0] if value.ndim else None) for key, value in self._arrays.items()}
+        if len(set(lengths.values())) != 1 or None in lengths.values() or lengths["image"] == 0:
+            raise ValueError(
+                f"every array must have the same non-zero leading length; got leading lengths {lengths}."
+            )
+        self._length = lengths["image"]
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        return {key: value[index] for key, value in self._arrays.items()}
+
+    def __repr__(self) -> str:
+        shapes = {key: value.shape for key, value in self._arrays.items()}
+        return f"ArraySource({shapes})"
+
+
+def local_batch_size(global_batch_size: int, process_count: int) -> int:
+    """Host-local batch size ``global_batch_size // process_count``; raises unless it divides."""
+    if not isinstance(global_batch_size, (int, np.integer)) or global_batch_size < 1:
+        raise ValueError(f"global_batch_size must be a positive integer, got {global_batch_size!r}.")
+    if global_batch_size % process_count:
+        lower = global_batch_size - global_batch_size % process_count
+        raise ValueError(
+            f"global_batch_size={global_batch_size} is not divisible by process_count={process_count}; "
+            f"every host needs the same local batch. Use a multiple of {process_count}, "
+            f"e.g. {max(lower, process_count)} or {lower + process_count}."
+        )
+    return int(global_batch_size // process_count)
+
+
+def eval_num_batches(num_records: int, global_batch_size: int) -> int:
+    """Number of global eval batches, ``ceil(num_records / global_batch_size)``."""
+    return -(-num_records // global_batch_size)
+
+
+def example_rng(seed: int, epoch: int, example_id: int) -> np.random.Generator:
+    """NumPy generator for the augmentation of ``example_id`` in ``epoch`` under ``seed``.
+
+    ``np.random.default_rng([seed, epoch, example_id])`` (SeedSequence entropy from the three
+    integers): independent streams for distinct triples, identical for equal ones.
+    """
+    return np.random.default_rng([int(seed), int(epoch), int(example_id)])
+
+
+def _passthrough(record: Mapping[str, Any]) -> dict[str, Any]:
+    return {"image": record["image"], "label": record["label"]}
+
+
+def _finish(out: Mapping[str, Any], example_id: int) -> dict[str, Any]:
+    if "image" not in out or "label" not in out:
+        raise ValueError(
+            f"transform must return a mapping with 'image' and 'label'; got keys {sorted(out)} "
+            f"for example id {example_id}."
+        )
+    result = dict(out)
+    result["label"] = np.int32(out["label"])
+    result["id"] = np.int64(example_id)
+    return result
+
+
+def train_example(
+    source: Any,
+    example_id: int,
+    *,
+    seed: int,
+    epoch: int,
+    transform: Transform | None = None,
+) -> dict[str, Any]:
+    """The training row for ``source[example_id]`` in ``epoch``: exactly what the train iterator yields.
+
+    This is how a teacher run reproduces the view a student saw: same ``(seed, epoch, id)``, same
+    transform, same output. Returns ``{'image', 'label' (int32), 'id' (int64), 'epoch' (int32),
+    'mask' (True)}`` plus any extra keys the transform returns.
+    """
+    record = source[example_id]
+    if transform is None:
+        out = _passthrough(record)
+    else:
+        out = transform(record, example_rng(seed, epoch, example_id))
+    result = _finish(out, example_id)
+    result["epoch"] = np.int32(epoch)
+    result["mask"] = np.True_
+    return result
+
+
+class _TrainExample:
+    """Grain map: shuffled stream value ``v = epoch * N + record`` -> training row."""
+
+    def __init__(self, source: Any, transform: Transform | None, seed: int, num_records: int):
+        self._source = source
+        self._transform = transform
+        self._seed = seed
+        self._num_records = num_records
+
+    def __call__(self, value: int) -> dict[str, Any]:
+        epoch, example_id = divmod(int(value), self._num_records)
+        return train_example(
+            self._source, example_id, seed=self._seed, epoch=epoch, transform=self._transform
+        )
+
+
+class _EvalExample:
+    """Grain map: host-local eval position ``t`` -> row of global position ``j`` (padding if ``j >= N``).
+
+    Global batch ``b`` holds positions ``b*G .. b*G + G - 1``; host ``h`` holds ``b*G + h*L + r`` for
+    ``r < L``. A padding row repeats record ``j mod N`` with ``mask=False``, so anything keyed by
+    ``id`` stays correct even if it ignores the mask.
+    """
+
+    def __init__(
+        self,
+        source: Any,
+        transform: Transform | None,
+        num_records: int,
+        global_batch: int,
+        local_batch: int,
+        process_index: int,
+    ):
+        self._source = source
+        self._transform = transform
+        self._num_records = num_records
+        self._global_batch = global_batch
+        self._local_batch = local_batch
+        self._process_index = process_index
+
+    def __call__(self, position: int) -> dict[str, Any]:
+        batch_index, row = divmod(int(position), self._local_batch)
+        global_position = (
+            batch_index * self._global_batch + self._process_index * self._local_batch + row
+        )
+        example_id = global_position % self._num_records
+        record = self._source[example_id]
+        out = _passthrough(record) if self._transform is None else self._transform(record, None)
+        result = _finish(out, example_id)
+        result["mask"] = np.bool_(global_position < self._num_records)
+        return result
+
+
+def _resolve_processes(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+    index = jax.process_index() if process_index is None else process_index
+    count = jax.process_count() if process_count is None else process_count
+    if not isinstance(count, (int, np.integer)) or count < 1:
+        raise ValueError(f"process_count must be a positive integer, got {count!r}.")
+    if not isinstance(index, (int, np.integer)) or not 0 <= index < count:
+        raise ValueError(
+            f"process_index must be an integer in [0, process_count={count}), got {index!r}."
+        )
+    return int(index), int(count)
+
+
+def _check_source(source: Any) -> int:
+    if not (hasattr(source, "__len__") and hasattr(source, "__getitem__")):
+        raise TypeError(
+            f"source must support len() and [index] (a TFDS data source or ArraySource), "
+            f"got {type(source).__name__}."
+        )
+    num_records = len(source)
+    if num_records < 1:
+        raise ValueError(f"source is empty (len(source) == {num_records}); nothing to iterate over.")
+    return num_records
+
+
+def _read_options(num_threads: int, prefetch_buffer_size: int) -> grain.ReadOptions:
+    if num_threads < 0 or prefetch_buffer_size < 0:
+        raise ValueError(
+            f"num_threads and prefetch_buffer_size must be >= 0, got {num_threads} and "
+            f"{prefetch_buffer_size}."
+        )
+    return grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch_buffer_size)
+
+
+def make_train_iterator(
+    source: Any,
+    *,
+    global_batch_size: int,
+    seed: int,
+    transform: Transform | None = None,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    num_epochs: int | None = None,
+    num_threads: int = 0,
+    prefetch_buffer_size: int = 256,
+) -> grain.DatasetIterator:
+    """Shuffled, augmented, host-sharded training batches as a checkpointable grain iterator.
+
+    Args:
+      source: random-access source (``len`` and ``[i]``): a TFDS data source or :class:`ArraySource`.
+      global_batch_size: batch size summed over hosts; each host yields ``global // process_count``.
+      seed: integer in ``[0, 2**32)``; fixes the shuffle of every epoch and every augmentation.
+      transform: ``transform(record, rng) -> {'image', 'label', ...}``; ``None`` passes the record's
+        ``image`` and ``label`` through unchanged (no random number generator is built).
+      process_index, process_count: this host and the number of hosts (default: JAX's).
+      num_epochs: ``None`` for an endless stream; otherwise stop after that many epochs (the last
+        partial batch is dropped). Batches may straddle epochs; ``batch['epoch']`` says which.
+      num_threads: grain reader threads (0 runs the transform in the consuming thread; use 0 for
+        in-memory arrays, ~16 for JPEG decoding, which releases the GIL).
+      prefetch_buffer_size: examples grain reads ahead (per host).
+
+    Returns:
+      A ``grain.DatasetIterator`` of dicts ``{'image', 'label', 'id', 'epoch', 'mask'}`` with leading
+      axis ``global_batch_size // process_count``.
+    """
+    num_records = _check_source(source)
+    index, count = _resolve_processes(process_index, process_count)
+    local = local_batch_size(global_batch_size, count)
+    if not isinstance(seed, (int, np.integer)) or not 0 <= seed < _MAX_SEED:
+        raise ValueError(f"seed must be an integer in [0, 2**32), got {seed!r}.")
+    if num_records < count:
+        raise ValueError(
+            f"the source has {num_records} records but there are process_count={count} hosts; "
+            "every host needs at least one record per epoch. Use fewer hosts or a larger split."
+        )
+    per_host = num_records // count
+    if num_epochs is not None:
+        if not isinstance(num_epochs, (int, np.integer)) or num_epochs < 1:
+            raise ValueError(f"num_epochs must be None or a positive integer, got {num_epochs!r}.")
+        if per_host * num_epochs < local:
+            raise ValueError(
+                f"num_epochs={num_epochs} gives each host {per_host * num_epochs} examples, fewer than "
+                f"one local batch of {local}; lower global_batch_size or raise num_epochs."
+            )
+    options = _read_options(num_threads, prefetch_buffer_size)
+    # Value at stream position i of the shuffled range is epoch * N + record; the strided slice
+    # keeps this host's positions of every epoch (slicing preserves epochs past the first).
+    ds = grain.MapDataset.range(num_records).shuffle(seed=int(seed))
+    ds = ds[index : per_host * count : count].repeat(num_epochs)
+    ds = ds.map(_TrainExample(source, transform, int(seed), num_records))
+    batched = ds.to_iter_dataset(options).batch(local, drop_remainder=True)
+    return iter(batched)
+
+
+def make_eval_iterator(
+    source: Any,
+    *,
+    global_batch_size: int,
+    transform: Transform | None = None,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    num_threads: int = 0,
+    prefetch_buffer_size: int = 256,
+) -> grain.DatasetIterator:
+    """One pass over ``source`` in record order, padded to whole global batches, as a grain iterator.
+
+    Every host yields ``eval_num_batches(len(source), global_batch_size)`` batches of
+    ``global // process_count`` rows. Global batch ``b`` is records ``b*G .. b*G + G - 1`` (host ``h``
+    holds rows ``h*L .. h*L + L - 1`` of it); positions ``>= len(source)`` are padding rows with
+    ``mask=False`` that repeat record ``position mod len(source)``. Metrics must weight rows by
+    ``mask``; the real rows of all hosts together are every record exactly once.
+
+    Returns:
+      A ``grain.DatasetIterator`` of dicts ``{'image', 'label', 'id', 'mask'}``.
+    """
+    num_records = _check_source(source)
+    index, count = _resolve_processes(process_index, process_count)
+    local = local_batch_size(global_batch_size, count)
+    options = _read_options(num_threads, prefetch_buffer_size)
+    num_batches = eval_num_batches(num_records, global_batch_size)
+    ds = grain.MapDataset.range(num_batches * local)
+    ds = ds.map(_EvalExample(source, transform, num_records, global_batch_size, local, index))
+    return iter(ds.to_iter_dataset(options).batch(local, drop_remainder=True))
+
+
+def _to_global(
+    batch: Mapping[str, Any], shardings: Mapping[str, jax.sharding.Sharding] | jax.sharding.Sharding
+) -> dict[str, jax.Array]:
+    out = {}
+    for key, value in batch.items():
+        local = np.asarray(value)
+        target = jax.dtypes.canonicalize_dtype(local.dtype)
+        if target != local.dtype:
+            if np.issubdtype(local.dtype, np.integer):
+                info = np.iinfo(target)
+                if local.size and (local.min() < info.min or local.max() > info.max):
+                    raise ValueError(
+                        f"batch[{key!r}] has values in [{local.min()}, {local.max()}] that do not fit "
+                        f"{target} (jax_enable_x64 is off); enable x64 or keep this key on the host."
+                    )
+            local = local.astype(target)
+        sharding = shardings[key] if isinstance(shardings, Mapping) else shardings
+        out[key] = jax.make_array_from_process_local_data(sharding, local)
+    return out
+
+
+_END = object()
+
+
+def _produce(
+    inner: Iterator[Any],
+    checkpointable: bool,
+    shardings: Any,
+    device_fn: Callable[[dict[str, jax.Array]], Any] | None,
+    out: queue.Queue,
+    stop: threading.Event,
+) -> None:
+    """Producer thread: (global batch, inner state after it) pairs into ``out`` until ``stop``."""
+
+    def put(item: Any) -> bool:
+        while not stop.is_set():
+            try:
+                out.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    try:
+        while not stop.is_set():
+            try:
+                batch = next(inner)
+            except StopIteration:
+                put((_END, None))
+                return
+            state = inner.get_state() if checkpointable else None
+            arrays = _to_global(batch, shardings)
+            if device_fn is not None:
+                arrays = device_fn(arrays)
+            if not put((arrays, state)):
+                return
+    except BaseException as error:  # handed to the consumer, which re-raises it
+        put((error, None))
+
+
+class DevicePrefetchIterator(grain.DatasetIterator):
+    """Iterator of global, sharded batches produced ``size`` steps ahead in a background thread.
+
+    ``get_state()`` is the wrapped iterator's state right after the last batch *returned* to the
+    caller (not after the batches buffered ahead), so saving it and restoring with ``set_state`` (or
+    with ``grain.checkpoint.CheckpointSave`` / ``CheckpointRestore``) resumes exactly at the next
+    unseen batch. The thread starts on the first ``next`` (or ``start_prefetch``).
+    """
+
+    def __init__(
+        self,
+        iterator: Iterator[Any],
+        shardings: Mapping[str, jax.sharding.Sharding] | jax.sharding.Sharding,
+        size: int = 2,
+        device_fn: Callable[[dict[str, jax.Array]], Any] | None = None,
+    ):
+        if not isinstance(size, (int, np.integer)) or size < 1:
+            raise ValueError(f"size must be a positive integer (batches kept ahead), got {size!r}.")
+        if not isinstance(shardings, (Mapping, jax.sharding.Sharding)):
+            raise TypeError(
+                "sharding must be a jax.sharding.Sharding (e.g. NamedSharding(mesh, P('data'))) or a "
+                f"dict of them per batch key, got {type(shardings).__name__}."
+            )
+        super().__init__(iterator if isinstance(iterator, grain.DatasetIterator) else ())
+        self._inner = iterator
+        self._shardings = shardings
+        self._size = int(size)
+        self._device_fn = device_fn
+        self._checkpointable = hasattr(iterator, "get_state") and hasattr(iterator, "set_state")
+        self._state = iterator.get_state() if self._checkpointable else None
+        self._queue: queue.Queue | None = None
+        self._stop: threading.Event | None = None
+        self._thread: threading.Thread | None = None
+        self._exhausted = False
+
+    def start_prefetch(self) -> None:
+        if self._thread is None and not self._exhausted:
+            self._queue = queue.Queue(maxsize=self._size)
+            self._stop = threading.Event()
+            self._thread = threading.Thread(
+                target=_produce,
+                args=(self._inner, self._checkpointable, self._shardings, self._device_fn,
+                      self._queue, self._stop),
+                daemon=True,
+                name="kdjax-prefetch-to-device",
+            )
+            self._thread.start()
+
+    def _stop_thread(self) -> None:
+        if self._thread is None:
+            return
+        self._stop.set()
+        while self._thread.is_alive():
+            try:
+                self._queue.get(timeout=0.05)
+            except queue.Empty:
+                continue
+        self._thread.join()
+        self._thread = self._queue = self._stop = None
+
+    def __next__(self) -> dict[str, jax.Array]:
+        self._assert_not_closed()
+        if self._exhausted:
+            raise StopIteration
+        self.start_prefetch()
+        item, state = self._queue.get()
+        if item is _END:
+            self._exhausted = True
+            self._stop_thread()
+            raise StopIteration
+        if isinstance(item, BaseException):
+            self._exhausted = True
+            self._stop_thread()
+            raise item
+        self._state = state
+        return item
+
+    def get_state(self) -> dict[str, Any]:
+        if not self._checkpointable:
+            raise TypeError(
+                f"the wrapped iterator ({type(self._inner).__name__}) has no get_state/set_state; "
+                "wrap an iterator from make_train_iterator/make_eval_iterator to checkpoint it."
+            )
+        return self._state
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        if not self._checkpointable:
+            raise TypeError(
+                f"the wrapped iterator ({type(self._inner).__name__}) has no get_state/set_state; "
+                "wrap an iterator from make_train_iterator/make_eval_iterator to checkpoint it."
+            )
+        self._stop_thread()
+        self._inner.set_state(state)
+        self._state = state
+        self._exhausted = False
+
+    def close(self) -> None:
+        self._stop_thread()
+        super().close()
+
+    def __str__(self) -> str:
+        return f"DevicePrefetchIterator(size={self._size})"
+
+
+def prefetch_to_device(
+    iterator: Iterator[Mapping[str, Any]],
+    sharding: Mapping[str, jax.sharding.Sharding] | jax.sharding.Sharding,
+    size: int = 2,
+    *,
+    device_fn: Callable[[dict[str, jax.Array]], Any] | None = None,
+) -> DevicePrefetchIterator:
+    """Host-local NumPy batches -> global ``jax.Array`` batches, ``size`` batches ahead.
+
+    Each leaf becomes ``jax.make_array_from_process_local_data(sharding, local)``: on ``P`` hosts the
+    global leading axis is ``P * B`` and each host supplies its own rows, which is correct on one or
+    many hosts. With ``jax_enable_x64`` off, int64/float64 leaves are cast to 32 bits (an id that
+    does not fit raises). ``device_fn`` (e.g. ``jax.jit(kdjax.data.normalize_batch)``) runs on the
+    global batch, so uint8 images can cross to the device and be normalised there.
+
+    Args:
+      iterator: yields dicts of host-local arrays (e.g. from :func:`make_train_iterator`).
+      sharding: one ``Sharding`` for every key (``NamedSharding(mesh, P('data'))`` splits the
+        leading axis of any rank) or a dict ``{key: Sharding}`` covering every key.
+      size: number of device batches buffered ahead (>= 1).
+      device_fn: optional function applied to each global batch in the background thread.
+    """
+    return DevicePrefetchIterator(iterator, sharding, size, device_fn)
+
+
+__all__ = [
+    "ArraySource",
+    "DevicePrefetchIterator",
+    "Transform",
+    "eval_num_batches",
+    "example_rng",
+    "local_batch_size",
+    "make_eval_iterator",
+    "make_train_iterator",
+    "prefetch_to_device",
+    "train_example",
+]

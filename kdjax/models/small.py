@@ -1,0 +1,144 @@
+"""Small models for MNIST-1D (length-40 signals) and scikit-learn digits (8x8 images).
+
+All return ``(logits [B, num_classes] float32, features)``; the features are ``stage1`` ..
+``stage{S}`` (the output of each hidden layer for :class:`MLP`, of each stage for the CNNs) and
+``pre_logits`` (the float32 vector the ``head`` Dense layer reads). There is no BatchNorm, so the
+variables are ``{'params'}`` only. Hidden layers use He-normal (fan-in) init and zero biases;
+``head`` uses PyTorch's ``nn.Linear`` weight init. Widths and depths are attributes, so one class
+gives teachers of several sizes and thin-and-deep FitNet students (same stage taps, same strides,
+so a student's ``stage2`` lines up with a teacher's ``stage2`` in length / spatial size).
+
+* :class:`MLP`: flattens any ``[B, ...]`` input, ``depth`` hidden Dense + ReLU layers of ``width``
+  (``dense1`` ..), taps ``stage{i}`` after hidden layer ``i``. Defaults (100 x 2) are the MNIST-1D
+  paper's MLP.
+* :class:`CNN1D`: input ``[B, L]`` or ``[B, L, C]`` (MNIST-1D: ``[B, 40]`` or ``[B, 40, 1]``, the
+  same result). Three stages of ``depth / 3`` conv + ReLU layers (``conv1`` ..) with ``width``
+  channels; the first layer of each stage has stride 2 (the very first: kernel 5, padding 1; all
+  others kernel 3, padding 1), so L = 40 gives lengths 19, 10, 5. Then flatten (``pre_logits``
+  ``[B, 5 * width]``) and ``head``. Defaults (width 25, depth 3) are the MNIST-1D paper's CNN
+  (~94% test accuracy reported there).
+* :class:`CNN2D`: input ``[B, H, W]`` or ``[B, H, W, C]`` (digits: ``[B, 8, 8, 1]``). Two stages of
+  ``depth / 2`` 3x3 conv + ReLU layers (padding 1): stage 1 with ``width`` channels at stride 1,
+  stage 2 with ``2 * width`` channels whose first conv has stride 2; global average pool
+  (``pre_logits`` ``[B, 2 * width]``) and ``head``.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from kdjax.models.resnet import Dtype, check_input, dense_init
+
+#: He-normal for ReLU layers: N(0, 2 / fan_in).
+he_init = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
+
+
+def _check_size(model: str, **sizes: int) -> None:
+    for name, value in sizes.items():
+        if not (isinstance(value, int) and value >= 1):
+            raise ValueError(f"{model}: {name} must be an integer >= 1; got {name}={value!r}.")
+
+
+def _head(x: jax.Array, num_classes: int, param_dtype: Dtype) -> jax.Array:
+    """The float32 classifier ``head``: ``x [B, D] -> logits [B, num_classes]``."""
+    return nn.Dense(num_classes, dtype=jnp.float32, param_dtype=param_dtype, kernel_init=dense_init,
+                    name="head")(x)
+
+
+class MLP(nn.Module):
+    """``depth`` hidden ReLU layers of ``width`` units on the flattened input (see module docstring)."""
+    num_classes: int = 10
+    width: int = 100
+    depth: int = 2
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def __post_init__(self):
+        _check_size("MLP", width=self.width, depth=self.depth)
+        super().__post_init__()
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
+        if x.ndim < 2:
+            raise ValueError(f"MLP expects input x of shape [B, ...]; got shape {tuple(x.shape)}.")
+        features: dict[str, jax.Array] = {}
+        x = x.reshape(x.shape[0], -1)
+        for i in range(self.depth):
+            x = nn.relu(nn.Dense(self.width, kernel_init=he_init, dtype=self.dtype,
+                                 param_dtype=self.param_dtype, name=f"dense{i + 1}")(x))
+            features[f"stage{i + 1}"] = x
+        x = x.astype(jnp.float32)
+        features["pre_logits"] = x
+        return _head(x, self.num_classes, self.param_dtype), features
+
+
+class CNN1D(nn.Module):
+    """Three-stage 1-D CNN, ``depth`` conv layers of ``width`` channels (see module docstring)."""
+    num_classes: int = 10
+    width: int = 25
+    depth: int = 3
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def __post_init__(self):
+        _check_size("CNN1D", width=self.width, depth=self.depth)
+        if self.depth % 3:
+            raise ValueError(f"CNN1D: depth (total conv layers, 3 stages) must be a multiple of 3; "
+                             f"got depth={self.depth}.")
+        super().__post_init__()
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
+        check_input(x, (2, 3), "[B, L] or [B, L, C]", "CNN1D")
+        if x.ndim == 2:
+            x = x[..., None]
+        features: dict[str, jax.Array] = {}
+        per_stage = self.depth // 3
+        for s in range(3):
+            for j in range(per_stage):
+                index = s * per_stage + j
+                kernel = 5 if index == 0 else 3
+                x = nn.relu(nn.Conv(self.width, (kernel,), strides=(2 if j == 0 else 1,),
+                                    padding=((1, 1),), kernel_init=he_init, dtype=self.dtype,
+                                    param_dtype=self.param_dtype, name=f"conv{index + 1}")(x))
+            features[f"stage{s + 1}"] = x
+        x = x.reshape(x.shape[0], -1).astype(jnp.float32)
+        features["pre_logits"] = x
+        return _head(x, self.num_classes, self.param_dtype), features
+
+
+class CNN2D(nn.Module):
+    """Two-stage 2-D CNN, ``depth`` 3x3 conv layers, ``width`` / ``2 * width`` channels (see module docstring)."""
+    num_classes: int = 10
+    width: int = 32
+    depth: int = 2
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def __post_init__(self):
+        _check_size("CNN2D", width=self.width, depth=self.depth)
+        if self.depth % 2:
+            raise ValueError(f"CNN2D: depth (total conv layers, 2 stages) must be a multiple of 2; "
+                             f"got depth={self.depth}.")
+        super().__post_init__()
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
+        check_input(x, (3, 4), "[B, H, W] or [B, H, W, C]", "CNN2D")
+        if x.ndim == 3:
+            x = x[..., None]
+        features: dict[str, jax.Array] = {}
+        per_stage = self.depth // 2
+        for s in range(2):
+            for j in range(per_stage):
+                stride = 2 if (s == 1 and j == 0) else 1
+                x = nn.relu(nn.Conv(self.width * 2 ** s, (3, 3), strides=(stride, stride),
+                                    padding=((1, 1), (1, 1)), kernel_init=he_init, dtype=self.dtype,
+                                    param_dtype=self.param_dtype,
+                                    name=f"conv{s * per_stage + j + 1}")(x))
+            features[f"stage{s + 1}"] = x
+        x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+        features["pre_logits"] = x
+        return _head(x, self.num_classes, self.param_dtype), features

@@ -1,0 +1,92 @@
+"""Device meshes and partition rules for the student, the teacher and the batch.
+
+kdjax uses one 2-D mesh with axes ``('data', 'fsdp')``:
+
+* the batch is split over **both** axes (every device sees ``global_batch / num_devices`` rows);
+* parameters are either replicated (pure data parallelism) or, FSDP/ZeRO-3 style, split along one
+  dimension over the ``'fsdp'`` axis and all-gathered by XLA where a layer needs them.
+
+The rules below look only at a leaf's shape, so the optimizer state (whose leaves mirror the
+parameters) gets the same sharding as the parameters without a separate rule, and the teacher can use
+a different mode than the student (e.g. an FSDP-sharded teacher with a replicated student).
+
+This is the ``pjit`` model: shardings are explicit ``NamedSharding``s given to ``jax.jit`` and XLA's
+GSPMD partitioner inserts the collectives. The mesh's axes are ``AxisType.Auto`` for that reason.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+DATA, FSDP = "data", "fsdp"
+BATCH_AXES = (DATA, FSDP)
+ParamMode = Literal["replicate", "fsdp"]
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, devices=None) -> Mesh:
+    """A ``('data', 'fsdp')`` mesh over ``devices`` (default: every device of every process).
+
+    ``data=-1`` takes all devices not used by ``fsdp``. The product must equal the device count.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    n = len(devices)
+    if fsdp < 1 or n % fsdp:
+        raise ValueError(f"fsdp={fsdp} must be a positive divisor of the device count {n}.")
+    if data == -1:
+        data = n // fsdp
+    if data * fsdp != n:
+        raise ValueError(
+            f"mesh data={data} x fsdp={fsdp} = {data * fsdp} devices, but {n} are available; "
+            f"pass data=-1 to use all of them.")
+    return jax.make_mesh((data, fsdp), (DATA, FSDP), (AxisType.Auto, AxisType.Auto),
+                         devices=devices)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Leading (batch) axis split over every device of the mesh; other axes whole."""
+    return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def leaf_spec(shape: tuple[int, ...], mesh: Mesh, mode: ParamMode,
+              min_size: int = 2 ** 14) -> P:
+    """PartitionSpec for one parameter-like leaf.
+
+    ``fsdp`` mode shards the largest dimension divisible by the fsdp axis size, for leaves with at
+    least ``min_size`` elements (small leaves such as biases and BatchNorm scales stay replicated:
+    gathering them costs more than it saves).
+    """
+    if mode not in ("replicate", "fsdp"):
+        raise ValueError(f"unknown sharding mode {mode!r}; use 'replicate' or 'fsdp'.")
+    n = mesh.shape[FSDP]
+    if mode == "replicate" or n == 1 or int(np.prod(shape, dtype=np.int64)) < min_size:
+        return P()
+    for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):
+        if shape[dim] % n == 0:
+            return P(*([None] * dim + [FSDP]))
+    return P()
+
+
+def tree_shardings(tree: Any, mesh: Mesh, mode: ParamMode = "replicate",
+                   min_size: int = 2 ** 14) -> Any:
+    """A pytree of ``NamedSharding`` matching ``tree`` (arrays or ``ShapeDtypeStruct``s)."""
+    return jax.tree.map(
+        lambda x: NamedSharding(mesh, leaf_spec(tuple(x.shape), mesh, mode, min_size)), tree)
+
+
+def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """Assemble each process's rows into one global array sharded over the batch axes.
+
+    Every process passes its own ``[B_local, ...]`` rows; the result is ``[B_local * P, ...]``
+    (``P`` processes), laid out in process order. Works unchanged on one process.
+    """
+    sharding = batch_sharding(mesh)
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+            for k, v in local_batch.items()}

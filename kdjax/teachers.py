@@ -1,0 +1,113 @@
+"""Frozen teachers: live (a model run in inference mode inside the step) or precomputed (a store).
+
+A teacher is a pure function ``teacher.fn(teacher_variables, batch) -> TeacherOutput`` and is
+never differentiated: the train step calls it outside ``jax.value_and_grad`` and every output
+passes through ``jax.lax.stop_gradient``. Teacher variables are an *input* of the step, never an
+output, and never part of the optimizer state, so they cannot change.
+
+Constructors:
+
+* :func:`from_linen` - a Flax Linen module returning ``logits`` or ``(logits, features)``;
+  run with ``train=False`` (BatchNorm running averages, no dropout).
+* :func:`from_nnx` - a Flax NNX module, put in eval mode, split into ``(graphdef, state)``.
+* :func:`from_apply_fn` - any ``apply_fn(variables, x) -> logits | (logits, features)``.
+* :func:`precomputed` - logits that :mod:`kdjax.logit_store` added to the batch on the host
+  (``teacher_logits [B, C]`` or ``teacher_topk_values/indices [B, k]``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+
+class TeacherOutput(NamedTuple):
+    """What a teacher gives the losses. Absent parts are ``None``.
+
+    logits: ``[B, C]`` full logits. topk_values / topk_indices: ``[B, k]`` (precomputed top-k).
+    features: dict of named feature maps (live teachers with taps).
+    """
+    logits: jax.Array | None = None
+    features: Mapping[str, jax.Array] | None = None
+    topk_values: jax.Array | None = None
+    topk_indices: jax.Array | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Teacher:
+    """``fn(variables, batch) -> TeacherOutput``; ``live`` tells whether it runs a model."""
+    fn: Callable[[Any, Mapping[str, jax.Array]], TeacherOutput]
+    live: bool
+
+    def __call__(self, variables, batch) -> TeacherOutput:
+        out = self.fn(variables, batch)
+        return jax.tree.map(jax.lax.stop_gradient, out)
+
+
+def _cast_floats(tree, dtype):
+    return jax.tree.map(
+        lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
+def _as_output(out) -> TeacherOutput:
+    if isinstance(out, tuple) and len(out) == 2:
+        logits, features = out
+    else:
+        logits, features = out, None
+    return TeacherOutput(logits=logits.astype(jnp.float32), features=features)
+
+
+def from_apply_fn(apply_fn: Callable, *, compute_dtype=None, input_key: str = "image") -> Teacher:
+    """A live teacher from ``apply_fn(variables, x) -> logits | (logits, features)``.
+
+    ``compute_dtype`` (e.g. ``jnp.bfloat16``) casts the variables and the input before the call;
+    logits come back as float32 either way.
+    """
+    def fn(variables, batch):
+        x = batch[input_key]
+        if compute_dtype is not None:
+            variables, x = _cast_floats(variables, compute_dtype), x.astype(compute_dtype)
+        return _as_output(apply_fn(variables, x))
+    return Teacher(fn=fn, live=True)
+
+
+def from_linen(module, **kwargs) -> Teacher:
+    """A live teacher from a Linen module, applied with ``train=False`` (inference mode)."""
+    return from_apply_fn(lambda variables, x: module.apply(variables, x, train=False), **kwargs)
+
+
+def from_nnx(model, **kwargs) -> tuple[Teacher, Any]:
+    """A live teacher from a Flax NNX module: returns ``(teacher, variables)``.
+
+    The module is switched to eval mode (``model.eval()``: running BatchNorm averages, dropout
+    off) and split into a static graph definition and a state pytree; the state is what the train
+    step receives as ``teacher_variables`` (and what sharding rules apply to).
+    """
+    from flax import nnx
+
+    model.eval()
+    graphdef, state = nnx.split(model)
+
+    def apply_fn(state, x):
+        return nnx.merge(graphdef, state)(x)
+    return from_apply_fn(apply_fn, **kwargs), state
+
+
+def precomputed() -> Teacher:
+    """A teacher whose outputs were added to the batch by :mod:`kdjax.logit_store`."""
+    def fn(_, batch):
+        logits = batch.get("teacher_logits")
+        values = batch.get("teacher_topk_values")
+        if logits is None and values is None:
+            raise ValueError(
+                "precomputed teacher: the batch has neither 'teacher_logits' nor "
+                "'teacher_topk_values'; add the store's outputs to each batch with "
+                "LogitStore.add_to_batch(batch) before the step.")
+        return TeacherOutput(
+            logits=None if logits is None else logits.astype(jnp.float32),
+            topk_values=None if values is None else values.astype(jnp.float32),
+            topk_indices=batch.get("teacher_topk_indices"))
+    return Teacher(fn=fn, live=False)

@@ -1,0 +1,201 @@
+"""The distillation train step and eval step: one ``jax.jit`` each, with explicit shardings.
+
+``step(state, teacher_variables, batch) -> (state, metrics)``:
+
+1. the teacher (live model or precomputed store outputs in the batch) runs *outside* the
+   differentiated function, under ``stop_gradient``; its variables are an input only;
+2. the student runs in train mode; the recipe's terms give the loss (see :mod:`kdjax.recipe`);
+3. ``optax`` updates the student's parameters; BatchNorm statistics come from the forward pass;
+4. if ``guard_nonfinite`` and the loss or the gradient norm is not finite, the state is left as it
+   was (the update is skipped) and ``state.skipped`` counts it; ``metrics['finite']`` says so.
+
+Shardings are explicit (the ``pjit`` model): the state follows :func:`kdjax.sharding.tree_shardings`
+(replicated or FSDP), the teacher its own rule, the batch is split over all devices, and metrics are
+replicated. The state's buffers are donated.
+
+Students are Linen modules returning ``(logits, features)`` (see :mod:`kdjax.models`); teachers are
+anything :mod:`kdjax.teachers` wraps.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh
+
+from kdjax import losses, recipe as recipe_lib, sharding
+from kdjax.recipe import StudentOutput, Term
+from kdjax.teachers import Teacher
+
+StudentApply = Callable[[Any, Any, jax.Array, bool, jax.Array], tuple[StudentOutput, Any]]
+
+
+class TrainState(flax.struct.PyTreeNode):
+    """Everything a run needs to continue: step, student params/BatchNorm stats, optimizer, rng.
+
+    ``rng`` is a raw ``uint32[2]`` key; the step's dropout key is ``fold_in(rng, step)``, so a
+    resumed run draws the same randomness. ``skipped`` counts updates skipped as non-finite.
+    """
+    step: jax.Array
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+    rng: jax.Array
+    skipped: jax.Array
+
+
+def linen_student(module) -> StudentApply:
+    """``apply(params, batch_stats, x, train, rng) -> (StudentOutput, new_batch_stats)``."""
+    def apply(params, batch_stats, x, train, rng):
+        variables = {"params": params, "batch_stats": batch_stats}
+        if train:
+            out, updates = module.apply(variables, x, train=True, mutable=["batch_stats"],
+                                        rngs={"dropout": rng})
+            new_stats = updates.get("batch_stats", batch_stats)
+        else:
+            out, new_stats = module.apply(variables, x, train=False), batch_stats
+        logits, features = out if isinstance(out, tuple) else (out, {})
+        return StudentOutput(logits.astype(jnp.float32), features), new_stats
+    return apply
+
+
+def init_train_state(module, tx: optax.GradientTransformation, sample_input: jax.Array, *,
+                     seed: int, mesh: Mesh, mode: sharding.ParamMode = "replicate",
+                     ) -> tuple[TrainState, Any]:
+    """Initialise a student directly into its shardings; returns ``(state, state_shardings)``.
+
+    ``sample_input``: one example batch ``[b, ...]`` (only its shape and dtype matter).
+    """
+    def init(key):
+        init_key, state_key = jax.random.split(key)
+        variables = module.init({"params": init_key, "dropout": init_key}, sample_input,
+                                train=False)
+        params = variables["params"]
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                          batch_stats=variables.get("batch_stats", {}),
+                          opt_state=tx.init(params), rng=state_key,
+                          skipped=jnp.zeros((), jnp.int32))
+    key = jax.random.PRNGKey(seed)
+    shardings = sharding.tree_shardings(jax.eval_shape(init, key), mesh, mode)
+    return jax.jit(init, out_shardings=shardings)(key), shardings
+
+
+def put_teacher(variables: Any, mesh: Mesh, mode: sharding.ParamMode = "replicate"):
+    """Place frozen teacher variables on the mesh; returns ``(variables, shardings)``."""
+    shardings = sharding.tree_shardings(variables, mesh, mode)
+    return jax.device_put(variables, shardings), shardings
+
+
+def _accuracy(logits, labels, mask):
+    return losses.masked_mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32), mask)
+
+
+def _check_class_counts(student_logits, teacher_out):
+    if teacher_out is not None and teacher_out.logits is not None:
+        cs, ct = student_logits.shape[-1], teacher_out.logits.shape[-1]
+        if cs != ct:
+            raise ValueError(
+                f"teacher has {ct} classes but the student has {cs}; the teacher and student "
+                f"must share the label space (set the student's num_classes to {ct}, or use a "
+                f"teacher trained on the same classes).")
+
+
+def make_train_step(student_apply: StudentApply, tx: optax.GradientTransformation,
+                    recipe: Sequence[Term], teacher: Teacher | None = None, *, mesh: Mesh,
+                    state_shardings: Any, teacher_shardings: Any = None,
+                    input_key: str = "image", guard_nonfinite: bool = True, donate: bool = True):
+    """Build the jitted, sharded ``step(state, teacher_variables, batch) -> (state, metrics)``.
+
+    batch: ``{input_key: [B, ...], 'label': [B] int32, 'mask': [B] bool (optional), ...}``
+    (plus ``teacher_logits``/top-k keys for a precomputed teacher); ``B`` must divide by the
+    device count. ``teacher_variables``: the frozen teacher's variables (``{}`` when precomputed).
+    metrics: ``loss/<term>``, ``weight/<term>``, ``loss/total``, ``accuracy``,
+    ``teacher_accuracy`` (if the teacher gives full logits), ``grad_norm``, ``finite``, ``skipped``.
+    """
+    recipe = tuple(recipe)
+    if recipe_lib.needs_teacher(recipe) and teacher is None:
+        raise ValueError("the recipe has teacher terms (e.g. kd, hint) but no teacher was given; "
+                         "pass teacher=kdjax.teachers.from_linen(...) or teachers.precomputed().")
+
+    def step_fn(state: TrainState, teacher_variables, batch):
+        mask = batch.get("mask")
+        dropout_rng = jax.random.fold_in(state.rng, state.step)
+        teacher_out = teacher(teacher_variables, batch) if teacher is not None else None
+
+        def loss_fn(params):
+            student_out, new_stats = student_apply(params, state.batch_stats, batch[input_key],
+                                                   True, dropout_rng)
+            _check_class_counts(student_out.logits, teacher_out)
+            total, metrics = recipe_lib.evaluate(recipe, student_out, teacher_out, batch,
+                                                 state.step)
+            return total, (metrics, new_stats, student_out.logits)
+
+        (loss, (metrics, new_stats, logits)), grads = jax.value_and_grad(
+            loss_fn, has_aux=True)(state.params)
+        updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        new_state = state.replace(step=state.step + 1,
+                                  params=optax.apply_updates(state.params, updates),
+                                  batch_stats=new_stats, opt_state=new_opt_state)
+        if guard_nonfinite:
+            kept = state.replace(step=state.step + 1, skipped=state.skipped + 1)
+            new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                                     new_state, kept)
+        metrics.update(accuracy=_accuracy(logits, batch["label"], mask), grad_norm=grad_norm,
+                       finite=finite, skipped=new_state.skipped)
+        if teacher_out is not None and teacher_out.logits is not None:
+            metrics["teacher_accuracy"] = _accuracy(teacher_out.logits, batch["label"], mask)
+        return new_state, metrics
+
+    replicated = sharding.replicated(mesh)
+    return jax.jit(
+        step_fn,
+        in_shardings=(state_shardings,
+                      replicated if teacher_shardings is None else teacher_shardings,
+                      sharding.batch_sharding(mesh)),
+        out_shardings=(state_shardings, replicated),
+        donate_argnums=(0,) if donate else ())
+
+
+def make_eval_step(student_apply: StudentApply, teacher: Teacher | None = None, *, mesh: Mesh,
+                   state_shardings: Any, teacher_shardings: Any = None,
+                   input_key: str = "image"):
+    """Build ``eval_step(state, teacher_variables, batch) -> sums`` (masked, summed, not averaged).
+
+    Sums over real rows (``mask``): ``count``, ``correct``, ``ce``; with a teacher giving full
+    logits also ``teacher_correct``, ``agreement`` (same top-1 as the teacher) and ``kl``
+    (``KL(p_t || p_s)`` at T = 1, the "how well does the student mimic" measure). Add the sums over
+    an epoch and divide by ``count``: padding never counts.
+    """
+    def eval_fn(state: TrainState, teacher_variables, batch):
+        mask = batch.get("mask")
+        mask = jnp.ones(batch["label"].shape, bool) if mask is None else mask
+        w = mask.astype(jnp.float32)
+        out, _ = student_apply(state.params, state.batch_stats, batch[input_key], False,
+                               state.rng)
+        labels = batch["label"]
+        sums = {"count": w.sum(),
+                "correct": (w * (jnp.argmax(out.logits, -1) == labels)).sum(),
+                "ce": (w * losses.cross_entropy(out.logits, labels)).sum()}
+        if teacher is not None:
+            t = teacher(teacher_variables, batch)
+            if t.logits is not None:
+                _check_class_counts(out.logits, t)
+                t_top1 = jnp.argmax(t.logits, -1)
+                sums.update(teacher_correct=(w * (t_top1 == labels)).sum(),
+                            agreement=(w * (t_top1 == jnp.argmax(out.logits, -1))).sum(),
+                            kl=(w * losses.kd_kl(out.logits, t.logits, 1.0)).sum())
+        return sums
+
+    replicated = sharding.replicated(mesh)
+    return jax.jit(
+        eval_fn,
+        in_shardings=(state_shardings,
+                      replicated if teacher_shardings is None else teacher_shardings,
+                      sharding.batch_sharding(mesh)),
+        out_shardings=replicated)

@@ -1,0 +1,295 @@
+"""The sharded distillation step: sharded == single device, a frozen teacher, live == precomputed."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from kdjax import losses, recipe, sharding, teachers, train
+
+NUM_CLASSES = 10
+
+
+class TinyNet(nn.Module):
+    """Conv-BN-ReLU, strided conv, dense; taps 'stage1'/'stage2' (+ a 1x1 regressor of stage1)."""
+    width: int = 8
+    hint_channels: int = 0
+
+    @nn.compact
+    def __call__(self, x, train=False):
+        x = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9)(
+            nn.Conv(self.width, (3, 3), use_bias=False)(x)))
+        feats = {"stage1": x}
+        if self.hint_channels:
+            feats["stage1_regressed"] = nn.Conv(self.hint_channels, (1, 1))(x)
+        x = nn.relu(nn.Conv(2 * self.width, (3, 3), strides=2)(x))
+        feats["stage2"] = x
+        return nn.Dense(NUM_CLASSES)(x.mean((1, 2))), feats
+
+
+def make_batch(seed, n=16):
+    rng = np.random.default_rng(seed)
+    return {"image": rng.normal(size=(n, 8, 8, 3)).astype(np.float32),
+            "label": rng.integers(0, NUM_CLASSES, n).astype(np.int32),
+            "mask": np.ones(n, bool)}
+
+
+def teacher_setup(mesh, mode="replicate"):
+    module = TinyNet(width=16)
+    variables = module.init(jax.random.PRNGKey(1), jnp.zeros((1, 8, 8, 3)))
+    # Non-trivial running statistics, so inference mode differs from train mode.
+    variables = jax.tree.map(lambda x: x + 0.1, variables)
+    variables, shardings = train.put_teacher(variables, mesh, mode)
+    return teachers.from_linen(module), variables, shardings
+
+
+RECIPE = (recipe.ce(weight=0.5), recipe.kd(temperature=4.0, weight=0.5),
+          recipe.hint("stage1_regressed", "stage1", weight=0.1))
+
+
+def run(mesh, mode="replicate", steps=3, teacher_mode="replicate", guard=True):
+    student = TinyNet(width=8, hint_channels=16)
+    tx = optax.adam(1e-2)
+    state, st_sh = train.init_train_state(student, tx, jnp.zeros((1, 8, 8, 3)), seed=0,
+                                          mesh=mesh, mode=mode)
+    teacher, t_vars, t_sh = teacher_setup(mesh, teacher_mode)
+    step = train.make_train_step(train.linen_student(student), tx, RECIPE, teacher, mesh=mesh,
+                                 state_shardings=st_sh, teacher_shardings=t_sh,
+                                 guard_nonfinite=guard)
+    history = []
+    for i in range(steps):
+        state, metrics = step(state, t_vars, sharding.global_batch(make_batch(i), mesh))
+        history.append(jax.device_get(metrics))
+    return jax.device_get(state), history, t_vars
+
+
+def assert_trees_close(a, b, rtol=2e-5, atol=2e-6):
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=rtol, atol=atol), a, b)
+
+
+@pytest.fixture(scope="module")
+def single_device_run():
+    return run(sharding.make_mesh(devices=jax.devices()[:1]))
+
+
+@pytest.mark.parametrize("data,fsdp,mode", [(8, 1, "replicate"), (4, 2, "fsdp"), (1, 8, "fsdp")])
+def test_sharded_step_equals_single_device(single_device_run, data, fsdp, mode):
+    assert jax.device_count() == 8
+    mesh = sharding.make_mesh(data=data, fsdp=fsdp)
+    state, history, _ = run(mesh, mode=mode, teacher_mode=mode)
+    ref_state, ref_history, _ = single_device_run
+    assert int(state.step) == 3
+    assert_trees_close(state.params, ref_state.params)
+    assert_trees_close(state.batch_stats, ref_state.batch_stats)
+    assert_trees_close(state.opt_state, ref_state.opt_state)
+    for m, r in zip(history, ref_history):
+        assert_trees_close(m, r, rtol=1e-4, atol=1e-5)
+
+
+def test_fsdp_actually_shards_large_leaves():
+    mesh = sharding.make_mesh(data=1, fsdp=8)
+    spec = sharding.leaf_spec((3, 3, 64, 128), mesh, "fsdp")
+    assert spec == jax.sharding.PartitionSpec(None, None, None, "fsdp")
+    assert sharding.leaf_spec((128,), mesh, "fsdp") == jax.sharding.PartitionSpec()
+    assert sharding.leaf_spec((3, 3, 64, 128), mesh, "replicate") == jax.sharding.PartitionSpec()
+
+
+def test_loss_decreases_and_metrics_present(single_device_run):
+    _, history, _ = single_device_run
+    m = history[0]
+    for key in ("loss/ce", "loss/kd", "loss/hint/stage1_regressed", "weight/kd", "loss/total",
+                "accuracy", "teacher_accuracy", "grad_norm", "finite", "skipped"):
+        assert key in m, key
+    total = 0.5 * m["loss/ce"] + 0.5 * m["loss/kd"] + 0.1 * m["loss/hint/stage1_regressed"]
+    np.testing.assert_allclose(m["loss/total"], total, rtol=1e-6)
+    assert bool(m["finite"]) and int(m["skipped"]) == 0
+
+
+def test_teacher_is_frozen_bit_identical():
+    mesh = sharding.make_mesh()
+    teacher, t_vars, _ = teacher_setup(mesh)
+    before = jax.tree.map(np.array, jax.device_get(t_vars))
+    _, _, t_vars_after = run(mesh, steps=4)
+    after = jax.device_get(t_vars_after)
+    jax.tree.map(np.testing.assert_array_equal, before, after)
+
+
+def test_teacher_gradient_is_never_computed():
+    """A teacher whose backward pass raises: the step must still compile and run."""
+    @jax.custom_vjp
+    def no_grad(x):
+        return x
+
+    def fwd(x):
+        return x, None
+
+    def bwd(_, g):
+        raise AssertionError("a gradient reached the teacher")
+    no_grad.defvjp(fwd, bwd)
+
+    mesh = sharding.make_mesh()
+    t_module = TinyNet(width=16)
+    t_vars = t_module.init(jax.random.PRNGKey(1), jnp.zeros((1, 8, 8, 3)))
+    teacher = teachers.from_apply_fn(
+        lambda v, x: jax.tree.map(no_grad, t_module.apply(v, x, train=False)))
+    student = TinyNet(width=8, hint_channels=16)
+    tx = optax.sgd(0.1)
+    state, st_sh = train.init_train_state(student, tx, jnp.zeros((1, 8, 8, 3)), seed=0, mesh=mesh)
+    step = train.make_train_step(train.linen_student(student), tx, RECIPE, teacher, mesh=mesh,
+                                 state_shardings=st_sh)
+    state, metrics = step(state, t_vars, sharding.global_batch(make_batch(0), mesh))
+    assert bool(metrics["finite"])
+
+
+def _precomputed_batches(mesh, topk=None):
+    """The same batches with the live teacher's logits stored in them (as a store would)."""
+    teacher, t_vars, _ = teacher_setup(mesh)
+    out = []
+    for i in range(3):
+        b = make_batch(i)
+        logits = np.asarray(teacher(t_vars, jax.tree.map(jnp.asarray, b)).logits)
+        if topk is None:
+            b["teacher_logits"] = logits
+        else:
+            idx = np.argsort(-logits, axis=-1)[:, :topk]
+            b["teacher_topk_values"] = np.take_along_axis(logits, idx, -1)
+            b["teacher_topk_indices"] = idx.astype(np.int32)
+        out.append(b)
+    return out
+
+
+def run_precomputed(mesh, batches):
+    student = TinyNet(width=8, hint_channels=16)
+    tx = optax.adam(1e-2)
+    state, st_sh = train.init_train_state(student, tx, jnp.zeros((1, 8, 8, 3)), seed=0, mesh=mesh)
+    rec = (recipe.ce(weight=0.5), recipe.kd(temperature=4.0, weight=0.5))
+    step = train.make_train_step(train.linen_student(student), tx, rec, teachers.precomputed(),
+                                 mesh=mesh, state_shardings=st_sh)
+    history = []
+    for b in batches:
+        state, m = step(state, {}, sharding.global_batch(b, mesh))
+        history.append(jax.device_get(m))
+    return history
+
+
+def test_live_and_precomputed_teacher_give_same_losses():
+    mesh = sharding.make_mesh()
+    student = TinyNet(width=8, hint_channels=16)
+    tx = optax.adam(1e-2)
+    state, st_sh = train.init_train_state(student, tx, jnp.zeros((1, 8, 8, 3)), seed=0, mesh=mesh)
+    teacher, t_vars, t_sh = teacher_setup(mesh)
+    rec = (recipe.ce(weight=0.5), recipe.kd(temperature=4.0, weight=0.5))
+    step = train.make_train_step(train.linen_student(student), tx, rec, teacher, mesh=mesh,
+                                 state_shardings=st_sh, teacher_shardings=t_sh)
+    live = []
+    for i in range(3):
+        state, m = step(state, t_vars, sharding.global_batch(make_batch(i), mesh))
+        live.append(jax.device_get(m))
+    stored = run_precomputed(mesh, _precomputed_batches(mesh))
+    for a, b in zip(live, stored):
+        np.testing.assert_allclose(a["loss/kd"], b["loss/kd"], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(a["loss/ce"], b["loss/ce"], rtol=1e-5, atol=1e-6)
+    # Top-k with k = C is the full distribution: same losses.
+    full_k = run_precomputed(mesh, _precomputed_batches(mesh, topk=NUM_CLASSES))
+    for a, b in zip(live, full_k):
+        np.testing.assert_allclose(a["loss/kd"], b["loss/kd"], rtol=1e-4, atol=1e-5)
+
+
+def test_nonfinite_update_is_skipped():
+    mesh = sharding.make_mesh()
+    student = TinyNet(width=8)
+    tx = optax.sgd(0.1)
+    state, st_sh = train.init_train_state(student, tx, jnp.zeros((1, 8, 8, 3)), seed=0, mesh=mesh)
+    before = jax.device_get(state)
+    step = train.make_train_step(train.linen_student(student), tx, (recipe.ce(),), mesh=mesh,
+                                 state_shardings=st_sh, donate=False)
+    bad = make_batch(0)
+    bad["image"][3] = np.nan
+    state, m = step(state, {}, sharding.global_batch(bad, mesh))
+    assert not bool(m["finite"]) and int(m["skipped"]) == 1 and int(state.step) == 1
+    jax.tree.map(np.testing.assert_array_equal, before.params, jax.device_get(state.params))
+    state, m = step(state, {}, sharding.global_batch(make_batch(1), mesh))
+    assert bool(m["finite"]) and int(m["skipped"]) == 1
+
+
+def test_class_count_mismatch_is_a_clear_error():
+    mesh = sharding.make_mesh()
+    student = TinyNet(width=8)
+    tx = optax.sgd(0.1)
+    state, st_sh = train.init_train_state(student, tx, jnp.zeros((1, 8, 8, 3)), seed=0, mesh=mesh)
+    step = train.make_train_step(train.linen_student(student), tx, (recipe.kd(),),
+                                 teachers.precomputed(), mesh=mesh, state_shardings=st_sh)
+    b = make_batch(0)
+    b["teacher_logits"] = np.zeros((16, NUM_CLASSES + 1), np.float32)
+    with pytest.raises(ValueError, match="teacher has 11 classes but the student has 10"):
+        step(state, {}, sharding.global_batch(b, mesh))
+
+
+def test_recipe_errors():
+    mesh = sharding.make_mesh()
+    student = TinyNet(width=8)
+    tx = optax.sgd(0.1)
+    state, st_sh = train.init_train_state(student, tx, jnp.zeros((1, 8, 8, 3)), seed=0, mesh=mesh)
+    with pytest.raises(ValueError, match="no teacher was given"):
+        train.make_train_step(train.linen_student(student), tx, (recipe.kd(),), mesh=mesh,
+                              state_shardings=st_sh)
+    teacher, t_vars, t_sh = teacher_setup(mesh)
+    step = train.make_train_step(train.linen_student(student), tx,
+                                 (recipe.hint("nope", "stage1"),), teacher, mesh=mesh,
+                                 state_shardings=st_sh, teacher_shardings=t_sh)
+    with pytest.raises(ValueError, match=r"student has no feature 'nope'.*stage1"):
+        step(state, t_vars, sharding.global_batch(make_batch(0), mesh))
+    step = train.make_train_step(train.linen_student(student), tx, (recipe.ce(), recipe.ce()),
+                                 mesh=mesh, state_shardings=st_sh)
+    with pytest.raises(ValueError, match="duplicate term names"):
+        step(state, {}, sharding.global_batch(make_batch(0), mesh))
+    with pytest.raises(ValueError, match="fsdp=3 must be a positive divisor"):
+        sharding.make_mesh(fsdp=3)
+
+
+def test_nnx_teacher_matches_its_linen_twin():
+    from flax import nnx
+
+    class NnxNet(nnx.Module):
+        def __init__(self, rngs):
+            self.dense = nnx.Linear(8 * 8 * 3, NUM_CLASSES, rngs=rngs)
+            self.drop = nnx.Dropout(0.5, rngs=rngs)
+
+        def __call__(self, x):
+            return self.dense(self.drop(x.reshape(x.shape[0], -1)))
+
+    model = NnxNet(nnx.Rngs(0))
+    teacher, t_vars = teachers.from_nnx(model)
+    batch = {"image": jnp.asarray(make_batch(0)["image"])}
+    out1 = teacher(t_vars, batch).logits
+    out2 = teacher(t_vars, batch).logits  # eval mode: dropout off, deterministic
+    np.testing.assert_array_equal(out1, out2)
+    w, b = t_vars["dense"]["kernel"][...], t_vars["dense"]["bias"][...]
+    ref = batch["image"].reshape(16, -1) @ w + b
+    np.testing.assert_allclose(out1, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_eval_step_honours_mask():
+    mesh = sharding.make_mesh()
+    student = TinyNet(width=8)
+    tx = optax.sgd(0.1)
+    state, st_sh = train.init_train_state(student, tx, jnp.zeros((1, 8, 8, 3)), seed=0, mesh=mesh)
+    teacher, t_vars, t_sh = teacher_setup(mesh)
+    eval_step = train.make_eval_step(train.linen_student(student), teacher, mesh=mesh,
+                                     state_shardings=st_sh, teacher_shardings=t_sh)
+    b = make_batch(0)
+    b["mask"][11:] = False
+    sums = jax.device_get(eval_step(state, t_vars, sharding.global_batch(b, mesh)))
+    logits, _ = student.apply({"params": state.params, "batch_stats": state.batch_stats},
+                              b["image"])
+    logits = np.asarray(logits, np.float64)[:11]
+    labels = b["label"][:11]
+    logp = logits - logits.max(-1, keepdims=True)
+    logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
+    assert sums["count"] == 11
+    assert sums["correct"] == (logits.argmax(-1) == labels).sum()
+    np.testing.assert_allclose(sums["ce"], -logp[np.arange(11), labels].sum(), rtol=1e-5)
+    for k in ("teacher_correct", "agreement", "kl"):
+        assert k in sums
