@@ -66,7 +66,11 @@ class CheckpointSaveError(RuntimeError):
 
 
 class CheckpointDiskFullError(CheckpointSaveError, OSError):
-    """Writing a checkpoint failed because the filesystem is full (``errno.ENOSPC``)."""
+    """Writing a checkpoint failed because the filesystem is full (``errno`` is ``ENOSPC``)."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.errno = errno.ENOSPC
 
 
 class CorruptCheckpointError(RuntimeError):
@@ -128,13 +132,14 @@ def _checksum(words: jax.Array) -> jax.Array:
 
 
 @jax.jit
-def _fingerprint(leaves: list) -> tuple[jax.Array, jax.Array]:
+def _fingerprint(leaves: list) -> tuple[list[jax.Array], list[jax.Array]]:
+    # Per-leaf scalars, not stacked: leaves may live on different meshes over the same devices.
     finite = [
         jnp.all(jnp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.inexact) else jnp.bool_(True)
         for x in leaves
     ]
     sums = [_checksum(_leaf_words(x)) for x in leaves]
-    return jnp.stack(finite), jnp.stack(sums)
+    return finite, sums
 
 
 def state_fingerprint(state: Any) -> tuple[list[str], np.ndarray, np.ndarray]:
@@ -434,7 +439,7 @@ class Checkpointer:
                     keep_checkpoints_without_metrics=False,
                 )
             )
-        options = ocp.CheckpointManagerOptions(
+        self._options = ocp.CheckpointManagerOptions(
             max_to_keep=None,
             best_fn=best_fn,
             best_mode=best_mode,
@@ -449,7 +454,7 @@ class Checkpointer:
             cleanup_tmp_directories=True,
             create=True,
         )
-        self._mngr = ocp.CheckpointManager(self._directory, options=options)
+        self._mngr = ocp.CheckpointManager(self._directory, options=self._options)
 
     # -- queries ---------------------------------------------------------------------------------
 
@@ -555,12 +560,11 @@ class Checkpointer:
         return out
 
     def _save_error(self, step: int, exc: Exception) -> CheckpointSaveError:
-        self._mngr.reload()
+        self._reset_manager()
         latest = self._mngr.latest_step()
         partial = self._directory / f"{step}{_TMP_MARKER}"
         if _is_disk_full(exc):
             return CheckpointDiskFullError(
-                errno.ENOSPC,
                 f"No space left on device while writing checkpoint step {step} to "
                 f"{self._directory}. The last complete checkpoint (step {latest}) is intact; the "
                 f"partial write {partial} is never loaded and is removed on the next start. Free "
@@ -570,6 +574,20 @@ class Checkpointer:
             f"Writing checkpoint step {step} to {self._directory} failed ({_one_line(exc)}). The "
             f"last complete checkpoint (step {latest}) is intact."
         )
+
+    def _reset_manager(self) -> None:
+        """Replaces the orbax manager after a failed save.
+
+        A failed save can leave background writers (e.g. orbax's step-metadata writer) holding an
+        error that the old manager would raise on its next, unrelated call, such as reading an
+        older, good step.  A fresh manager starts from what is on disk.
+        """
+        try:
+            self._mngr.close()
+        except Exception as e:  # noqa: BLE001 - the failure was already reported by the caller
+            logger.debug("Closing the orbax manager after a failed save raised %s", _one_line(e))
+        self._pending_step = None
+        self._mngr = ocp.CheckpointManager(self._directory, options=self._options)
 
     def wait(self) -> None:
         """Blocks until a background write has committed; raises its error if it failed."""

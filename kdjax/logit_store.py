@@ -816,8 +816,9 @@ def precompute(teacher_fn: Callable[[Any, dict[str, Any]], Any], teacher_variabl
                total: int | None = None) -> dict[str, int]:
     """Run a teacher over host-local batches and write its outputs to ``writer``.
 
-    ``teacher_fn(teacher_variables, batch) -> logits [B, C]`` or a tuple whose first element is
-    the logits (e.g. ``(logits, features)``); it is jitted here. The device batch is every key of
+    ``teacher_fn(teacher_variables, batch)`` returns logits ``[B, C]``, an object with a ``logits``
+    attribute (``TeacherOutput``) or a tuple whose first element is the logits (e.g.
+    ``(logits, features)``); it is jitted here. The device batch is every key of
     the host batch but ``'id'``, which stays on the host (int64 is no device dtype without x64).
     For a 'topk' store the top k are taken on device (``jax.lax.top_k``) so only ``[B, k]`` comes back.
 
@@ -846,7 +847,10 @@ def precompute(teacher_fn: Callable[[Any, dict[str, Any]], Any], teacher_variabl
 
     def forward(variables, batch):
         out = teacher_fn(variables, batch)
-        logits = out[0] if isinstance(out, tuple) else out
+        if hasattr(out, "logits"):
+            logits = out.logits
+        else:
+            logits = out[0] if isinstance(out, tuple) else out
         if logits.ndim != 2 or logits.shape[1] != spec.num_classes:
             raise ValueError(f"teacher_fn returned logits of shape {logits.shape}; the store expects "
                              f"[B, num_classes={spec.num_classes}]")

@@ -123,7 +123,7 @@ def test_topk_host_ties_go_to_lower_index():
     x = np.array([[1.0, 3.0, 3.0, 0.0, 3.0]], np.float32)
     values, indices = ls.topk_host(x, 3)
     np.testing.assert_array_equal(indices, [[1, 2, 4]])
-    jax_vals, jax_idx = jax.lax.top_k(jnp.asarray(x), 3)
+    _, jax_idx = jax.lax.top_k(jnp.asarray(x), 3)
     np.testing.assert_array_equal(indices, np.asarray(jax_idx))
     np.testing.assert_array_equal(values, [[3.0, 3.0, 3.0]])
 
@@ -214,6 +214,7 @@ def test_two_writers_disjoint_ids(tmp_path):
         ls.finalize(path, 2)
     writers[1].close()
     ls.finalize(path, 2)
+    ls.finalize(path, 2)  # idempotent
     store = ls.LogitStore.open(path, dataset="toy", split="train", num_examples=N, num_classes=C)
     np.testing.assert_array_equal(store.lookup(np.arange(N))["teacher_logits"], logits)
     meta = json.load(open(os.path.join(path, "metadata.json")))
@@ -600,6 +601,21 @@ def test_precompute_topk_on_mesh(tmp_path):
     ref_idx = np.argsort(-direct.astype(np.float64), axis=1)[:, :k]
     np.testing.assert_array_equal(got["teacher_topk_indices"], ref_idx)
     np.testing.assert_allclose(got["teacher_topk_values"], np.take_along_axis(direct, ref_idx, 1),
+                               rtol=1e-6, atol=1e-6)
+
+
+def test_precompute_accepts_an_output_with_a_logits_attribute(tmp_path):
+    variables, images, direct = teacher_setup()
+    path = str(tmp_path / "s")
+
+    def teacher(v, b):
+        logits, features = tiny_teacher(v, b)
+        return types.SimpleNamespace(logits=logits, features=features)
+
+    with ls.LogitStoreWriter(path, make_spec(dtype="float32")) as w:
+        ls.precompute(teacher, variables, image_batches(images, np.arange(N)), w, show_progress=False)
+    ls.finalize(path, 1)
+    np.testing.assert_allclose(ls.LogitStore.open(path).lookup(np.arange(N))["teacher_logits"], direct,
                                rtol=1e-6, atol=1e-6)
 
 

@@ -34,6 +34,7 @@ augmentation of a record is ``transform(record, example_rng(seed, epoch, id))``:
 
 from __future__ import annotations
 
+import copy
 import queue
 import threading
 from collections.abc import Callable, Iterator, Mapping
@@ -161,18 +162,25 @@ def train_example(
 
 
 class _TrainExample:
-    """Grain map: shuffled stream value ``v = epoch * N + record`` -> training row."""
+    """Grain map-with-index: (host stream position ``t``, record id) -> training row.
 
-    def __init__(self, source: Any, transform: Transform | None, seed: int, num_records: int):
+    Position ``t`` of a host's stream lies in epoch ``t // (N // P)``: the epoch grain's slice and
+    shuffle used to pick the record (``shuffle`` seeds epoch ``e`` with ``seed + e``).
+    """
+
+    def __init__(self, source: Any, transform: Transform | None, seed: int, per_host: int):
         self._source = source
         self._transform = transform
         self._seed = seed
-        self._num_records = num_records
+        self._per_host = per_host
 
-    def __call__(self, value: int) -> dict[str, Any]:
-        epoch, example_id = divmod(int(value), self._num_records)
+    def __call__(self, position: int, example_id: int) -> dict[str, Any]:
         return train_example(
-            self._source, example_id, seed=self._seed, epoch=epoch, transform=self._transform
+            self._source,
+            int(example_id),
+            seed=self._seed,
+            epoch=int(position) // self._per_host,
+            transform=self._transform,
         )
 
 
@@ -297,11 +305,12 @@ def make_train_iterator(
                 f"one local batch of {local}; lower global_batch_size or raise num_epochs."
             )
     options = _read_options(num_threads, prefetch_buffer_size)
-    # Value at stream position i of the shuffled range is epoch * N + record; the strided slice
-    # keeps this host's positions of every epoch (slicing preserves epochs past the first).
+    # Epoch e of the shuffled range is a fresh permutation (seed + e); the strided slice keeps this
+    # host's positions of it, and grain maps slice epochs to shuffle epochs, so stream position t
+    # is position index + count * (t mod per_host) of the permutation of epoch t // per_host.
     ds = grain.MapDataset.range(num_records).shuffle(seed=int(seed))
     ds = ds[index : per_host * count : count].repeat(num_epochs)
-    ds = ds.map(_TrainExample(source, transform, int(seed), num_records))
+    ds = ds.map_with_index(_TrainExample(source, transform, int(seed), per_host))
     batched = ds.to_iter_dataset(options).batch(local, drop_remainder=True)
     return iter(batched)
 
@@ -353,7 +362,15 @@ def _to_global(
                         f"{target} (jax_enable_x64 is off); enable x64 or keep this key on the host."
                     )
             local = local.astype(target)
-        sharding = shardings[key] if isinstance(shardings, Mapping) else shardings
+        if isinstance(shardings, Mapping):
+            if key not in shardings:
+                raise ValueError(
+                    f"the sharding dict has no entry for batch key {key!r} (keys: {sorted(shardings)}); "
+                    "give one Sharding for all keys or one per key."
+                )
+            sharding = shardings[key]
+        else:
+            sharding = shardings
         out[key] = jax.make_array_from_process_local_data(sharding, local)
     return out
 
@@ -387,7 +404,7 @@ def _produce(
             except StopIteration:
                 put((_END, None))
                 return
-            state = inner.get_state() if checkpointable else None
+            state = copy.deepcopy(inner.get_state()) if checkpointable else None
             arrays = _to_global(batch, shardings)
             if device_fn is not None:
                 arrays = device_fn(arrays)
@@ -413,6 +430,8 @@ class DevicePrefetchIterator(grain.DatasetIterator):
         size: int = 2,
         device_fn: Callable[[dict[str, jax.Array]], Any] | None = None,
     ):
+        super().__init__(iterator if isinstance(iterator, grain.DatasetIterator) else ())
+        self._thread: threading.Thread | None = None
         if not isinstance(size, (int, np.integer)) or size < 1:
             raise ValueError(f"size must be a positive integer (batches kept ahead), got {size!r}.")
         if not isinstance(shardings, (Mapping, jax.sharding.Sharding)):
@@ -420,7 +439,6 @@ class DevicePrefetchIterator(grain.DatasetIterator):
                 "sharding must be a jax.sharding.Sharding (e.g. NamedSharding(mesh, P('data'))) or a "
                 f"dict of them per batch key, got {type(shardings).__name__}."
             )
-        super().__init__(iterator if isinstance(iterator, grain.DatasetIterator) else ())
         self._inner = iterator
         self._shardings = shardings
         self._size = int(size)
@@ -429,7 +447,6 @@ class DevicePrefetchIterator(grain.DatasetIterator):
         self._state = iterator.get_state() if self._checkpointable else None
         self._queue: queue.Queue | None = None
         self._stop: threading.Event | None = None
-        self._thread: threading.Thread | None = None
         self._exhausted = False
 
     def start_prefetch(self) -> None:
@@ -520,7 +537,8 @@ def prefetch_to_device(
       iterator: yields dicts of host-local arrays (e.g. from :func:`make_train_iterator`).
       sharding: one ``Sharding`` for every key (``NamedSharding(mesh, P('data'))`` splits the
         leading axis of any rank) or a dict ``{key: Sharding}`` covering every key.
-      size: number of device batches buffered ahead (>= 1).
+      size: number of device batches queued ahead (>= 1); the thread may hold one more while it
+        waits to enqueue it.
       device_fn: optional function applied to each global batch in the background thread.
     """
     return DevicePrefetchIterator(iterator, sharding, size, device_fn)

@@ -1,0 +1,608 @@
+"""The training loop: data pipeline -> sharded train step -> metrics, eval, checkpoints, preemption.
+
+:func:`fit` runs ``num_steps`` updates of a student (optionally distilled from a teacher) and is
+safe to kill at any moment:
+
+* **Resume.** If ``<workdir>/checkpoints`` holds a checkpoint, the newest good one is restored
+  (train state *and* the data iterator's position) and training continues from it. Because the
+  dropout key is ``fold_in(state.rng, state.step)`` and the data stream is a pure function of the
+  iterator state, a resumed run computes exactly the same updates as an uninterrupted one: its
+  final parameters are bit-identical (same config, same device count).
+* **Preemption.** A :class:`kdjax.preemption.PreemptionWatcher` records SIGTERM; after the step
+  that is running, the state is checkpointed (forced, waited for) and ``fit`` returns with
+  ``stopped_early=True``; the entry point should then exit with status 0.
+* **Non-finite losses.** The step skips any update whose loss or gradient norm is not finite
+  (``make_train_step(guard_nonfinite=True)``), so the state never holds NaN/Inf. With
+  ``nonfinite='stop'`` the loop raises :class:`NonFiniteLossError` naming the first bad step and the
+  loss term(s) (or ``'gradient'``) before any later checkpoint is written; with ``'skip'`` it
+  counts (``FitResult.skipped_steps``), logs a warning and goes on. The Checkpointer refuses
+  non-finite state too, so no checkpoint ever holds NaN.
+
+Per step the host only dispatches work: metrics stay on the device and are fetched every
+``log_every`` steps (and before each eval, checkpoint or stop, so a non-finite step is always found
+before a checkpoint is written). A logged train record holds the mean of each metric over the
+finite steps since the previous record, ``skipped`` (cumulative skipped updates) and
+``steps_per_sec``.
+
+Checkpoints (``<workdir>/checkpoints``, see :mod:`kdjax.checkpointing`) are written every
+``checkpoint_every`` steps, after every eval when ``best_metric`` is set (so the best-by-eval step
+is kept besides the newest ``keep``), at a preemption and after the last step. Metrics go to
+``<workdir>/metrics.jsonl`` and ``<workdir>/tb`` (see :mod:`kdjax.metrics`), from process 0 only;
+on resume the records logged after the restored step are dropped, since those steps are redone.
+
+Multi-process: every process runs ``fit`` with the same arguments and its own host-local
+``train_iter`` (e.g. ``make_train_iterator`` with the default process index); all take part in
+checkpointing; ``history``/``eval_history`` of steps before a resume are re-read from
+``metrics.jsonl`` and so are only known to process 0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import logging
+import math
+import os
+import time
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import flax.traverse_util
+from flax.core import unfreeze
+import jax
+import numpy as np
+import optax
+from jax.sharding import Mesh
+
+from kdjax import checkpointing, metrics as metrics_lib, sharding, train
+from kdjax.data.pipeline import prefetch_to_device
+from kdjax.preemption import PreemptionWatcher
+from kdjax.recipe import Term
+from kdjax.teachers import Teacher
+
+logger = logging.getLogger(__name__)
+
+NONFINITE_POLICIES = ("stop", "skip")
+CHECKPOINT_DIR = "checkpoints"
+EVAL_METRICS = ("accuracy", "ce")
+TEACHER_EVAL_METRICS = ("teacher_accuracy", "agreement", "kl")
+_LOWER_IS_BETTER = ("ce", "kl")
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A train step produced a NaN/Inf loss or gradient under ``nonfinite='stop'``.
+
+    Attributes:
+      step: 0-based index of the update (the value of ``state.step`` when it ran).
+      terms: names of the non-finite loss terms (recipe term names), or ``['gradient']`` when the
+        loss was finite but the gradient norm was not.
+    """
+
+    def __init__(self, message: str, step: int, terms: Sequence[str]):
+        super().__init__(message)
+        self.step = step
+        self.terms = list(terms)
+
+
+@dataclasses.dataclass
+class FitResult:
+    """What :func:`fit` returns.
+
+    state: the final ``TrainState`` (device arrays on the mesh).
+    history: logged train records (``step`` = updates done, metric means over the log window).
+    eval_history: eval records (``step``, ``accuracy``, ``ce``, ``num_examples``; with a teacher
+      giving logits also ``teacher_accuracy``, ``agreement``, ``kl``).
+    best: the eval record with the best ``best_metric`` (None without eval or best_metric).
+    stopped_early: True when a preemption signal stopped the run (a checkpoint was written).
+    skipped_steps: updates skipped as non-finite (cumulative over resumes).
+    """
+    state: train.TrainState
+    history: list[dict]
+    eval_history: list[dict]
+    best: dict | None
+    stopped_early: bool
+    skipped_steps: int
+
+
+# ----------------------------------------------------------------------------------------------
+# Argument and batch validation.
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}; got {value!r}.")
+
+
+def _validate_args(*, workdir, student, tx, train_iter, eval_iter_fn, num_steps, sample_input,
+                   seed, teacher, teacher_variables, param_mode, teacher_mode, eval_every,
+                   checkpoint_every, log_every, keep, best_metric, best_mode, nonfinite,
+                   batch_transform) -> None:
+    """Raises ValueError/TypeError naming the first bad argument of :func:`fit`."""
+    if not isinstance(workdir, (str, os.PathLike)) or not os.fspath(workdir):
+        raise TypeError(f"workdir must be a non-empty path; got {workdir!r}.")
+    if not (hasattr(student, "init") and hasattr(student, "apply")):
+        raise TypeError(f"student must be a Flax Linen module (e.g. kdjax.models.create('mlp', 10)); "
+                        f"got {type(student).__name__}.")
+    if not isinstance(tx, optax.GradientTransformation):
+        raise TypeError(f"tx must be an optax.GradientTransformation (e.g. optax.adam(1e-3)); "
+                        f"got {type(tx).__name__}.")
+    if not (hasattr(train_iter, "__next__") and hasattr(train_iter, "get_state")
+            and hasattr(train_iter, "set_state")):
+        raise TypeError(
+            f"train_iter must be a checkpointable iterator with __next__, get_state and set_state "
+            f"(kdjax.data.make_train_iterator gives one); got {type(train_iter).__name__}. Its state "
+            f"is saved with every checkpoint so a resumed run sees the same batches.")
+    if eval_iter_fn is not None and not callable(eval_iter_fn):
+        raise TypeError(f"eval_iter_fn must be a function returning a fresh eval iterator; got "
+                        f"{type(eval_iter_fn).__name__}.")
+    if batch_transform is not None and not callable(batch_transform):
+        raise TypeError(f"batch_transform must be a function batch -> batch (e.g. "
+                        f"LogitStore.add_to_batch); got {type(batch_transform).__name__}.")
+    _check_int("num_steps", num_steps, 1)
+    _check_int("eval_every", eval_every, 0)
+    _check_int("checkpoint_every", checkpoint_every, 0)
+    _check_int("log_every", log_every, 1)
+    _check_int("keep", keep, 1)
+    _check_int("seed", seed, 0)
+    if np.ndim(sample_input) < 1:
+        raise ValueError(f"sample_input must be an example batch [b, ...] (only its shape and dtype "
+                         f"matter); got {sample_input!r:.100}.")
+    for name, mode in (("param_mode", param_mode), ("teacher_mode", teacher_mode)):
+        if mode not in ("replicate", "fsdp"):
+            raise ValueError(f"{name} must be 'replicate' or 'fsdp'; got {mode!r}.")
+    if nonfinite not in NONFINITE_POLICIES:
+        raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES} ('stop' raises "
+                         f"NonFiniteLossError, 'skip' skips the update and goes on); got "
+                         f"{nonfinite!r}.")
+    if eval_every and eval_iter_fn is None:
+        raise ValueError(f"eval_every={eval_every} but no eval_iter_fn was given; pass "
+                         f"eval_iter_fn=lambda: make_eval_iterator(...) or set eval_every=0.")
+    if teacher is not None and not isinstance(teacher, Teacher):
+        raise TypeError(f"teacher must be a kdjax.teachers.Teacher (teachers.from_linen(module), "
+                        f"teachers.precomputed(), ...); got {type(teacher).__name__}.")
+    if teacher is None and teacher_variables is not None:
+        raise ValueError("teacher_variables were given without a teacher; pass teacher=kdjax."
+                         "teachers.from_linen(module) (or drop teacher_variables).")
+    if teacher is not None and teacher.live and teacher_variables is None:
+        raise ValueError("a live teacher needs its frozen variables: pass teacher_variables= "
+                         "(e.g. the teacher's {'params': ..., 'batch_stats': ...}).")
+    if best_metric is not None:
+        allowed = EVAL_METRICS + (TEACHER_EVAL_METRICS if teacher is not None else ())
+        if best_metric not in allowed:
+            raise ValueError(f"best_metric {best_metric!r} is not an eval metric of this run; use "
+                             f"one of {allowed} or None.")
+    if best_mode not in (None, "max", "min"):
+        raise ValueError(f"best_mode must be None (inferred from best_metric), 'max' or 'min'; "
+                         f"got {best_mode!r}.")
+
+
+def _check_batch(batch: Any, *, input_key: str, example_shape: tuple[int, ...], num_classes: int,
+                 num_devices: int, where: str) -> None:
+    """Host-side check of one host-local batch before it goes to the device (cheap: shapes and the
+    label range only), so a data/model mismatch fails with its cause instead of deep in XLA."""
+    if not isinstance(batch, Mapping):
+        raise TypeError(f"{where} yielded a {type(batch).__name__}; batches must be dicts of arrays "
+                        f"{{'{input_key}', 'label', ...}}.")
+    missing = sorted({input_key, "label"} - set(batch))
+    if missing:
+        raise ValueError(f"{where} batch is missing key(s) {missing}; it has {sorted(batch)}.")
+    shape = tuple(np.shape(batch[input_key]))
+    if shape[1:] != example_shape:
+        raise ValueError(
+            f"{where} batch[{input_key!r}] has shape {shape}, i.e. examples of shape {shape[1:]}, but "
+            f"the student was initialised for examples of shape {example_shape} (sample_input "
+            f"[b, {', '.join(map(str, example_shape))}]). Make the data pipeline produce that shape "
+            f"or build the student and sample_input for {shape[1:]}.")
+    rows = shape[0]
+    global_rows = rows * jax.process_count()
+    if global_rows % num_devices:
+        raise ValueError(
+            f"{where} batch has {rows} rows per process ({global_rows} global), not divisible by "
+            f"the {num_devices} devices of the mesh; use a global batch size that is a multiple "
+            f"of {num_devices}.")
+    labels = np.asarray(batch["label"])
+    if labels.shape != (rows,):
+        raise ValueError(f"{where} batch['label'] has shape {labels.shape}; expected ({rows},) "
+                         f"integer class indices.")
+    mask = batch.get("mask")
+    real = labels if mask is None else labels[np.asarray(mask, bool)]
+    if real.size and (real.min() < 0 or real.max() >= num_classes):
+        raise ValueError(
+            f"{where} batch has labels in [{real.min()}, {real.max()}] but the student has "
+            f"{num_classes} classes (labels must be in [0, {num_classes})); build the student with "
+            f"the dataset's number of classes.")
+
+
+class _HostBatches:
+    """Host-side stage of the input pipeline: check each batch, then apply ``batch_transform``."""
+
+    def __init__(self, iterator: Iterator, check: Callable[[Any], None],
+                 transform: Callable[[Any], Any] | None):
+        self._it = iterator
+        self._check = check
+        self._transform = transform
+
+    def __iter__(self) -> "_HostBatches":
+        return self
+
+    def __next__(self) -> Any:
+        batch = next(self._it)
+        self._check(batch)
+        return batch if self._transform is None else self._transform(batch)
+
+
+class _TrainBatches(_HostBatches):
+    """:class:`_HostBatches` whose ``get_state``/``set_state`` are those of the wrapped iterator,
+    so the state saved in a checkpoint is the position of the user's ``train_iter``."""
+
+    def get_state(self) -> Any:
+        return self._it.get_state()
+
+    def set_state(self, state: Any) -> None:
+        self._it.set_state(state)
+
+
+# ----------------------------------------------------------------------------------------------
+# Initial parameters.
+# ----------------------------------------------------------------------------------------------
+
+_INIT_COLLECTIONS = ("params", "batch_stats")
+
+
+def merge_init_params(state: train.TrainState, init_params: Mapping[str, Any], tx,
+                      state_shardings: train.TrainState) -> train.TrainState:
+    """Overwrites leaves of a freshly initialised ``state`` with those of ``init_params``.
+
+    Merge rule: ``init_params`` is ``{'params': tree, 'batch_stats': tree}`` with either key
+    optional; each tree may be partial. Every leaf it has replaces the leaf at the same path of
+    the fresh state (the path must exist in the student, with the same shape and dtype, else
+    ValueError); leaves it does not have keep their fresh initialisation. The optimizer state is
+    then re-initialised with ``tx.init`` on the merged parameters; ``step``, ``rng`` and
+    ``skipped`` are unchanged. This is how FitNet stage 2 starts from stage 1's weights and a run
+    starts from another run's checkpoint (``{'params': s.params, 'batch_stats': s.batch_stats}``).
+    """
+    if not isinstance(init_params, Mapping):
+        raise TypeError(f"init_params must be a dict {{'params': ..., 'batch_stats': ...}}; got "
+                        f"{type(init_params).__name__}.")
+    unknown = sorted(set(init_params) - set(_INIT_COLLECTIONS))
+    if unknown:
+        raise ValueError(f"init_params has unknown key(s) {unknown}; it may hold only "
+                         f"{list(_INIT_COLLECTIONS)} (pass a Linen variables dict).")
+    merged = {}
+    for collection in _INIT_COLLECTIONS:
+        fresh_tree = getattr(state, collection)
+        shardings = getattr(state_shardings, collection)
+        given = init_params.get(collection)
+        if given is None:
+            merged[collection] = fresh_tree
+            continue
+        fresh = flax.traverse_util.flatten_dict(unfreeze(fresh_tree), sep="/")
+        flat_sh = flax.traverse_util.flatten_dict(unfreeze(shardings), sep="/")
+        new = flax.traverse_util.flatten_dict(unfreeze(given), sep="/")
+        extra = sorted(set(new) - set(fresh))
+        if extra:
+            raise ValueError(
+                f"init_params[{collection!r}] has leaves the student does not have: {extra[:5]}; "
+                f"the student's {collection} are {sorted(fresh)[:10]}. Use the same model (and "
+                f"module names) as the run the weights come from.")
+        for path, value in new.items():
+            want = fresh[path]
+            value = value if hasattr(value, "dtype") else np.asarray(value)
+            if tuple(value.shape) != tuple(want.shape) or np.dtype(value.dtype) != want.dtype:
+                raise ValueError(
+                    f"init_params[{collection!r}] leaf {path!r} is {tuple(value.shape)} "
+                    f"{np.dtype(value.dtype)} but the student's is {tuple(want.shape)} {want.dtype}; "
+                    f"shapes and dtypes must match (cast or rebuild the student).")
+            fresh[path] = jax.device_put(value, flat_sh[path])
+        merged[collection] = flax.traverse_util.unflatten_dict(fresh, sep="/")
+    opt_state = jax.jit(tx.init, out_shardings=state_shardings.opt_state)(merged["params"])
+    return state.replace(params=merged["params"], batch_stats=merged["batch_stats"],
+                         opt_state=opt_state)
+
+
+# ----------------------------------------------------------------------------------------------
+# Eval.
+# ----------------------------------------------------------------------------------------------
+
+
+def evaluate(eval_step, state: train.TrainState, teacher_variables: Any, eval_iter: Iterator,
+             mesh: Mesh, batch_transform: Callable[[Any], Any] | None = None, *,
+             check: Callable[[Any], None] | None = None) -> dict[str, float]:
+    """One full pass of ``eval_iter`` through ``eval_step`` (from :func:`kdjax.train.make_eval_step`).
+
+    Each host batch (``{'image', 'label', 'mask', ...}``, padded rows have ``mask=False``) goes
+    through ``batch_transform`` (e.g. ``LogitStore.add_to_batch`` for a precomputed teacher) and
+    onto the mesh; the per-batch sums stay on the device until the pass ends, then are added in
+    float64 on the host. With ``n = sum(mask)``: ``accuracy = correct / n``, ``ce = sum CE / n``;
+    with a teacher giving logits also ``teacher_accuracy``, ``agreement`` (same top-1 as the
+    teacher) and ``kl`` (``KL(p_t || p_s)`` at T = 1), each divided by ``n``. Padding never counts.
+    Returns those plus ``num_examples = n``.
+    """
+    batches = _HostBatches(iter(eval_iter), check or (lambda b: None), batch_transform)
+    device_batches = prefetch_to_device(batches, sharding.batch_sharding(mesh))
+    try:
+        sums = [eval_step(state, teacher_variables, batch) for batch in device_batches]
+    finally:
+        device_batches.close()
+    if not sums:
+        raise ValueError("eval_iter yielded no batches; eval_iter_fn must return a fresh iterator "
+                         "over the eval split each time it is called.")
+    host = jax.device_get(sums)
+    totals = {key: math.fsum(float(s[key]) for s in host) for key in host[0]}
+    count = totals.pop("count")
+    if count <= 0:
+        raise ValueError("the eval pass had no real rows (every mask was False); check the eval "
+                         "iterator's mask.")
+    out = {"accuracy": totals["correct"] / count, "ce": totals["ce"] / count}
+    if "teacher_correct" in totals:
+        out.update(teacher_accuracy=totals["teacher_correct"] / count,
+                   agreement=totals["agreement"] / count, kl=totals["kl"] / count)
+    out["num_examples"] = int(round(count))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Train metrics: fetched every log_every steps, non-finite steps found, window means logged.
+# ----------------------------------------------------------------------------------------------
+
+
+def _nonfinite_terms(m: Mapping[str, Any]) -> list[str]:
+    """The loss terms of one step's host metrics that are NaN/Inf, or ['gradient']."""
+    terms = [k[len("loss/"):] for k, v in m.items()
+             if k.startswith("loss/") and k != "loss/total" and not np.isfinite(v)]
+    if terms:
+        return terms
+    if not np.isfinite(m["loss/total"]):
+        return ["total"]
+    return ["gradient"]
+
+
+@dataclasses.dataclass
+class _Window:
+    """Sums of the finite steps' metrics since the last log record."""
+    sums: dict[str, float] = dataclasses.field(default_factory=dict)
+    finite_steps: int = 0
+    steps: int = 0
+    skipped: int = 0
+    start_time: float = dataclasses.field(default_factory=time.perf_counter)
+
+    def add(self, m: Mapping[str, Any]) -> None:
+        self.steps += 1
+        self.skipped = int(m["skipped"])
+        if not bool(m["finite"]):
+            return
+        self.finite_steps += 1
+        for key, value in m.items():
+            if key not in ("finite", "skipped"):
+                self.sums[key] = self.sums.get(key, 0.0) + float(value)
+
+    def record(self) -> dict[str, float]:
+        out = {k: v / self.finite_steps for k, v in self.sums.items()} if self.finite_steps else {}
+        out["skipped"] = self.skipped
+        out["steps_per_sec"] = self.steps / max(time.perf_counter() - self.start_time, 1e-9)
+        return out
+
+
+def _drain(pending: list, first_step: int, window: _Window, nonfinite: str,
+           last_checkpoint: Callable[[], int | None]) -> None:
+    """Fetches the pending per-step metrics (one transfer), checks finiteness, adds to window.
+
+    ``pending[i]`` is the metrics dict of the update with 0-based index ``first_step + i``.
+    """
+    host = jax.device_get(pending)
+    pending.clear()
+    for i, m in enumerate(host):
+        if not bool(m["finite"]):
+            step = first_step + i
+            terms = _nonfinite_terms(m)
+            values = {k: float(v) for k, v in m.items() if k.startswith("loss/")}
+            values["grad_norm"] = float(m["grad_norm"])
+            what = ("the loss was finite but the gradient norm was not" if terms == ["gradient"]
+                    else f"loss term(s) {terms} went NaN/Inf")
+            if nonfinite == "stop":
+                raise NonFiniteLossError(
+                    f"Non-finite update at step {step} (0-based; the update was not applied): "
+                    f"{what}; values {values}. No checkpoint of a later state was written; the "
+                    f"last checkpoint is step {last_checkpoint()}. Lower the learning rate or find "
+                    f"the bad batch, or pass nonfinite='skip' to skip such updates.", step, terms)
+            if jax.process_index() == 0:
+                logger.warning("Skipped non-finite update at step %d: %s (%s).", step, what,
+                               values)
+        window.add(m)
+
+
+# ----------------------------------------------------------------------------------------------
+# fit.
+# ----------------------------------------------------------------------------------------------
+
+
+def _best(eval_history: list[dict], metric: str | None, mode: str) -> dict | None:
+    scored = [r for r in eval_history if metric is not None and r.get(metric) is not None]
+    if not scored:
+        return None
+    pick = max if mode == "max" else min
+    return pick(scored, key=lambda r: r[metric])
+
+
+def _strip(record: Mapping[str, Any]) -> dict:
+    return {k: v for k, v in record.items() if k != "kind"}
+
+
+def fit(*, workdir: str, student, tx: optax.GradientTransformation, recipe: Sequence[Term],
+        teacher: Teacher | None = None, teacher_variables: Any = None, train_iter,
+        eval_iter_fn: Callable[[], Iterator] | None = None, num_steps: int, sample_input,
+        seed: int, mesh: Mesh | None = None, param_mode: str = "replicate",
+        teacher_mode: str = "replicate", eval_every: int = 0, checkpoint_every: int = 0,
+        log_every: int = 100, keep: int = 3, best_metric: str | None = "accuracy",
+        nonfinite: str = "stop", batch_transform: Callable[[Any], Any] | None = None,
+        init_params: Mapping[str, Any] | None = None, progress: bool = True,
+        name: str = "train", best_mode: str | None = None, input_key: str = "image",
+        handle_preemption: bool = True, async_checkpoint: bool = True,
+        prefetch: int = 2) -> FitResult:
+    """Trains ``student`` for ``num_steps`` updates in total (counting steps done before a resume).
+
+    Args:
+      workdir: run directory: ``checkpoints/``, ``metrics.jsonl``, ``tb/``. Reusing it resumes.
+      student: Flax Linen module returning ``(logits, features)`` (:mod:`kdjax.models`).
+      tx: optax optimizer (schedules inside it see the update count, which is restored on resume).
+      recipe: loss terms (:mod:`kdjax.recipe`).
+      teacher, teacher_variables: a :class:`kdjax.teachers.Teacher` and its frozen variables
+        (omit the variables for ``teachers.precomputed()``).
+      train_iter: checkpointable iterator (``get_state``/``set_state``) of host-local NumPy batch
+        dicts ``{'image', 'label', 'id', 'mask', ...}`` (``kdjax.data.make_train_iterator``); on
+        ``P`` processes each yields its ``global_batch / P`` rows.
+      eval_iter_fn: ``() -> iterator`` of padded, masked eval batches (``make_eval_iterator``).
+      num_steps: total updates; a resumed run stops at the same step as an uninterrupted one.
+      sample_input: an example input batch ``[b, ...]`` (shape and dtype used for init and checks).
+      seed: initialisation and dropout seed.
+      mesh: ``('data', 'fsdp')`` mesh (default :func:`kdjax.sharding.make_mesh` over all devices).
+      param_mode, teacher_mode: ``'replicate'`` or ``'fsdp'`` for the student state / teacher.
+      eval_every: evaluate every this many steps (0: only after the last step, if eval_iter_fn).
+      checkpoint_every: checkpoint every this many steps (0: only at eval/preemption/the end).
+      log_every: fetch, check and log train metrics every this many steps.
+      keep: newest checkpoints kept (plus the best-by-``best_metric`` one).
+      best_metric: eval metric that ranks checkpoints and picks ``FitResult.best`` (None: off).
+      nonfinite: ``'stop'`` (raise :class:`NonFiniteLossError`) or ``'skip'``.
+      batch_transform: host function ``batch -> batch`` applied to every train and eval batch
+        after the checks (e.g. ``LogitStore.add_to_batch``).
+      init_params: initial ``{'params', 'batch_stats'}`` (partial allowed) for a fresh run, merged
+        as in :func:`merge_init_params`; ignored when resuming (the checkpoint wins).
+      progress: tqdm bar on process 0. name: the bar's label.
+      best_mode: ``'max'``/``'min'``; default ``'min'`` for ``ce``/``kl``, else ``'max'``.
+      input_key: batch key of the student's input.
+      handle_preemption: install the SIGTERM watcher (needs the main thread).
+      async_checkpoint: write checkpoints in the background while training goes on.
+      prefetch: device batches prepared ahead in a background thread.
+
+    Returns:
+      :class:`FitResult`.
+
+    Raises:
+      NonFiniteLossError: ``nonfinite='stop'`` and an update was non-finite.
+      ValueError / TypeError: bad arguments or batches (message names the argument and the fix).
+      kdjax.checkpointing.CheckpointSaveError (and its CheckpointDiskFullError): a save failed;
+        the previous checkpoints are intact, rerun to resume from the last one.
+    """
+    _validate_args(workdir=workdir, student=student, tx=tx, train_iter=train_iter,
+                   eval_iter_fn=eval_iter_fn, num_steps=num_steps, sample_input=sample_input,
+                   seed=seed, teacher=teacher, teacher_variables=teacher_variables,
+                   param_mode=param_mode, teacher_mode=teacher_mode, eval_every=eval_every,
+                   checkpoint_every=checkpoint_every, log_every=log_every, keep=keep,
+                   best_metric=best_metric, best_mode=best_mode, nonfinite=nonfinite,
+                   batch_transform=batch_transform)
+    _check_int("prefetch", prefetch, 1)
+    workdir = os.path.abspath(os.fspath(workdir))
+    mesh = sharding.make_mesh() if mesh is None else mesh
+    chief = jax.process_index() == 0
+    do_eval_at_all = eval_iter_fn is not None
+    track_best = best_metric is not None and do_eval_at_all
+    best_mode = best_mode or ("min" if best_metric in _LOWER_IS_BETTER else "max")
+
+    state, state_shardings = train.init_train_state(student, tx, sample_input, seed=seed,
+                                                    mesh=mesh, mode=param_mode)
+    t_vars, t_shardings = train.put_teacher({} if teacher_variables is None else teacher_variables,
+                                            mesh, teacher_mode)
+    apply = train.linen_student(student)
+    train_step = train.make_train_step(apply, tx, recipe, teacher, mesh=mesh,
+                                       state_shardings=state_shardings,
+                                       teacher_shardings=t_shardings, input_key=input_key,
+                                       guard_nonfinite=True)
+    eval_step = (train.make_eval_step(apply, teacher, mesh=mesh, state_shardings=state_shardings,
+                                      teacher_shardings=t_shardings, input_key=input_key)
+                 if do_eval_at_all else None)
+    logits_shape = jax.eval_shape(
+        functools.partial(student.apply, train=False),
+        {"params": state.params, "batch_stats": state.batch_stats}, sample_input)
+    logits_shape = logits_shape[0] if isinstance(logits_shape, tuple) else logits_shape
+    check = functools.partial(_check_batch, input_key=input_key,
+                              example_shape=tuple(np.shape(sample_input))[1:],
+                              num_classes=int(logits_shape.shape[-1]),
+                              num_devices=int(mesh.devices.size))
+
+    with contextlib.ExitStack() as stack:
+        ckpt = checkpointing.Checkpointer(
+            os.path.join(workdir, CHECKPOINT_DIR), max_to_keep=keep,
+            best_metric=best_metric if track_best else None, best_mode=best_mode,
+            async_save=async_checkpoint)
+        stack.callback(ckpt.close)
+        restored = ckpt.restore(checkpointing.abstract_state(state), data_iterator=train_iter)
+        if restored is not None:
+            state, _ = restored
+            if init_params is not None and chief:
+                logger.info("Resuming from %s: init_params are ignored.", ckpt.directory)
+        elif init_params is not None:
+            state = merge_init_params(state, init_params, tx, state_shardings)
+        start = int(jax.device_get(state.step))
+
+        previous = (metrics_lib.truncate_jsonl(os.path.join(workdir, metrics_lib.JSONL_NAME),
+                                               start) if chief else [])
+        history = [_strip(r) for r in previous if r.get("kind") == "train"]
+        eval_history = [_strip(r) for r in previous if r.get("kind") == "eval"]
+        writer = stack.enter_context(metrics_lib.MetricWriter(workdir, enabled=chief,
+                                                              purge_step=start))
+        watcher = (stack.enter_context(PreemptionWatcher()) if handle_preemption else None)
+        batches = prefetch_to_device(_TrainBatches(train_iter, functools.partial(
+            check, where="train_iter"), batch_transform), sharding.batch_sharding(mesh),
+            size=prefetch)
+        stack.callback(batches.close)
+        bar = None
+        if progress and chief and start < num_steps:
+            from tqdm.auto import tqdm
+
+            bar = stack.enter_context(tqdm(total=num_steps, initial=start, desc=name,
+                                           unit="step", dynamic_ncols=True))
+        if start and chief:
+            logger.info("Resumed %s at step %d of %d.", workdir, start, num_steps)
+
+        pending: list = []
+        pending_first = start
+        window = _Window()
+        stopped = False
+        for step in range(start, num_steps):
+            try:
+                batch = next(batches)
+            except StopIteration:
+                raise ValueError(
+                    f"train_iter ran out after {step} steps but num_steps={num_steps}; use an "
+                    f"endless iterator (make_train_iterator(num_epochs=None)) or lower "
+                    f"num_steps.") from None
+            state, step_metrics = train_step(state, t_vars, batch)
+            pending.append(step_metrics)
+            done = step + 1
+            if bar is not None:
+                bar.update(1)
+            last = done == num_steps
+            stop = watcher is not None and watcher.should_stop(done)
+            evaluate_now = do_eval_at_all and (last or (eval_every and done % eval_every == 0))
+            save_now = (last or stop or (checkpoint_every and done % checkpoint_every == 0)
+                        or (evaluate_now and track_best))
+            log_now = last or stop or done % log_every == 0
+            if log_now or save_now or evaluate_now:
+                _drain(pending, pending_first, window, nonfinite, ckpt.latest_step)
+                pending_first = done
+            if log_now:
+                record = writer.write("train", done, window.record())
+                history.append(_strip(record))
+                if bar is not None:
+                    bar.set_postfix({k: f"{record[k]:.4g}" for k in ("loss/total", "accuracy")
+                                     if record.get(k) is not None}, refresh=False)
+                window = _Window()
+            eval_record = None
+            if evaluate_now:
+                eval_record = evaluate(eval_step, state, t_vars, eval_iter_fn(), mesh,
+                                       batch_transform, check=functools.partial(
+                                           check, where="eval_iter_fn()"))
+                record = writer.write("eval", done, eval_record)
+                eval_history.append(_strip(record))
+            if save_now:
+                ckpt.save(done, state, data_iterator=batches,
+                          metrics=eval_record if track_best else None, force=True)
+            if stop:
+                ckpt.wait()
+                stopped = True
+                break
+        skipped = int(jax.device_get(state.skipped))
+    return FitResult(state=state, history=history, eval_history=eval_history,
+                     best=_best(eval_history, best_metric, best_mode) if track_best else None,
+                     stopped_early=stopped, skipped_steps=skipped)

@@ -1,0 +1,380 @@
+"""kdjax.loop.fit on scikit-learn digits: learns, logs, evaluates exactly, resumes bit-identically,
+handles non-finite updates and SIGTERM; the subprocess SIGTERM / SIGKILL runs are marked slow."""
+
+import glob
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+import fit_worker
+from kdjax import checkpointing, data, loop, metrics, models, recipe
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+STEPS = 40
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return data.digits_arrays()
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """An uninterrupted STEPS-step run of the fit_worker configuration: final params + history."""
+    result = fit_worker.run(str(tmp_path_factory.mktemp("reference")), STEPS)
+    return {"params": fit_worker.flat_params(result.state.params), "history": result.history,
+            "state": jax.device_get(result.state)}
+
+
+def assert_bitwise_equal(a: dict, b: dict):
+    assert sorted(a) == sorted(b)
+    for key in a:
+        assert a[key].dtype == b[key].dtype and a[key].shape == b[key].shape, key
+        assert a[key].tobytes() == b[key].tobytes(), f"{key} differs"
+
+
+def read_tb_scalars(directory):
+    """{(tag, step): value} from TensorBoard event files (TFRecord framing + Event protos)."""
+    metrics._summary_writer_class()  # import tensorboardX without torch before its proto module
+    from tensorboardX.proto import event_pb2
+
+    out = {}
+    for path in sorted(glob.glob(os.path.join(directory, "events.out.tfevents.*"))):
+        with open(path, "rb") as f:
+            raw = f.read()
+        pos = 0
+        while pos < len(raw):
+            (length,) = struct.unpack("<Q", raw[pos:pos + 8])
+            event = event_pb2.Event.FromString(raw[pos + 12:pos + 12 + length])
+            pos += 12 + length + 4
+            for value in event.summary.value:
+                out[(value.tag, event.step)] = value.simple_value
+    return out
+
+
+def mlp_forward_f64(params, images):
+    """The kdjax MLP (2 ReLU layers + head) in float64 NumPy."""
+    x = np.asarray(images, np.float64).reshape(len(images), -1)
+    for layer in ("dense1", "dense2"):
+        x = np.maximum(x @ np.asarray(params[layer]["kernel"], np.float64)
+                       + np.asarray(params[layer]["bias"], np.float64), 0.0)
+    return x @ np.asarray(params["head"]["kernel"], np.float64) + np.asarray(
+        params["head"]["bias"], np.float64)
+
+
+# --------------------------------------------------------------------------------------------
+# Learning, logging, eval.
+# --------------------------------------------------------------------------------------------
+
+
+def test_fit_learns_logs_jsonl_and_tensorboard_and_eval_matches_numpy(tmp_path, digits):
+    test = digits["test"]
+    result = fit_worker.run(str(tmp_path), 200, checkpoint_every=0, eval_every=100, log_every=50)
+    # Learns: chance is 0.1 on 10 balanced classes.
+    assert [r["step"] for r in result.eval_history] == [100, 200]
+    assert result.eval_history[-1]["accuracy"] > 0.85
+    assert result.best == max(result.eval_history, key=lambda r: r["accuracy"])
+    assert not result.stopped_early and result.skipped_steps == 0
+    assert int(result.state.step) == 200
+    # Eval equals a float64 NumPy recomputation over the 359 real test rows (the 3 padded
+    # batches of 128 hold 384 rows; padding must not count).
+    params = jax.device_get(result.state.params)
+    logits = mlp_forward_f64(params, test["image"])
+    labels = test["label"]
+    log_z = np.log(np.exp(logits - logits.max(1, keepdims=True)).sum(1)) + logits.max(1)
+    final = result.eval_history[-1]
+    assert final["num_examples"] == len(labels) == 359
+    assert final["accuracy"] == np.mean(logits.argmax(1) == labels)
+    np.testing.assert_allclose(final["ce"], np.mean(log_z - logits[np.arange(len(labels)), labels]),
+                               rtol=1e-5)
+    # metrics.jsonl: one object per line, eval lines marked.
+    with open(tmp_path / "metrics.jsonl") as f:
+        lines = [json.loads(line) for line in f]
+    train_lines = [r for r in lines if r["kind"] == "train"]
+    eval_lines = [r for r in lines if r["kind"] == "eval"]
+    assert [r["step"] for r in train_lines] == [50, 100, 150, 200]
+    assert [r["step"] for r in eval_lines] == [100, 200]
+    assert {"loss/ce", "loss/total", "weight/ce", "accuracy", "grad_norm", "skipped",
+            "steps_per_sec", "time"} <= set(train_lines[0])
+    assert train_lines[-1]["loss/ce"] < train_lines[0]["loss/ce"]
+    assert [{k: v for k, v in r.items() if k != "kind"} for r in train_lines] == result.history
+    assert eval_lines[-1]["accuracy"] == final["accuracy"]
+    # TensorBoard event files hold the same scalars.
+    scalars = read_tb_scalars(tmp_path / "tb")
+    for r in train_lines:
+        np.testing.assert_allclose(scalars[("train/loss/ce", r["step"])], r["loss/ce"], rtol=1e-6)
+    np.testing.assert_allclose(scalars[("eval/accuracy", 200)], final["accuracy"], rtol=1e-6)
+    # Final checkpoint written (the best-by-accuracy eval step is kept as well).
+    assert os.path.isdir(tmp_path / "checkpoints" / "200")
+
+
+def test_train_log_records_are_means_over_the_window(tmp_path):
+    result = fit_worker.run(str(tmp_path), 6, checkpoint_every=0, log_every=3)
+    assert [r["step"] for r in result.history] == [3, 6]
+    # Recompute the per-step losses: replay steps 1..6 with a log record every step.
+    per_step = fit_worker.run(str(tmp_path / "every"), 6, checkpoint_every=0, log_every=1).history
+    for record, window in ((result.history[0], per_step[:3]), (result.history[1], per_step[3:])):
+        np.testing.assert_allclose(record["loss/ce"], np.mean([r["loss/ce"] for r in window]),
+                                   rtol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# Resume.
+# --------------------------------------------------------------------------------------------
+
+
+def test_resume_midway_is_bit_identical_to_an_uninterrupted_run(tmp_path, reference):
+    half = fit_worker.run(str(tmp_path), STEPS // 2)
+    assert int(half.state.step) == STEPS // 2
+    assert sorted(int(p) for p in os.listdir(tmp_path / "checkpoints")) == [10, 20]
+    resumed = fit_worker.run(str(tmp_path), STEPS)
+    assert int(resumed.state.step) == STEPS
+    assert_bitwise_equal(fit_worker.flat_params(resumed.state.params), reference["params"])
+    # Optimizer moments and the rng are restored too.
+    for a, b in zip(jax.tree.leaves(jax.device_get(resumed.state)),
+                    jax.tree.leaves(reference["state"])):
+        assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
+    # The history (re-read from metrics.jsonl for the first half) matches the reference.
+    strip = lambda h: [{k: v for k, v in r.items() if k not in ("time", "steps_per_sec")}
+                       for r in h]
+    assert strip(resumed.history) == strip(reference["history"])
+
+
+def test_resume_drops_log_lines_past_the_checkpoint_and_finished_run_is_a_no_op(tmp_path):
+    fit_worker.run(str(tmp_path), 12, checkpoint_every=10, log_every=2)
+    # Pretend the process died after step 12 but before a checkpoint: drop the final step 12.
+    ckpt = checkpointing.Checkpointer(tmp_path / "checkpoints")
+    assert ckpt.all_steps() == [10, 12]
+    ckpt.close()
+    os.rename(tmp_path / "checkpoints" / "12", tmp_path / "12.aside")
+    result = fit_worker.run(str(tmp_path), 12, checkpoint_every=10, log_every=2)
+    steps = [r["step"] for r in metrics.read_jsonl(tmp_path / "metrics.jsonl")]
+    assert steps == [2, 4, 6, 8, 10, 12]  # 12 was logged twice but kept once
+    assert [r["step"] for r in result.history] == steps
+    again = fit_worker.run(str(tmp_path), 12, checkpoint_every=10, log_every=2)
+    assert int(again.state.step) == 12 and not again.stopped_early
+    assert [r["step"] for r in again.history] == steps
+
+
+def test_sigterm_in_process_checkpoints_and_resumes_bit_identical(tmp_path, reference):
+    calls = []
+
+    def sigterm_at_batch_12(batch):
+        calls.append(1)
+        if len(calls) == 12:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return batch
+
+    stopped = fit_worker.run(str(tmp_path), STEPS, batch_transform=sigterm_at_batch_12)
+    assert stopped.stopped_early
+    stop_step = int(stopped.state.step)
+    assert 1 <= stop_step < STEPS
+    ckpt = checkpointing.Checkpointer(tmp_path / "checkpoints")
+    assert ckpt.latest_step() == stop_step
+    ckpt.close()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the watcher restored the handler
+    resumed = fit_worker.run(str(tmp_path), STEPS)
+    assert not resumed.stopped_early
+    assert_bitwise_equal(fit_worker.flat_params(resumed.state.params), reference["params"])
+
+
+# --------------------------------------------------------------------------------------------
+# Non-finite updates.
+# --------------------------------------------------------------------------------------------
+
+
+def poison(batches_to_poison):
+    """batch_transform that sets the images of the given (0-based) train batches to NaN."""
+    calls = []
+
+    def transform(batch):
+        calls.append(1)
+        if len(calls) - 1 in batches_to_poison:
+            batch = dict(batch, image=np.full_like(batch["image"], np.nan))
+        return batch
+    return transform
+
+
+def test_nonfinite_stop_names_step_and_term_and_writes_no_later_checkpoint(tmp_path):
+    with pytest.raises(loop.NonFiniteLossError) as info:
+        fit_worker.run(str(tmp_path), 20, checkpoint_every=5, log_every=100,
+                       batch_transform=poison({7}))
+    assert info.value.step == 7 and info.value.terms == ["ce"]
+    message = str(info.value)
+    assert "Non-finite update at step 7 (0-based; the update was not applied)" in message
+    assert "loss term(s) ['ce'] went NaN/Inf" in message
+    assert "the last checkpoint is step 5" in message and "nonfinite='skip'" in message
+    ckpt = checkpointing.Checkpointer(tmp_path / "checkpoints")
+    assert ckpt.all_steps() == [5]
+    ckpt.close()
+
+
+def test_nonfinite_gradient_with_finite_loss_is_named_gradient(tmp_path):
+    import jax.numpy as jnp
+
+    # sqrt(0 * x) has value 0 but gradient 0 * inf = NaN.
+    sqrt_zero = recipe.Term("sqrt0", lambda s, t, b, step: jnp.sqrt(0.0 * s.logits.sum(-1) ** 2),
+                            needs_teacher=False)
+    with pytest.raises(loop.NonFiniteLossError,
+                       match=r"step 0 .*the loss was finite but the gradient norm was not") as info:
+        fit_worker.run(str(tmp_path), 3, checkpoint_every=0, recipe=(recipe.ce(), sqrt_zero))
+    assert info.value.terms == ["gradient"]
+    assert not os.listdir(tmp_path / "checkpoints")
+
+
+def test_nonfinite_skip_counts_logs_and_never_checkpoints_nan(tmp_path, caplog):
+    caplog.set_level("WARNING", logger="kdjax.loop")
+    result = fit_worker.run(str(tmp_path), 12, checkpoint_every=4, log_every=4,
+                            batch_transform=poison({2, 9}), nonfinite="skip")
+    assert result.skipped_steps == 2
+    assert [r["skipped"] for r in result.history] == [1, 1, 2]
+    warnings = [r.getMessage() for r in caplog.records if "Skipped non-finite" in r.getMessage()]
+    assert len(warnings) == 2 and "step 2" in warnings[0] and "step 9" in warnings[1]
+    ckpt = checkpointing.Checkpointer(tmp_path / "checkpoints")
+    assert ckpt.all_steps() == [4, 8, 12]
+    for step in ckpt.all_steps():
+        restored, _ = ckpt.restore(checkpointing.abstract_state(result.state), step=step)
+        assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(restored.params))
+    ckpt.close()
+
+
+# --------------------------------------------------------------------------------------------
+# init_params.
+# --------------------------------------------------------------------------------------------
+
+
+def test_init_params_partial_merge_and_errors():
+    from kdjax import sharding, train
+
+    student = models.create("mlp", 10)
+    tx = optax.adam(1e-3)
+    mesh = sharding.make_mesh()
+    state, shardings = train.init_train_state(student, tx, np.zeros((1, 8, 8, 1), np.float32),
+                                              seed=0, mesh=mesh)
+    head = {"kernel": np.full((100, 10), 0.5, np.float32), "bias": np.arange(10, dtype=np.float32)}
+    merged = loop.merge_init_params(state, {"params": {"head": head}}, tx, shardings)
+    np.testing.assert_array_equal(merged.params["head"]["kernel"], head["kernel"])
+    np.testing.assert_array_equal(merged.params["head"]["bias"], head["bias"])
+    np.testing.assert_array_equal(merged.params["dense1"]["kernel"], state.params["dense1"]["kernel"])
+    assert merged.params["head"]["kernel"].sharding == shardings.params["head"]["kernel"]
+    assert int(merged.step) == 0
+    with pytest.raises(ValueError, match=r"leaves the student does not have: \['hed/bias'\]"):
+        loop.merge_init_params(state, {"params": {"hed": {"bias": head["bias"]}}}, tx, shardings)
+    with pytest.raises(ValueError, match=r"leaf 'head/bias' is \(3,\) float32 but the student's is "
+                                         r"\(10,\) float32"):
+        loop.merge_init_params(state, {"params": {"head": {"bias": np.zeros(3, np.float32)}}},
+                               tx, shardings)
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['weights'\]"):
+        loop.merge_init_params(state, {"weights": {}}, tx, shardings)
+
+
+def test_init_params_start_a_fresh_run_and_are_ignored_on_resume(tmp_path):
+    start = {"params": {"head": {"bias": np.full(10, 3.0, np.float32)}}}
+    result = fit_worker.run(str(tmp_path), 1, checkpoint_every=0, init_params=start)
+    # Adam's first update moves every parameter by at most ~lr; the bias started at 3.
+    np.testing.assert_allclose(np.asarray(result.state.params["head"]["bias"]), 3.0, atol=1e-2)
+    zero = {"params": {"head": {"bias": np.zeros(10, np.float32)}}}
+    resumed = fit_worker.run(str(tmp_path), 2, checkpoint_every=0, init_params=zero)
+    np.testing.assert_allclose(np.asarray(resumed.state.params["head"]["bias"]), 3.0, atol=2e-2)
+
+
+# --------------------------------------------------------------------------------------------
+# Subprocess kill and resume (slow: three interpreter starts each).
+# --------------------------------------------------------------------------------------------
+
+
+def _worker_env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([REPO, env.get("PYTHONPATH", "")])
+    return env  # same XLA_FLAGS (8 CPU devices) as this test process: same compiled programs
+
+
+def _start_worker(workdir, num_steps, sleep):
+    return subprocess.Popen(
+        [sys.executable, os.path.join(HERE, "fit_worker.py"), str(workdir), str(num_steps),
+         "--checkpoint-every", "10", "--sleep", str(sleep)],
+        env=_worker_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for_step(proc, workdir, step, timeout=120):
+    """Polls metrics.jsonl until a train record at >= step exists; returns the records."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()[0][-3000:]
+        records = [r for r in metrics.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+                   if r["kind"] == "train"]
+        if records and records[-1]["step"] >= step:
+            return records
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError(f"worker did not reach step {step} in {timeout} s")
+
+
+def _finish(proc, timeout=180):
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+    return proc.returncode, out
+
+
+def _final_params(workdir):
+    with np.load(os.path.join(workdir, "final_params.npz")) as f:
+        return {k: f[k] for k in f.files}
+
+
+@pytest.mark.slow
+def test_subprocess_sigterm_checkpoints_exits_zero_and_resumes_bit_identical(tmp_path, reference):
+    workdir = tmp_path / "run"
+    proc = _start_worker(workdir, STEPS, sleep=0.1)
+    try:
+        _wait_for_step(proc, workdir, 15)
+        proc.send_signal(signal.SIGTERM)
+        code, out = _finish(proc)
+    finally:
+        proc.kill()
+    assert code == 0, out[-3000:]
+    done = [line for line in out.splitlines() if line.startswith("FIT_DONE")]
+    assert len(done) == 1 and "stopped_early=True" in done[0], out[-3000:]
+    stop_step = int(done[0].split()[1].split("=")[1])
+    assert 15 <= stop_step < STEPS
+    ckpt = checkpointing.Checkpointer(workdir / "checkpoints")
+    assert ckpt.latest_step() == stop_step
+    ckpt.close()
+    code, out = _finish(_start_worker(workdir, STEPS, sleep=0.0))
+    assert code == 0 and f"FIT_DONE step={STEPS} stopped_early=False" in out, out[-3000:]
+    assert_bitwise_equal(_final_params(workdir), reference["params"])
+
+
+@pytest.mark.slow
+def test_subprocess_sigkill_resumes_from_last_periodic_checkpoint_bit_identical(tmp_path,
+                                                                                  reference):
+    workdir = tmp_path / "run"
+    proc = _start_worker(workdir, STEPS, sleep=0.1)
+    try:
+        _wait_for_step(proc, workdir, 25)
+        proc.send_signal(signal.SIGKILL)
+        code, _ = _finish(proc)
+    finally:
+        proc.kill()
+    assert code == -signal.SIGKILL
+    ckpt = checkpointing.Checkpointer(workdir / "checkpoints")
+    last = ckpt.latest_step()
+    ckpt.close()
+    assert last in (20, 30)  # periodic checkpoints only: no graceful save on SIGKILL
+    code, out = _finish(_start_worker(workdir, STEPS, sleep=0.0))
+    assert code == 0 and f"FIT_DONE step={STEPS} stopped_early=False" in out, out[-3000:]
+    assert_bitwise_equal(_final_params(workdir), reference["params"])
+    steps = [r["step"] for r in metrics.read_jsonl(workdir / "metrics.jsonl") if r["kind"] == "train"]
+    assert steps == list(range(5, STEPS + 1, 5))
