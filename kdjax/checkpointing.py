@@ -333,6 +333,26 @@ def _parse_manifest(manifest: Any, step: int) -> tuple[list[dict], bool]:
     return leaves, manifest["has_data_iterator"]
 
 
+def _layout_problem(state: Any, leaves: list[dict]) -> Optional[str]:
+    """Why the restored ``state`` does not have the paths/shapes/dtypes of the manifest, or None.
+
+    Orbax falls back to the stored array type when its own metadata is damaged (e.g. a typed PRNG
+    key comes back as raw ``uint32[2]`` with the same bytes), which the checksum alone misses.
+    """
+    flat, _ = jax.tree_util.tree_flatten_with_path(state)
+    got = [(jax.tree_util.keystr(p), list(x.shape), str(x.dtype)) for p, x in flat]
+    want = [(e["path"], e["shape"], e["dtype"]) for e in leaves]
+    if got == want:
+        return None
+    if len(got) != len(want):
+        return f"it restored {len(got)} leaves, the manifest lists {len(want)}"
+    (path, shape, dtype), (_, w_shape, w_dtype) = next((g, w) for g, w in zip(got, want) if g != w)
+    return (
+        f"leaf {path} came back as {tuple(shape)} {dtype} but was saved as {tuple(w_shape)} "
+        f"{w_dtype} (damaged array metadata)"
+    )
+
+
 def _is_disk_full(exc: BaseException) -> bool:
     """True when ``exc`` or its cause chain is ENOSPC (Python ``OSError`` or TensorStore's
     ``... No space left on device [os_error_code='28']`` message)."""
@@ -515,7 +535,8 @@ class Checkpointer:
             bad = [p for p, ok in zip(paths, finite) if not ok]
             raise NonFiniteStateError(
                 f"Refusing to save checkpoint step {step} to {self._directory}: leaf {bad[0]} "
-                f"contains NaN or Inf ({len(bad)} non-finite leaves: {', '.join(bad[:5])}). "
+                f"contains NaN or Inf ({len(bad)} of {len(paths)} leaves are non-finite: "
+                f"{', '.join(bad[:5])}). "
                 f"Nothing was written; the last checkpoint is step {self.latest_step()}. "
                 f"Find the cause (learning rate, loss scale, a bad batch) and resume from it."
             )
@@ -563,6 +584,12 @@ class Checkpointer:
         self._reset_manager()
         latest = self._mngr.latest_step()
         partial = self._directory / f"{step}{_TMP_MARKER}"
+        if step in self._mngr.all_steps():
+            return CheckpointSaveError(
+                f"Checkpoint step {step} in {self._directory} was committed, but removing older "
+                f"steps afterwards failed ({_one_line(exc)}). Check the filesystem; a half-removed "
+                f"old step is detected as corrupt if it is ever needed."
+            )
         if _is_disk_full(exc):
             return CheckpointDiskFullError(
                 f"No space left on device while writing checkpoint step {step} to "
@@ -714,6 +741,8 @@ class Checkpointer:
                 problem = f"reading it failed ({_one_line(e)})"
         if problem is None:
             state = restored[_STATE]
+            problem = _layout_problem(state, leaves)
+        if problem is None:
             _, _, sums = state_fingerprint(state)
             mismatched = [e["path"] for e, c in zip(leaves, sums) if int(c) != e["checksum"]]
             if mismatched:

@@ -11,15 +11,11 @@ and loads it with ``variables = load_torchvision_resnet("resnet50.npz", depth=50
 
 Key mapping (the kdjax module names mirror torchvision's, ``.`` inside a module name -> ``_``):
 
-==========================================  =============================================  ==========
-torchvision key                             kdjax variable                                 transform
-==========================================  =============================================  ==========
-``conv1.weight``                            ``params['conv1']['kernel']``                  OIHW->HWIO
-``bn1.weight`` / ``bn1.bias``               ``params['bn1']['scale']`` / ``['bias']``      none
-``bn1.running_mean`` / ``running_var``      ``batch_stats['bn1']['mean']`` / ``['var']``   none
-``layer2.0.downsample.0.weight``            ``params['layer2_0']['downsample_0']['kernel']``  OIHW->HWIO
-``fc.weight`` / ``fc.bias``                 ``params['fc']['kernel']`` / ``['bias']``      W.T / none
-==========================================  =============================================  ==========
+* ``conv1.weight`` [O, I, kh, kw] -> ``params['conv1']['kernel']`` [kh, kw, I, O] (OIHW -> HWIO);
+* ``layer2.0.downsample.0.weight`` -> ``params['layer2_0']['downsample_0']['kernel']`` (same);
+* ``bn1.weight`` / ``bn1.bias`` -> ``params['bn1']['scale']`` / ``params['bn1']['bias']``;
+* ``bn1.running_mean`` / ``bn1.running_var`` -> ``batch_stats['bn1']['mean']`` / ``['var']``;
+* ``fc.weight`` [C, D] -> ``params['fc']['kernel']`` [D, C] (transposed); ``fc.bias`` -> ``['bias']``.
 
 ``*.num_batches_tracked`` entries are ignored. The number of classes is read from ``fc.weight``.
 """

@@ -87,7 +87,10 @@ def _compute_dtype(*arrays) -> jnp.dtype:
 
 def _scalar(value, name: str):
     """Checks that ``value`` is a real scalar; returns (array, concrete float or None)."""
-    arr = jnp.asarray(value)
+    try:
+        arr = jnp.asarray(value)
+    except TypeError:
+        raise TypeError(f"{name} must be a real number, got {value!r}") from None
     if arr.ndim != 0:
         raise ValueError(f"{name} must be a scalar, got an array of shape {arr.shape}; pass a single number")
     if not (jnp.issubdtype(arr.dtype, jnp.floating) or jnp.issubdtype(arr.dtype, jnp.integer)):

@@ -4,6 +4,7 @@ import errno
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
@@ -286,7 +287,7 @@ def test_non_finite_names_every_bad_leaf_including_bf16(tmp_path, mesh):
         batch_stats={"mean": _with_value(state.batch_stats["mean"], 0, jnp.nan)},
     )
     with Checkpointer(tmp_path / "ck") as ckpt:
-        with pytest.raises(NonFiniteStateError, match=r"2 non-finite leaves") as info:
+        with pytest.raises(NonFiniteStateError, match=r"2 of 9 leaves are non-finite") as info:
             ckpt.save(1, broken)
     assert ".params['scale']" in str(info.value) and ".batch_stats['mean']" in str(info.value)
     assert not (tmp_path / "ck" / "1").exists()
@@ -492,6 +493,9 @@ CORRUPTIONS = {
                              "reading it failed"),
     "array_metadata_deleted": (lambda d: (d / "state" / "_METADATA").unlink(),
                                "reading it failed"),
+    "array_type_metadata_deleted": (
+        lambda d: (d / "state" / "array_metadatas" / "process_0").unlink(),
+        "leaf .rng came back as (2,) uint32 but was saved as () key<fry> (damaged array metadata)"),
     "manifest_garbled": (lambda d: (d / "integrity" / "metadata").write_text('{"format": 1'),
                          "integrity manifest is missing or unreadable"),
     "manifest_deleted": (lambda d: shutil.rmtree(d / "integrity"),
@@ -569,6 +573,58 @@ def test_all_checkpoints_corrupt_raises_and_moves_nothing(tmp_path, mesh):
     assert "step 2: its integrity manifest" in message and "step 1: its integrity manifest" in message
     assert "Nothing was loaded or moved" in message
     assert sorted(p.name for p in directory.iterdir()) == ["1", "2"]
+
+
+@pytest.mark.slow
+def test_every_file_flipped_truncated_or_deleted_never_loads_garbage(tmp_path, mesh):
+    """Exhaustive: damage each file of the newest step in three ways; restore must give the exact
+    newest state (file not needed for it) or fall back to the exact previous one."""
+    template = tmp_path / "template"
+    states = _two_steps(template, mesh, big=True)
+    files = sorted(p.relative_to(template / "2") for p in (template / "2").rglob("*") if p.is_file())
+    assert len(files) > 15
+    outcomes = {}
+    for k, rel in enumerate(files):
+        for mode in ("flip", "truncate", "delete"):
+            directory = tmp_path / f"case{k}_{mode}"
+            shutil.copytree(template, directory)
+            target = directory / "2" / rel
+            if mode == "flip":
+                if target.stat().st_size == 0:
+                    continue
+                _flip_middle(target, n=1)
+            elif mode == "truncate":
+                target.write_bytes(target.read_bytes()[: target.stat().st_size // 2])
+            else:
+                target.unlink()
+            it = _iterator()
+            with Checkpointer(directory) as ckpt:
+                restored, step = ckpt.restore(abstract_state(states[1]), data_iterator=it)
+            assert_bit_equal(restored, states[step])
+            np.testing.assert_array_equal(next(it), _nth_batch(step))
+            outcomes[(str(rel), mode)] = step
+            shutil.rmtree(directory)
+    # The data files and manifests are always needed: damaging them must cause a fall back.
+    for (rel, mode), step in outcomes.items():
+        if rel.startswith(("integrity/metadata", "data/process_", "state/_METADATA")):
+            assert step == 1, (rel, mode)
+    assert 1 in outcomes.values() and 2 in outcomes.values()
+
+
+def test_iterator_state_from_another_process_count_is_reported(tmp_path, mesh):
+    directory = tmp_path / "ck"
+    states = _two_steps(directory, mesh)
+    for step in (1, 2):  # as if written by a 2-process job
+        data = directory / str(step) / "data"
+        (data / "process_0-of-1.json").rename(data / "process_0-of-2.json")
+    with Checkpointer(directory) as ckpt:
+        with pytest.raises(NoValidCheckpointError, match=(
+                r"data-iterator file \S+process_0-of-1.json is missing \(was the checkpoint "
+                r"written with a different number of processes than the current 1\?\)")):
+            ckpt.restore(abstract_state(states[2]), data_iterator=_iterator())
+        restored, step = ckpt.restore(abstract_state(states[2]))  # the model state alone loads
+    assert step == 2
+    assert_bit_equal(restored, states[2])
 
 
 def test_garbled_metrics_file_is_set_aside_and_step_stays_restorable(tmp_path, mesh, caplog):
@@ -719,6 +775,69 @@ def test_crash_at_each_save_phase_leaves_last_good_step(tmp_path, mesh, monkeypa
     assert step == 2
     assert_bit_equal(restored, states[2])
     restarted.close()
+
+
+_KILL_DURING_SAVE = textwrap.dedent("""
+    import os, pathlib, signal, sys
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    import grain, jax, jax.numpy as jnp
+    from etils import epath
+    from kdjax import checkpointing as ck
+    directory, phase = sys.argv[1], sys.argv[2]
+
+    def state(seed):
+        return {"w": jax.random.normal(jax.random.key(seed), (64,)), "step": jnp.int32(seed)}
+
+    def die(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    ckpt = ck.Checkpointer(directory, max_to_keep=2, async_save=True)
+    for s in (1, 2):
+        ckpt.save(s, state(s)); ckpt.wait()
+    path_cls = type(epath.Path("/"))
+    if phase == "writing_items":
+        ck._IteratorStateHandler.save = die
+    elif phase == "committing":
+        rename = path_cls.rename
+        path_cls.rename = lambda self, t: die() if self.name == "3" + ck._TMP_MARKER else rename(self, t)
+    else:  # deleting_old_step: killed half-way through removing step 1 after step 3 committed
+        def rmtree(self, *args, **kwargs):
+            files = sorted(p for p in pathlib.Path(str(self)).rglob("*") if p.is_file())
+            for f in files[: len(files) // 2]:
+                f.unlink()
+            die()
+        path_cls.rmtree = rmtree
+    it = iter(grain.MapDataset.range(10).to_iter_dataset())
+    ckpt.save(3, state(3), data_iterator=it)
+    ckpt.wait()
+    print("NOT KILLED")
+""")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("phase, newest", [("writing_items", 2), ("committing", 2),
+                                           ("deleting_old_step", 3)])
+def test_sigkill_at_each_save_phase(tmp_path, phase, newest):
+    """A real SIGKILL inside save: the newest committed step restores exactly, never garbage."""
+    script = tmp_path / "kill.py"
+    script.write_text(_KILL_DURING_SAVE)
+    directory = tmp_path / "ck"
+    out = subprocess.run([sys.executable, str(script), str(directory), phase], cwd=REPO,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == -signal.SIGKILL, out.stdout + out.stderr[-3000:]
+
+    def state(seed):
+        return {"w": jax.random.normal(jax.random.key(seed), (64,)),
+                "step": jnp.asarray(seed, jnp.int32)}
+
+    with Checkpointer(directory) as ckpt:
+        restored, step = ckpt.restore(abstract_state(state(0)))
+        assert step == newest
+        assert_bit_equal(restored, state(newest))
+        if phase == "deleting_old_step":  # step 1 is half deleted but still listed
+            assert ckpt.all_steps() == [1, 2, 3]
+            with pytest.raises(CorruptCheckpointError, match="Checkpoint step 1 .* is corrupt"):
+                ckpt.restore(abstract_state(state(0)), step=1)
 
 
 def test_readers_never_see_a_step_before_it_is_committed(tmp_path, mesh, monkeypatch):

@@ -23,6 +23,14 @@ REPO = os.path.dirname(HERE)
 STEPS = 40
 
 
+@pytest.fixture(scope="module", autouse=True)
+def compile_cache(tmp_path_factory):
+    """One persistent compilation cache for this session's fit() calls (see fit_worker)."""
+    directory = str(tmp_path_factory.getbasetemp() / "jax_compilation_cache")
+    with fit_worker.compilation_cache(directory):
+        yield directory
+
+
 @pytest.fixture(scope="module")
 def digits():
     return data.digits_arrays()
@@ -158,7 +166,7 @@ def test_resume_drops_log_lines_past_the_checkpoint_and_finished_run_is_a_no_op(
     ckpt.close()
     os.rename(tmp_path / "checkpoints" / "12", tmp_path / "12.aside")
     result = fit_worker.run(str(tmp_path), 12, checkpoint_every=10, log_every=2)
-    steps = [r["step"] for r in metrics.read_jsonl(tmp_path / "metrics.jsonl")]
+    steps = [r["step"] for r in metrics.read_jsonl(tmp_path / "metrics.jsonl") if r["kind"] == "train"]
     assert steps == [2, 4, 6, 8, 10, 12]  # 12 was logged twice but kept once
     assert [r["step"] for r in result.history] == steps
     again = fit_worker.run(str(tmp_path), 12, checkpoint_every=10, log_every=2)
@@ -293,17 +301,14 @@ def test_init_params_start_a_fresh_run_and_are_ignored_on_resume(tmp_path):
 # --------------------------------------------------------------------------------------------
 
 
-def _worker_env():
-    env = dict(os.environ)
+def _start_worker(workdir, num_steps, sleep, cache_dir):
+    # Same XLA_FLAGS (8 CPU devices) as this test process, so the same programs run.
+    env = dict(os.environ, **fit_worker.cache_env(cache_dir))
     env["PYTHONPATH"] = os.pathsep.join([REPO, env.get("PYTHONPATH", "")])
-    return env  # same XLA_FLAGS (8 CPU devices) as this test process: same compiled programs
-
-
-def _start_worker(workdir, num_steps, sleep):
     return subprocess.Popen(
         [sys.executable, os.path.join(HERE, "fit_worker.py"), str(workdir), str(num_steps),
          "--checkpoint-every", "10", "--sleep", str(sleep)],
-        env=_worker_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def _wait_for_step(proc, workdir, step, timeout=120):
@@ -335,9 +340,10 @@ def _final_params(workdir):
 
 
 @pytest.mark.slow
-def test_subprocess_sigterm_checkpoints_exits_zero_and_resumes_bit_identical(tmp_path, reference):
+def test_subprocess_sigterm_checkpoints_exits_zero_and_resumes_bit_identical(tmp_path, reference,
+                                                                             compile_cache):
     workdir = tmp_path / "run"
-    proc = _start_worker(workdir, STEPS, sleep=0.1)
+    proc = _start_worker(workdir, STEPS, 0.1, compile_cache)
     try:
         _wait_for_step(proc, workdir, 15)
         proc.send_signal(signal.SIGTERM)
@@ -352,16 +358,16 @@ def test_subprocess_sigterm_checkpoints_exits_zero_and_resumes_bit_identical(tmp
     ckpt = checkpointing.Checkpointer(workdir / "checkpoints")
     assert ckpt.latest_step() == stop_step
     ckpt.close()
-    code, out = _finish(_start_worker(workdir, STEPS, sleep=0.0))
+    code, out = _finish(_start_worker(workdir, STEPS, 0.0, compile_cache))
     assert code == 0 and f"FIT_DONE step={STEPS} stopped_early=False" in out, out[-3000:]
     assert_bitwise_equal(_final_params(workdir), reference["params"])
 
 
 @pytest.mark.slow
-def test_subprocess_sigkill_resumes_from_last_periodic_checkpoint_bit_identical(tmp_path,
-                                                                                  reference):
+def test_subprocess_sigkill_resumes_from_last_periodic_checkpoint_bit_identical(
+        tmp_path, reference, compile_cache):
     workdir = tmp_path / "run"
-    proc = _start_worker(workdir, STEPS, sleep=0.1)
+    proc = _start_worker(workdir, STEPS, 0.1, compile_cache)
     try:
         _wait_for_step(proc, workdir, 25)
         proc.send_signal(signal.SIGKILL)
@@ -373,7 +379,7 @@ def test_subprocess_sigkill_resumes_from_last_periodic_checkpoint_bit_identical(
     last = ckpt.latest_step()
     ckpt.close()
     assert last in (20, 30)  # periodic checkpoints only: no graceful save on SIGKILL
-    code, out = _finish(_start_worker(workdir, STEPS, sleep=0.0))
+    code, out = _finish(_start_worker(workdir, STEPS, 0.0, compile_cache))
     assert code == 0 and f"FIT_DONE step={STEPS} stopped_early=False" in out, out[-3000:]
     assert_bitwise_equal(_final_params(workdir), reference["params"])
     steps = [r["step"] for r in metrics.read_jsonl(workdir / "metrics.jsonl") if r["kind"] == "train"]

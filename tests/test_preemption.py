@@ -207,6 +207,7 @@ def _run_main(args, **kwargs):
 
 def test_subprocess_sigterm_mid_run_checkpoints_exits_zero_and_resumes_bit_identical(tmp_path):
     run_dir = tmp_path / "run"
+    reference = _run_main([tmp_path / "reference", 60, 0])  # uninterrupted, runs alongside
     proc = _run_main([run_dir, 60, 0.05])
     for line in proc.stdout:
         if line.strip() == "step 10":
@@ -222,7 +223,6 @@ def test_subprocess_sigterm_mid_run_checkpoints_exits_zero_and_resumes_bit_ident
     assert not [p for p in run_dir.iterdir() if "tmp" in p.name]
 
     resume = _run_main([run_dir, 60, 0])
-    reference = _run_main([tmp_path / "reference", 60, 0])
     resumed_out, resumed_err = resume.communicate(timeout=120)
     reference_out, reference_err = reference.communicate(timeout=120)
     assert resume.returncode == 0, resumed_err[-3000:]
@@ -277,6 +277,7 @@ _TWO_PROCESS_LOOP = textwrap.dedent("""
                 ckpt.save(step, state, data_iterator=it, force=True)
                 print(f"[{pid}] stopped at {step}", flush=True)
                 break
+            ckpt.save(step, state, data_iterator=it)  # off-interval: a no-op, as in a real loop
     ckpt.close()
     full = multihost_utils.process_allgather(state["w"], tiled=True)
     print(f"[{pid}] final {step} {np.asarray(full).tobytes().hex()} next {next(it)}", flush=True)

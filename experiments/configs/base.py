@@ -22,7 +22,8 @@ Schema (``placeholder`` keys may be None):
 * ``dataset``: ``name`` (``imagenet2012`` | ``mnist1d`` | ``digits``), ``data_dir`` (TFDS
   directory, ImageNet), ``train_split`` / ``eval_split``, ``num_samples`` (MNIST-1D size),
   ``image_size`` / ``resize_size`` (ImageNet crops), ``batch_size`` / ``eval_batch_size`` (global),
-  ``num_threads`` / ``prefetch`` (grain reader threads and buffer).
+  ``num_threads`` / ``prefetch`` (grain reader threads and buffer), ``rgb`` (small datasets:
+  repeat the grey channel 3 times, so ImageNet-layout models such as a torchvision teacher apply).
 * ``optimizer``: ``name`` (``sgd`` | ``adam`` | ``adamw``), ``lr`` (peak learning rate at batch
   ``lr_batch``; the rate used is ``lr * batch_size / lr_batch``), ``momentum``, ``nesterov``,
   ``weight_decay``, ``schedule`` (``step`` | ``cosine`` | ``constant``), ``decay_epochs`` /
@@ -39,6 +40,7 @@ Schema (``placeholder`` keys may be None):
 * ``assistants``: model specs of the teacher-assistant chain, largest first (empty: no chain).
 * ``fitnet``: ``hint_layer`` (teacher feature), ``guided_layer`` (student feature),
   ``regressor_kind`` / ``regressor_kernel`` / ``regressor_padding``, ``stage1_epochs``,
+  ``stage1_schedule`` (learning-rate schedule of stage 1: ``cosine`` | ``constant`` | ``step``),
   ``temperature``, ``weight_start`` / ``weight_end`` (stage 2's KD weight lambda, annealed linearly).
 * ``run``: ``eval_every_epochs``, ``checkpoint_every_epochs``, ``log_every_steps``, ``keep``
   (checkpoints kept), ``best_metric``, ``nonfinite`` (``stop`` | ``skip``), ``progress``,
@@ -124,6 +126,7 @@ def kd_config() -> ml_collections.ConfigDict:
     c.dataset.eval_batch_size = 256
     c.dataset.num_threads = 0
     c.dataset.prefetch = 256
+    c.dataset.rgb = False
 
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.name = "sgd"
@@ -171,6 +174,7 @@ def kd_config() -> ml_collections.ConfigDict:
     c.fitnet.regressor_kernel = 1
     c.fitnet.regressor_padding = "SAME"
     c.fitnet.stage1_epochs = 1
+    c.fitnet.stage1_schedule = "cosine"
     c.fitnet.temperature = 3.0
     c.fitnet.weight_start = 4.0
     c.fitnet.weight_end = 1.0

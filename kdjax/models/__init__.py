@@ -4,16 +4,17 @@ Every model's ``__call__(x, train: bool = False)`` returns the float32 logits an
 feature taps; variables are ``{'params', 'batch_stats'}`` (``batch_stats`` only with BatchNorm).
 All accept ``dtype`` (compute dtype, e.g. ``jnp.bfloat16``) and ``param_dtype``.
 
-=====================================  ===========================  ====================================
-name                                   input                        features
-=====================================  ===========================  ====================================
-``resnet18/34/50/101/152``             ``[B, H, W, 3]``             stem, stage1..stage4, pre_logits
-``cifar_resnet{6n+2}`` (20, 56, ...)   ``[B, 32, 32, 3]``           stem, stage1..stage3, pre_logits
-``wrn_{6n+4}_{k}`` (16_2, 40_2, ...)   ``[B, 32, 32, 3]``           stem, stage1..stage3, pre_logits
-``mlp``, ``mlp_thin_deep``             ``[B, ...]`` (flattened)     stage1..stage{depth}, pre_logits
-``cnn1d``, ``cnn1d_thin_deep``         ``[B, 40]`` / ``[B, 40, 1]``  stage1..stage3, pre_logits
-``cnn2d``, ``cnn2d_thin_deep``         ``[B, 8, 8]`` / ``[B, 8, 8, 1]``  stage1..stage2, pre_logits
-=====================================  ===========================  ====================================
+Names (input shape; feature taps):
+
+* ``resnet18``, ``resnet34``, ``resnet50``, ``resnet101``, ``resnet152``: ``[B, H, W, 3]``;
+  ``stem``, ``stage1`` .. ``stage4``, ``pre_logits`` (:mod:`kdjax.models.resnet`).
+* ``cifar_resnet{6n+2}`` (20, 32, 44, 56, 110 listed; any such depth builds) and
+  ``wrn_{6n+4}_{k}`` (16_1, 16_2, 16_4, 28_10, 40_1, 40_2, 40_4 listed; any such pair builds):
+  ``[B, 32, 32, 3]``; ``stem``, ``stage1`` .. ``stage3``, ``pre_logits`` (:mod:`kdjax.models.cifar`).
+* ``mlp``, ``mlp_thin_deep``: ``[B, ...]`` (flattened); ``stage1`` .. ``stage{depth}``, ``pre_logits``.
+* ``cnn1d``, ``cnn1d_thin_deep``: ``[B, 40]`` or ``[B, 40, 1]``; ``stage1`` .. ``stage3``, ``pre_logits``.
+* ``cnn2d``, ``cnn2d_thin_deep``: ``[B, 8, 8]`` or ``[B, 8, 8, 1]``; ``stage1``, ``stage2``,
+  ``pre_logits`` (:mod:`kdjax.models.small`).
 
 ``create(name, num_classes, **kwargs)`` builds one; kwargs are the class's attributes (e.g.
 ``width``, ``depth`` of the small models, ``dropout_rate`` of a WRN, ``zero_init_residual``,
