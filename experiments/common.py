@@ -168,8 +168,7 @@ def parse_command_line(argv: Sequence[str], *, prog: str, doc: str = "",
         else:
             flags.DEFINE_string(name, default, help_text, flag_values=fv)
     if any(a in ("-h", "--help", "--helpshort", "--helpfull") for a in argv):
-        print(doc.strip() + "\n\nflags:\n" + fv.main_module_help() if hasattr(fv, "main_module_help")
-              else doc)
+        print(doc.strip() + "\n\nflags:\n" + fv.get_help())
         raise SystemExit(0)
     base = _load_config_file(argv, prog)
     for key in _override_keys(argv):
@@ -426,13 +425,12 @@ def _validate_teacher(p: list, c, experiment: str) -> None:
             _epoch_in_run(p, "teacher.early_epoch", t.early_epoch, teacher_epochs(c), "teacher")
     if t.source in ("checkpoint", "torchvision"):
         if not t.path:
-            p.append(f"config.teacher.path is required for teacher.source={t.source!r} ("
-                     + ("a train_teacher workdir or an exported variables directory)."
-                        if t.source == "checkpoint" else "a torchvision state_dict .npz / "
-                        ".safetensors file).")
+            what = ("a train_teacher workdir or an exported variables directory"
+                    if t.source == "checkpoint" else "a torchvision state_dict .npz / .safetensors "
+                    "file")
+            p.append(f"config.teacher.path is required for teacher.source={t.source!r} ({what}).")
         elif t.source == "torchvision":
-            name, _ = parse_model_spec(t.model, "teacher.model") if isinstance(t.model, str) and \
-                t.model else ("", {})
+            name = t.model.partition(":")[0].strip() if isinstance(t.model, str) else ""
             if not re.fullmatch(r"resnet(18|34|50|101|152)", name):
                 p.append(f"config.teacher.model={t.model!r}: teacher.source='torchvision' loads "
                          f"torchvision ResNets only (resnet18/34/50/101/152).")
@@ -492,6 +490,10 @@ def _validate_fitnet(p: list, c) -> None:
     _int_at_least(p, "fitnet.regressor_kernel", f.regressor_kernel, 1)
     _choice(p, "fitnet.regressor_padding", f.regressor_padding, PADDINGS)
     _int_at_least(p, "fitnet.stage1_epochs", f.stage1_epochs, 1)
+    if f.stage1_lr is not None:
+        _positive(p, "fitnet.stage1_lr", f.stage1_lr)
+    if not isinstance(f.hint_normalize, bool):
+        p.append(f"config.fitnet.hint_normalize={f.hint_normalize!r} must be True or False.")
     _choice(p, "fitnet.stage1_schedule", f.stage1_schedule, LR_SCHEDULES)
     _positive(p, "fitnet.temperature", f.temperature)
     _positive(p, "fitnet.weight_start", f.weight_start, allow_zero=True)
@@ -1117,10 +1119,15 @@ class RunOutcome:
     stopped_early: bool
 
 
-def _stage_tx(config, data: Data, num_epochs: int, trainable=None, kind: str | None = None):
-    schedule = learning_rate_schedule(config.optimizer, steps_per_epoch=data.steps_per_epoch,
+def _stage_tx(config, data: Data, num_epochs: int, trainable=None, kind: str | None = None,
+              lr: float | None = None):
+    opt = config.optimizer
+    if lr is not None:
+        opt = ml_collections.ConfigDict(opt.to_dict())
+        opt.lr = float(lr)
+    schedule = learning_rate_schedule(opt, steps_per_epoch=data.steps_per_epoch,
                                       num_epochs=num_epochs, batch_size=data.batch_size, kind=kind)
-    return make_optimizer(config.optimizer, schedule, trainable)
+    return make_optimizer(opt, schedule, trainable)
 
 
 def teacher_stage(ctx: Context, *, export_epochs: Sequence[int] = ()) -> Stage:
@@ -1135,8 +1142,7 @@ def teacher_stage(ctx: Context, *, export_epochs: Sequence[int] = ()) -> Stage:
                  recipe=(recipe_lib.ce(1.0),), tx=_stage_tx(c, ctx.data, epochs), num_epochs=epochs,
                  export_epochs=tuple(sorted(keep)),
                  row={"teacher": None, "kd_mode": "scratch", "reading": "none",
-                      "paper_error": c.paper.teacher_error if c.experiment != "teacher" or True
-                      else None, "paper_source": c.paper.source})
+                      "paper_error": c.paper.teacher_error, "paper_source": c.paper.source})
 
 
 def obtain_teacher(ctx: Context) -> tuple[TeacherModel | None, list[StageOutcome]]:
@@ -1153,8 +1159,7 @@ def obtain_teacher(ctx: Context) -> tuple[TeacherModel | None, list[StageOutcome
     outcome = run_stage(stage, ctx)
     if outcome.stopped_early:
         return None, [outcome]
-    epoch = c.teacher.early_epoch if (c.experiment == "kd" and c.kd.mode == "eskd"
-                                      and c.kd.reading == "early_teacher") else None
+    epoch = c.teacher.early_epoch
     variables = outcome.variables(stage.module, data.sample_input, epoch)
     label = f"{c.teacher.model} (trained here, " + (f"epoch {epoch})" if epoch else "final)")
     return TeacherModel(label=label, spec=c.teacher.model, module=stage.module, variables=variables,
@@ -1181,7 +1186,9 @@ def kd_stage(ctx: Context, *, name: str, role: str, spec: str, teacher: TeacherM
     info = {"teacher": teacher.label if teacher is not None else None, "kd_mode": mode,
             "reading": reading_label(c, mode),
             "temperature": c.kd.temperature if mode != "scratch" else None,
-            "precomputed": stores is not None}
+            "precomputed": stores is not None,
+            "kd_stop_step": (c.kd.stop_epoch * data.steps_per_epoch
+                             if mode == "eskd" and c.kd.reading == "stop_kd" else None)}
     info.update(row or {})
     return Stage(name=name, role=role, model=spec, module=module, recipe=terms,
                  tx=_stage_tx(c, data, c.num_epochs), num_epochs=c.num_epochs, teacher=teacher,
@@ -1280,7 +1287,8 @@ def run_fitnet(config: ml_collections.ConfigDict, workdir: str) -> RunOutcome:
 
     Stage ``fitnet_stage1``: the student wrapped in :class:`kdjax.models.WithRegressor` (a
     regressor ``r`` on ``fitnet.guided_layer`` mapping to the teacher's ``fitnet.hint_layer``
-    channels), loss ``1/2 ||u_h - r(v_g)||^2`` (``recipe.hint``); only the modules the guided layer
+    channels), loss ``1/2 ||u_h - r(v_g)||^2`` (``recipe.hint``; divided by the number of feature
+    elements with ``fitnet.hint_normalize``); only the modules the guided layer
     depends on and the regressor are trained (:func:`guided_modules`; the rest get
     ``optax.set_to_zero``), for ``fitnet.stage1_epochs`` with the ``fitnet.stage1_schedule``.
     Stage ``fitnet_stage2``: the bare student starting from stage 1's weights (regressor dropped),
@@ -1311,13 +1319,14 @@ def run_fitnet(config: ml_collections.ConfigDict, workdir: str) -> RunOutcome:
                           f"{f.hint_layer!r} {hint_shape[1:]}: choose layers of matching spatial "
                           f"size or a 'VALID' regressor with kernel = guided size - hint size + 1 "
                           f"(config.fitnet.regressor_padding / regressor_kernel).")
-    trained = guided_modules(bare, {k: v for k, v in init.items()}, data.sample_input,
-                             f.guided_layer) | {"regressor"}
+    bare_vars = {**init, "params": {k: v for k, v in init["params"].items() if k != "regressor"}}
+    trained = guided_modules(bare, bare_vars, data.sample_input, f.guided_layer) | {"regressor"}
     stage1 = Stage(
         name="fitnet_stage1", role="fitnet_stage1", model=c.student.model, module=student1,
-        recipe=(recipe_lib.hint(f"{f.guided_layer}_regressed", f.hint_layer, weight=1.0),),
+        recipe=(recipe_lib.hint(f"{f.guided_layer}_regressed", f.hint_layer, weight=1.0,
+                                normalize=bool(f.hint_normalize)),),
         tx=_stage_tx(c, data, f.stage1_epochs, trainable=lambda name: name in trained,
-                     kind=f.stage1_schedule),
+                     kind=f.stage1_schedule, lr=f.stage1_lr),
         num_epochs=f.stage1_epochs, teacher=teacher, evaluate=False,
         row={"teacher": teacher.label, "kd_mode": "hint", "reading": "none",
              "trained_modules": sorted(trained)})

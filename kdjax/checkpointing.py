@@ -12,12 +12,12 @@ directory ``<directory>/<step>/`` holding three orbax items:
 
 Guarantees:
 
-* Atomic from a reader's point of view: orbax writes into ``<step>.orbax-checkpoint-tmp`` and renames
-  it to ``<step>`` only after every item of every process is written (on object stores it writes
-  ``commit_success.txt`` last instead).  Readers list only committed step directories.
-* Never writes NaN/Inf: :meth:`Checkpointer.save` checks on device, in one fused reduction, that every
-  floating-point leaf is finite and raises :class:`NonFiniteStateError` naming the step and the
-  leaf path before anything is written.
+* Atomic from a reader's point of view: orbax writes into ``<step>.orbax-checkpoint-tmp`` and
+  renames it to ``<step>`` only after every item of every process is written (on object stores
+  it writes ``commit_success.txt`` last instead).  Readers list only committed step directories.
+* Never writes NaN/Inf: :meth:`Checkpointer.save` checks on device, in one fused reduction, that
+  every floating-point leaf is finite and raises :class:`NonFiniteStateError` naming the step and
+  the leaf path before anything is written.
 * Never loads garbage: :meth:`Checkpointer.restore` recomputes the checksum of every restored leaf
   and compares it with the manifest (orbax alone restores flipped bytes silently), checks the
   iterator SHA-256, and treats any read error as corruption.  A corrupt latest step is reported
@@ -214,11 +214,17 @@ def _parse_iterator_payload(text: str, filename: str) -> Any:
     """Inverse of :func:`_iterator_payload`; raises ``CorruptCheckpointError`` on any mismatch."""
     try:
         payload = json.loads(text)
-        kind, value, digest = payload["kind"], payload["state"], payload["sha256"]
-        ok_format = payload["format"] == _ITERATOR_FORMAT and kind in ("json", "bytes")
+        fmt, kind, value, digest = (payload[k] for k in ("format", "kind", "state", "sha256"))
     except (ValueError, KeyError, TypeError) as e:
-        raise CorruptCheckpointError(f"data-iterator file {filename} is not valid ({e}).") from None
-    if not ok_format or _sha256(json.dumps(value, sort_keys=True)) != digest:
+        raise CorruptCheckpointError(
+            f"data-iterator file {filename} is not valid ({e!r})."
+        ) from None
+    if fmt != _ITERATOR_FORMAT or kind not in ("json", "bytes"):
+        raise CorruptCheckpointError(
+            f"data-iterator file {filename} has format {fmt!r} and kind {kind!r}; expected "
+            f"{_ITERATOR_FORMAT!r} with kind 'json' or 'bytes'."
+        )
+    if _sha256(json.dumps(value, sort_keys=True)) != digest:
         raise CorruptCheckpointError(
             f"data-iterator file {filename} fails its SHA-256 check (garbled bytes)."
         )
@@ -236,8 +242,8 @@ class _IteratorStateHandler(ocp.CheckpointHandler):
         path = directory / _iterator_filename()
         if not path.exists():
             raise CorruptCheckpointError(
-                f"data-iterator file {path} is missing (was the checkpoint written with a different "
-                f"number of processes than the current {jax.process_count()}?)."
+                f"data-iterator file {path} is missing (was the checkpoint written with a "
+                f"different number of processes than the current {jax.process_count()}?)."
             )
         return _parse_iterator_payload(path.read_text(), str(path))
 
@@ -280,12 +286,17 @@ def abstract_state(state: Any) -> Any:
     ``NamedSharding`` (e.g. from ``jax.eval_shape(init_fn)`` plus your sharding rules).
     """
 
-    def to_struct(x):
+    def to_struct(path, x):
         if isinstance(x, jax.ShapeDtypeStruct):
             return x
-        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+        if isinstance(x, jax.Array):
+            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+        raise TypeError(
+            f"abstract_state leaf {jax.tree_util.keystr(path)} is a {type(x).__name__}; expected "
+            f"a jax.Array or a jax.ShapeDtypeStruct with a sharding."
+        )
 
-    return jax.tree.map(to_struct, state)
+    return jax.tree_util.tree_map_with_path(to_struct, state)
 
 
 def _validate_target(abstract: Any) -> list[tuple[str, jax.ShapeDtypeStruct]]:
@@ -344,8 +355,9 @@ def _layout_problem(state: Any, leaves: list[dict]) -> Optional[str]:
     want = [(e["path"], e["shape"], e["dtype"]) for e in leaves]
     if got == want:
         return None
-    if len(got) != len(want):
-        return f"it restored {len(got)} leaves, the manifest lists {len(want)}"
+    got_paths, want_paths = [g[0] for g in got], [w[0] for w in want]
+    if got_paths != want_paths:
+        return f"it restored leaves {got_paths[:5]}, the manifest lists {want_paths[:5]}"
     (path, shape, dtype), (_, w_shape, w_dtype) = next((g, w) for g, w in zip(got, want) if g != w)
     return (
         f"leaf {path} came back as {tuple(shape)} {dtype} but was saved as {tuple(w_shape)} "
@@ -365,6 +377,12 @@ def _is_disk_full(exc: BaseException) -> bool:
             return True
         exc = exc.__cause__ or exc.__context__
     return False
+
+
+def _last_good(latest: Optional[int]) -> str:
+    if latest is None:
+        return "there is no earlier complete checkpoint"
+    return f"the last complete checkpoint (step {latest}) is intact"
 
 
 def _one_line(exc: BaseException, limit: int = 300) -> str:
@@ -438,7 +456,9 @@ class Checkpointer:
         if best_mode not in ("max", "min"):
             raise ValueError(f"best_mode must be 'max' or 'min'; got {best_mode!r}.")
         if best_metric is not None and not isinstance(best_metric, str):
-            raise TypeError(f"best_metric must be a metric name (str) or None; got {best_metric!r}.")
+            raise TypeError(
+                f"best_metric must be a metric name (str) or None; got {best_metric!r}."
+            )
         text = os.fspath(directory)
         self._directory = epath.Path(text if "://" in text else os.path.abspath(text))
         self._best_metric = best_metric
@@ -537,7 +557,7 @@ class Checkpointer:
                 f"Refusing to save checkpoint step {step} to {self._directory}: leaf {bad[0]} "
                 f"contains NaN or Inf ({len(bad)} of {len(paths)} leaves are non-finite: "
                 f"{', '.join(bad[:5])}). "
-                f"Nothing was written; the last checkpoint is step {self.latest_step()}. "
+                f"Nothing was written; {_last_good(self.latest_step())}. "
                 f"Find the cause (learning rate, loss scale, a bad batch) and resume from it."
             )
         flat, _ = jax.tree_util.tree_flatten_with_path(state)
@@ -566,12 +586,15 @@ class Checkpointer:
         if metrics is None:
             return None
         if not isinstance(metrics, dict):
-            raise TypeError(f"metrics must be a dict of name -> number; got {type(metrics).__name__}.")
+            raise TypeError(
+                f"metrics must be a dict of name -> number; got {type(metrics).__name__}."
+            )
         out = {str(k): float(v) for k, v in metrics.items()}
         if self._best_metric is not None:
             if self._best_metric not in out:
                 raise ValueError(
-                    f"metrics must contain best_metric {self._best_metric!r}; got keys {sorted(out)}."
+                    f"metrics must contain best_metric {self._best_metric!r}; "
+                    f"got keys {sorted(out)}."
                 )
             if not np.isfinite(out[self._best_metric]):
                 raise ValueError(
@@ -593,13 +616,13 @@ class Checkpointer:
         if _is_disk_full(exc):
             return CheckpointDiskFullError(
                 f"No space left on device while writing checkpoint step {step} to "
-                f"{self._directory}. The last complete checkpoint (step {latest}) is intact; the "
+                f"{self._directory}. {_last_good(latest).capitalize()}; the "
                 f"partial write {partial} is never loaded and is removed on the next start. Free "
                 f"space on that filesystem (or lower max_to_keep) and resume from the directory.",
             )
         return CheckpointSaveError(
-            f"Writing checkpoint step {step} to {self._directory} failed ({_one_line(exc)}). The "
-            f"last complete checkpoint (step {latest}) is intact."
+            f"Writing checkpoint step {step} to {self._directory} failed ({_one_line(exc)}). "
+            f"{_last_good(latest).capitalize()}."
         )
 
     def _reset_manager(self) -> None:
@@ -765,7 +788,9 @@ class Checkpointer:
         if saved_paths != wanted_paths:
             missing = sorted(set(saved_paths) - set(wanted_paths))
             extra = sorted(set(wanted_paths) - set(saved_paths))
-            detail = f"leaves only in the checkpoint: {missing[:5]}; only in the target: {extra[:5]}"
+            detail = (
+                f"leaves only in the checkpoint: {missing[:5]}; only in the target: {extra[:5]}"
+            )
         else:
             (path, s_shape, s_dtype), (_, w_shape, w_dtype) = next(
                 (s, w) for s, w in zip(saved, wanted) if s != w

@@ -74,8 +74,9 @@ class NonFiniteLossError(FloatingPointError):
 
     Attributes:
       step: 0-based index of the update (the value of ``state.step`` when it ran).
-      terms: names of the non-finite loss terms (recipe term names), or ``['gradient']`` when the
-        loss was finite but the gradient norm was not.
+      terms: names of the non-finite loss terms (recipe term names); ``['total']`` when every term
+        was finite but the weighted sum was not; ``['gradient']`` when the loss was finite but the
+        gradient norm was not.
     """
 
     def __init__(self, message: str, step: int, terms: Sequence[str]):
@@ -117,7 +118,7 @@ def _check_int(name: str, value: Any, minimum: int) -> None:
 def _validate_args(*, workdir, student, tx, train_iter, eval_iter_fn, num_steps, sample_input,
                    seed, teacher, teacher_variables, param_mode, teacher_mode, eval_every,
                    checkpoint_every, log_every, keep, best_metric, best_mode, nonfinite,
-                   batch_transform) -> None:
+                   batch_transform, eval_batch_transform) -> None:
     """Raises ValueError/TypeError naming the first bad argument of :func:`fit`."""
     if not isinstance(workdir, (str, os.PathLike)) or not os.fspath(workdir):
         raise TypeError(f"workdir must be a non-empty path; got {workdir!r}.")
@@ -136,9 +137,11 @@ def _validate_args(*, workdir, student, tx, train_iter, eval_iter_fn, num_steps,
     if eval_iter_fn is not None and not callable(eval_iter_fn):
         raise TypeError(f"eval_iter_fn must be a function returning a fresh eval iterator; got "
                         f"{type(eval_iter_fn).__name__}.")
-    if batch_transform is not None and not callable(batch_transform):
-        raise TypeError(f"batch_transform must be a function batch -> batch (e.g. "
-                        f"LogitStore.add_to_batch); got {type(batch_transform).__name__}.")
+    for arg, fn in (("batch_transform", batch_transform),
+                    ("eval_batch_transform", eval_batch_transform)):
+        if fn is not None and not callable(fn):
+            raise TypeError(f"{arg} must be a function batch -> batch (e.g. "
+                            f"LogitStore.add_to_batch); got {type(fn).__name__}.")
     _check_int("num_steps", num_steps, 1)
     _check_int("eval_every", eval_every, 0)
     _check_int("checkpoint_every", checkpoint_every, 0)
@@ -167,6 +170,12 @@ def _validate_args(*, workdir, student, tx, train_iter, eval_iter_fn, num_steps,
     if teacher is not None and teacher.live and teacher_variables is None:
         raise ValueError("a live teacher needs its frozen variables: pass teacher_variables= "
                          "(e.g. the teacher's {'params': ..., 'batch_stats': ...}).")
+    if (teacher is not None and not teacher.live and eval_iter_fn is not None
+            and eval_batch_transform is None):
+        raise ValueError(
+            "a precomputed teacher is evaluated on the eval split, whose example ids are not the "
+            "train store's: pass eval_batch_transform=LogitStore.open(<store of the eval split>)"
+            ".add_to_batch (batch_transform applies to train batches only).")
     if best_metric is not None:
         allowed = EVAL_METRICS + (TEACHER_EVAL_METRICS if teacher is not None else ())
         if best_metric not in allowed:
@@ -348,7 +357,8 @@ def evaluate(eval_step, state: train.TrainState, teacher_variables: Any, eval_it
 
 
 def _nonfinite_terms(m: Mapping[str, Any]) -> list[str]:
-    """The loss terms of one step's host metrics that are NaN/Inf, or ['gradient']."""
+    """The loss terms of one step's host metrics that are NaN/Inf; else ``['total']`` if only the
+    weighted sum is (a NaN/Inf weight), else ``['gradient']``."""
     terms = [k[len("loss/"):] for k, v in m.items()
              if k.startswith("loss/") and k != "loss/total" and not np.isfinite(v)]
     if terms:
@@ -398,12 +408,14 @@ def _drain(pending: list, first_step: int, window: _Window, nonfinite: str,
             terms = _nonfinite_terms(m)
             values = {k: float(v) for k, v in m.items() if k.startswith("loss/")}
             values["grad_norm"] = float(m["grad_norm"])
-            what = ("the loss was finite but the gradient norm was not" if terms == ["gradient"]
-                    else f"loss term(s) {terms} went NaN/Inf")
+            what = {"gradient": "the loss was finite but the gradient norm was not",
+                    "total": "every loss term was finite but their weighted sum was not (check "
+                             "the term weights / schedules)"}.get(terms[0], f"loss term(s) "
+                                                                           f"{terms} went NaN/Inf")
             if nonfinite == "stop":
                 raise NonFiniteLossError(
                     f"Non-finite update at step {step} (0-based; the update was not applied): "
-                    f"{what}; values {values}. No checkpoint of a later state was written; the "
+                    f"{what}; values {values}. Nothing from this step on was checkpointed; the "
                     f"last checkpoint is step {last_checkpoint()}. Lower the learning rate or find "
                     f"the bad batch, or pass nonfinite='skip' to skip such updates.", step, terms)
             if jax.process_index() == 0:
@@ -429,6 +441,17 @@ def _strip(record: Mapping[str, Any]) -> dict:
     return {k: v for k, v in record.items() if k != "kind"}
 
 
+def _log_window(writer: metrics_lib.MetricWriter, bar, history: list, window: _Window,
+                step: int) -> _Window:
+    """Writes the window's train record at ``step``; returns a fresh window."""
+    record = writer.write("train", step, window.record())
+    history.append(_strip(record))
+    if bar is not None:
+        bar.set_postfix({k: f"{record[k]:.4g}" for k in ("loss/total", "accuracy")
+                         if record.get(k) is not None}, refresh=False)
+    return _Window()
+
+
 def fit(*, workdir: str, student, tx: optax.GradientTransformation, recipe: Sequence[Term],
         teacher: Teacher | None = None, teacher_variables: Any = None, train_iter,
         eval_iter_fn: Callable[[], Iterator] | None = None, num_steps: int, sample_input,
@@ -436,6 +459,7 @@ def fit(*, workdir: str, student, tx: optax.GradientTransformation, recipe: Sequ
         teacher_mode: str = "replicate", eval_every: int = 0, checkpoint_every: int = 0,
         log_every: int = 100, keep: int = 3, best_metric: str | None = "accuracy",
         nonfinite: str = "stop", batch_transform: Callable[[Any], Any] | None = None,
+        eval_batch_transform: Callable[[Any], Any] | None = None,
         init_params: Mapping[str, Any] | None = None, progress: bool = True,
         name: str = "train", best_mode: str | None = None, input_key: str = "image",
         handle_preemption: bool = True, async_checkpoint: bool = True,
@@ -464,8 +488,11 @@ def fit(*, workdir: str, student, tx: optax.GradientTransformation, recipe: Sequ
       keep: newest checkpoints kept (plus the best-by-``best_metric`` one).
       best_metric: eval metric that ranks checkpoints and picks ``FitResult.best`` (None: off).
       nonfinite: ``'stop'`` (raise :class:`NonFiniteLossError`) or ``'skip'``.
-      batch_transform: host function ``batch -> batch`` applied to every train and eval batch
-        after the checks (e.g. ``LogitStore.add_to_batch``).
+      batch_transform: host function ``batch -> batch`` applied to every train batch after the
+        checks (e.g. ``LogitStore.add_to_batch`` of the train split's store); it runs in the
+        prefetch thread, ahead of the step that uses the batch.
+      eval_batch_transform: the same for eval batches (e.g. the eval split's store: example ids
+        are per split, so the train store must not be used); None: eval batches go unchanged.
       init_params: initial ``{'params', 'batch_stats'}`` (partial allowed) for a fresh run, merged
         as in :func:`merge_init_params`; ignored when resuming (the checkpoint wins).
       progress: tqdm bar on process 0. name: the bar's label.
@@ -490,7 +517,7 @@ def fit(*, workdir: str, student, tx: optax.GradientTransformation, recipe: Sequ
                    param_mode=param_mode, teacher_mode=teacher_mode, eval_every=eval_every,
                    checkpoint_every=checkpoint_every, log_every=log_every, keep=keep,
                    best_metric=best_metric, best_mode=best_mode, nonfinite=nonfinite,
-                   batch_transform=batch_transform)
+                   batch_transform=batch_transform, eval_batch_transform=eval_batch_transform)
     _check_int("prefetch", prefetch, 1)
     workdir = os.path.abspath(os.fspath(workdir))
     mesh = sharding.make_mesh() if mesh is None else mesh
@@ -573,32 +600,31 @@ def fit(*, workdir: str, student, tx: optax.GradientTransformation, recipe: Sequ
             if bar is not None:
                 bar.update(1)
             last = done == num_steps
-            stop = watcher is not None and watcher.should_stop(done)
             evaluate_now = do_eval_at_all and (last or (eval_every and done % eval_every == 0))
-            save_now = (last or stop or (checkpoint_every and done % checkpoint_every == 0)
+            save_now = (last or (checkpoint_every and done % checkpoint_every == 0)
                         or (evaluate_now and track_best))
-            log_now = last or stop or done % log_every == 0
+            log_now = last or done % log_every == 0
             if log_now or save_now or evaluate_now:
                 _drain(pending, pending_first, window, nonfinite, ckpt.latest_step)
                 pending_first = done
             if log_now:
-                record = writer.write("train", done, window.record())
-                history.append(_strip(record))
-                if bar is not None:
-                    bar.set_postfix({k: f"{record[k]:.4g}" for k in ("loss/total", "accuracy")
-                                     if record.get(k) is not None}, refresh=False)
-                window = _Window()
+                window = _log_window(writer, bar, history, window, done)
             eval_record = None
             if evaluate_now:
                 eval_record = evaluate(eval_step, state, t_vars, eval_iter_fn(), mesh,
-                                       batch_transform, check=functools.partial(
+                                       eval_batch_transform, check=functools.partial(
                                            check, where="eval_iter_fn()"))
-                record = writer.write("eval", done, eval_record)
-                eval_history.append(_strip(record))
+                eval_history.append(_strip(writer.write("eval", done, eval_record)))
             if save_now:
                 ckpt.save(done, state, data_iterator=batches,
                           metrics=eval_record if track_best else None, force=True)
-            if stop:
+            # A signal that arrived during this step, its eval or its save stops the run here.
+            if not last and watcher is not None and watcher.should_stop(done):
+                if not log_now:
+                    _drain(pending, pending_first, window, nonfinite, ckpt.latest_step)
+                    window = _log_window(writer, bar, history, window, done)
+                if not save_now:
+                    ckpt.save(done, state, data_iterator=batches, force=True)
                 ckpt.wait()
                 stopped = True
                 break

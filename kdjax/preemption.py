@@ -64,7 +64,9 @@ class PreemptionWatcher:
         try:
             wanted = tuple(dict.fromkeys(signal.Signals(s) for s in signals))
         except (TypeError, ValueError) as e:
-            raise ValueError(f"signals must be signal numbers, e.g. (signal.SIGTERM,); {e}.") from None
+            raise ValueError(
+                f"signals must be signal numbers, e.g. (signal.SIGTERM,); {e}."
+            ) from None
         if not wanted:
             raise ValueError("signals must name at least one signal, e.g. (signal.SIGTERM,).")
         uncatchable = [s.name for s in wanted if s in (signal.SIGKILL, signal.SIGSTOP)]

@@ -57,7 +57,8 @@ def _feature(features: Mapping[str, jax.Array] | None, name: str, who: str) -> j
 
 def ce(weight: float | Schedule = 1.0) -> Term:
     """Cross-entropy of the student with the integer labels (``batch['label']``)."""
-    return Term("ce", lambda s, t, b, step: losses.cross_entropy(s.logits, b["label"]),
+    return Term("ce", lambda s, t, b, step: losses.cross_entropy(s.logits, b["label"],
+                                                                     where=b.get("mask")),
                 weight, needs_teacher=False)
 
 
@@ -66,8 +67,9 @@ def kd(temperature: float | Schedule = 4.0, weight: float | Schedule = 1.0) -> T
     def loss(s, t, b, step):
         temp = _value(temperature, step)
         if t.logits is not None:
-            return losses.kd_kl(s.logits, t.logits, temp)
-        return losses.kd_kl_topk(s.logits, t.topk_values, t.topk_indices, temp)
+            return losses.kd_kl(s.logits, t.logits, temp, where=b.get("mask"))
+        return losses.kd_kl_topk(s.logits, t.topk_values, t.topk_indices, temp,
+                                 where=b.get("mask"))
     return Term("kd", loss, weight)
 
 
@@ -77,7 +79,7 @@ def hint(student_feature: str, teacher_feature: str, weight: float | Schedule = 
     def loss(s, t, b, step):
         return losses.fitnet_hint(_feature(s.features, student_feature, "student"),
                                   _feature(t.features, teacher_feature, "teacher"),
-                                  normalize=normalize)
+                                  where=b.get("mask"), normalize=normalize)
     return Term(f"hint/{student_feature}", loss, weight)
 
 
@@ -86,7 +88,8 @@ def attention(pairs: Sequence[tuple[str, str]], weight: float | Schedule = 1000.
     """Attention transfer (Zagoruyko & Komodakis 2017) summed over ``(student, teacher)`` pairs."""
     def loss(s, t, b, step):
         return sum(losses.attention_transfer(_feature(s.features, sf, "student"),
-                                             _feature(t.features, tf, "teacher"), p=p)
+                                             _feature(t.features, tf, "teacher"), p=p,
+                                             where=b.get("mask"))
                    for sf, tf in pairs)
     return Term("at", loss, weight)
 
@@ -95,7 +98,8 @@ def dkd(alpha: float = 1.0, beta: float = 8.0, temperature: float = 4.0,
         weight: float | Schedule = 1.0) -> Term:
     """Decoupled KD (Zhao et al. 2022), ``alpha * TCKD + beta * NCKD``."""
     return Term("dkd", lambda s, t, b, step: losses.dkd(
-        s.logits, t.logits, b["label"], alpha=alpha, beta=beta, temperature=temperature), weight)
+        s.logits, t.logits, b["label"], alpha=alpha, beta=beta, temperature=temperature,
+        where=b.get("mask")), weight)
 
 
 def needs_teacher(recipe: Sequence[Term]) -> bool:

@@ -1,6 +1,7 @@
 """Tests for kdjax.checkpointing: round trips, retention, integrity, corruption fallback, faults."""
 
 import errno
+import json
 import logging
 import os
 import shutil
@@ -217,7 +218,8 @@ def test_async_save_is_safe_against_donation(tmp_path, mesh):
 def test_save_interval_force_and_existing_step(tmp_path, mesh):
     state = make_state(mesh)
     with Checkpointer(tmp_path / "ck", save_interval_steps=3, async_save=False) as ckpt:
-        assert [ckpt.save(s, state) for s in range(1, 7)] == [False, False, True, False, False, True]
+        saved = [ckpt.save(s, state) for s in range(1, 7)]
+        assert saved == [False, False, True, False, False, True]
         assert ckpt.save(7, state, force=True)
         assert not ckpt.save(7, state, force=True)  # already there: not rewritten
         assert ckpt.all_steps() == [3, 6, 7]
@@ -276,7 +278,7 @@ def test_non_finite_state_is_refused_and_nothing_written(tmp_path, mesh, bad):
         assert ckpt.all_steps() == [1]
     message = str(info.value)
     assert "step 2" in message and ".params['dense']['kernel']" in message
-    assert "Nothing was written" in message and "step 1" in message
+    assert "Nothing was written; the last complete checkpoint (step 1) is intact" in message
     assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["1"]
 
 
@@ -287,9 +289,10 @@ def test_non_finite_names_every_bad_leaf_including_bf16(tmp_path, mesh):
         batch_stats={"mean": _with_value(state.batch_stats["mean"], 0, jnp.nan)},
     )
     with Checkpointer(tmp_path / "ck") as ckpt:
-        with pytest.raises(NonFiniteStateError, match=r"2 of 9 leaves are non-finite") as info:
+        with pytest.raises(NonFiniteStateError, match=r"2 of 13 leaves are non-finite") as info:
             ckpt.save(1, broken)
     assert ".params['scale']" in str(info.value) and ".batch_stats['mean']" in str(info.value)
+    assert "there is no earlier complete checkpoint" in str(info.value)
     assert not (tmp_path / "ck" / "1").exists()
 
 
@@ -324,7 +327,8 @@ def test_save_rejects_bad_arguments(tmp_path, mesh):
     with Checkpointer(tmp_path / "ck", best_metric="acc") as ckpt:
         with pytest.raises(ValueError, match=r"step must be an int >= 0; got -1"):
             ckpt.save(-1, state)
-        with pytest.raises(ValueError, match=r"must contain best_metric 'acc'; got keys \['loss'\]"):
+        with pytest.raises(ValueError,
+                           match=r"must contain best_metric 'acc'; got keys \['loss'\]"):
             ckpt.save(1, state, metrics={"loss": 0.3})
         with pytest.raises(ValueError, match=r"metrics\['acc'\] is nan"):
             ckpt.save(1, state, metrics={"acc": float("nan")})
@@ -379,6 +383,15 @@ def test_restore_rejects_mismatched_target(tmp_path, mesh):
         assert ckpt.all_steps() == [2]
 
 
+def test_restore_target_must_be_arrays_or_structs(tmp_path, mesh):
+    with Checkpointer(tmp_path / "ck") as ckpt:
+        ckpt.save(0, {"w": jnp.ones(3)})
+        with pytest.raises(TypeError, match=r"abstract_state leaf \['w'\] is a int; expected"):
+            ckpt.restore({"w": 3})
+        with pytest.raises(ValueError, match="abstract_state has no leaves"):
+            ckpt.restore({})
+
+
 def test_restore_of_empty_directory_returns_none(tmp_path, mesh):
     with Checkpointer(tmp_path / "ck") as ckpt:
         assert ckpt.restore(abstract_state(make_state(mesh))) is None
@@ -430,6 +443,14 @@ def test_fingerprint_matches_numpy_reference_for_every_dtype(mesh):
     assert finite.all()
 
 
+def test_fingerprint_of_8_byte_dtypes_matches_numpy_reference():
+    f64 = np.array([1.5, -2.25e300, np.pi], np.float64)
+    with jax.enable_x64(True):
+        _, finite, sums = state_fingerprint({"x": jnp.asarray(f64)})
+    assert finite.all()
+    assert int(sums[0]) == _numpy_checksum(f64.view(np.uint32))
+
+
 def test_checksum_detects_every_single_word_change_and_ignores_sharding(mesh):
     base = np.arange(24, dtype=np.float32).reshape(4, 6) / 7
     reference = int(state_fingerprint({"x": jnp.asarray(base)})[2][0])
@@ -444,6 +465,88 @@ def test_checksum_detects_every_single_word_change_and_ignores_sharding(mesh):
     swapped = base.copy()
     swapped[0, 0], swapped[0, 1] = base[0, 1], base[0, 0]
     assert int(state_fingerprint({"x": jnp.asarray(swapped)})[2][0]) != reference
+
+
+# --------------------------------------------------------------------------------------------
+# Integrity records: every way a manifest or iterator file can be malformed is named.
+# --------------------------------------------------------------------------------------------
+
+_GOOD_LEAF = {"path": "['w']", "shape": [3], "dtype": "float32", "checksum": 7}
+
+
+@pytest.mark.parametrize(
+    "manifest, match",
+    [
+        ([1, 2], "not a kdjax-checkpoint-integrity/1 manifest"),
+        ({"format": "other"}, "not a kdjax-checkpoint-integrity/1 manifest"),
+        ({"format": ck._MANIFEST_FORMAT, "step": 4}, "manifest is for step 4, not 5"),
+        ({"format": ck._MANIFEST_FORMAT, "step": 5, "has_data_iterator": "yes"},
+         "has_data_iterator is not a bool"),
+        ({"format": ck._MANIFEST_FORMAT, "step": 5, "has_data_iterator": False, "leaves": []},
+         "leaves is not a non-empty list"),
+        ({"format": ck._MANIFEST_FORMAT, "step": 5, "has_data_iterator": False,
+          "leaves": [_GOOD_LEAF, {**_GOOD_LEAF, "checksum": "7"}]},
+         "manifest leaf entry 1 is malformed"),
+        ({"format": ck._MANIFEST_FORMAT, "step": 5, "has_data_iterator": False,
+          "leaves": [{**_GOOD_LEAF, "shape": [3.0]}]}, "manifest leaf entry 0 is malformed"),
+    ],
+)
+def test_malformed_manifest_is_rejected(manifest, match):
+    with pytest.raises(ValueError, match=match):
+        ck._parse_manifest(manifest, 5)
+
+
+def test_wellformed_manifest_is_accepted():
+    manifest = {"format": ck._MANIFEST_FORMAT, "step": 5, "has_data_iterator": True,
+                "leaves": [_GOOD_LEAF]}
+    assert ck._parse_manifest(manifest, 5) == ([_GOOD_LEAF], True)
+
+
+class _FixedIterator:
+    def __init__(self, state):
+        self.state = state
+
+    def get_state(self):
+        return self.state
+
+    def set_state(self, state):
+        self.state = state
+
+
+@pytest.mark.parametrize("state", [{"next_index": 4, "epoch": [1, 2]}, b'{"v": 1}'])
+def test_iterator_payload_round_trip(state):
+    text = ck._iterator_payload(_FixedIterator(state))
+    assert ck._parse_iterator_payload(text, "f.json") == state
+
+
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        (lambda p: "{not json", r"f.json is not valid \(JSONDecodeError"),
+        (lambda p: json.dumps([1]), r"f.json is not valid \(TypeError"),
+        (lambda p: json.dumps({k: v for k, v in p.items() if k != "sha256"}),
+         r"f.json is not valid \(KeyError\('sha256'\)\)"),
+        (lambda p: json.dumps({**p, "format": "v0"}), r"has format 'v0' and kind 'json'; expected"),
+        (lambda p: json.dumps({**p, "kind": "pickle"}), r"has format .* and kind 'pickle'"),
+        (lambda p: json.dumps({**p, "state": {"next_index": 5}}), "fails its SHA-256 check"),
+    ],
+)
+def test_malformed_iterator_payload_is_rejected(edit, match):
+    payload = json.loads(ck._iterator_payload(_FixedIterator({"next_index": 4})))
+    with pytest.raises(CorruptCheckpointError, match=match):
+        ck._parse_iterator_payload(edit(payload), "f.json")
+
+
+def test_layout_problem_names_the_first_differing_leaf():
+    leaves = [{"path": "['a']", "shape": [2], "dtype": "float32"},
+              {"path": "['b']", "shape": [], "dtype": "key<fry>"}]
+    good = {"a": jnp.zeros(2), "b": jax.random.key(0)}
+    assert ck._layout_problem(good, leaves) is None
+    raw_key = {"a": jnp.zeros(2), "b": jax.random.key_data(jax.random.key(0))}
+    assert ck._layout_problem(raw_key, leaves) == (
+        "leaf ['b'] came back as (2,) uint32 but was saved as () key<fry> (damaged array metadata)")
+    assert ck._layout_problem({"a": jnp.zeros(2)}, leaves) == (
+        "it restored leaves [\"['a']\"], the manifest lists [\"['a']\", \"['b']\"]")
 
 
 # --------------------------------------------------------------------------------------------
@@ -555,7 +658,8 @@ def test_orbax_alone_restores_flipped_bytes_silently(tmp_path, mesh):
                for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(states[2]))]
     assert sum(differs) == 1  # one leaf silently changed, no error from orbax
     with Checkpointer(directory) as ckpt:
-        with pytest.raises(CorruptCheckpointError, match=r"checksum mismatch in leaf \S+\['embed'\] \(1 of 16 leaves"):
+        with pytest.raises(CorruptCheckpointError,
+                           match=r"checksum mismatch in leaf \S+\['embed'\] \(1 of 16 leaves"):
             ckpt.restore(target, step=2)
         assert ckpt.all_steps() == [1, 2]  # explicit step: raise, move nothing
 
@@ -570,7 +674,8 @@ def test_all_checkpoints_corrupt_raises_and_moves_nothing(tmp_path, mesh):
             ckpt.restore(abstract_state(states[1]))
     message = str(info.value)
     assert f"No valid checkpoint in {directory}" in message
-    assert "step 2: its integrity manifest" in message and "step 1: its integrity manifest" in message
+    assert "step 2: its integrity manifest" in message
+    assert "step 1: its integrity manifest" in message
     assert "Nothing was loaded or moved" in message
     assert sorted(p.name for p in directory.iterdir()) == ["1", "2"]
 
@@ -581,7 +686,8 @@ def test_every_file_flipped_truncated_or_deleted_never_loads_garbage(tmp_path, m
     newest state (file not needed for it) or fall back to the exact previous one."""
     template = tmp_path / "template"
     states = _two_steps(template, mesh, big=True)
-    files = sorted(p.relative_to(template / "2") for p in (template / "2").rglob("*") if p.is_file())
+    newest = template / "2"
+    files = sorted(p.relative_to(newest) for p in newest.rglob("*") if p.is_file())
     assert len(files) > 15
     outcomes = {}
     for k, rel in enumerate(files):
@@ -736,7 +842,8 @@ def test_disk_full_on_a_real_full_filesystem(tmp_path):
     out = subprocess.run(["unshare", "-rm", "sh", "-c", cmd], capture_output=True, text=True,
                          timeout=120, cwd=REPO)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert f"DISKFULL No space left on device while writing checkpoint step 2 to {mount}/ck" in out.stdout
+    expected = f"DISKFULL No space left on device while writing checkpoint step 2 to {mount}/ck"
+    assert expected in out.stdout
     assert "The last complete checkpoint (step 1) is intact" in out.stdout
     assert "RESTORED 1 8.0" in out.stdout
 
@@ -799,7 +906,8 @@ _KILL_DURING_SAVE = textwrap.dedent("""
         ck._IteratorStateHandler.save = die
     elif phase == "committing":
         rename = path_cls.rename
-        path_cls.rename = lambda self, t: die() if self.name == "3" + ck._TMP_MARKER else rename(self, t)
+        path_cls.rename = (
+            lambda self, t: die() if self.name == "3" + ck._TMP_MARKER else rename(self, t))
     else:  # deleting_old_step: killed half-way through removing step 1 after step 3 committed
         def rmtree(self, *args, **kwargs):
             files = sorted(p for p in pathlib.Path(str(self)).rglob("*") if p.is_file())

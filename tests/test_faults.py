@@ -83,6 +83,10 @@ def train_iter(arrays, global_batch=32, **kwargs):
     (dict(teacher=teachers.from_linen(models.create("mlp", 10))), ValueError,
      r"a live teacher needs its frozen variables: pass teacher_variables="),
     (dict(teacher=object()), TypeError, r"teacher must be a kdjax.teachers.Teacher"),
+    (dict(teacher=teachers.precomputed()), ValueError,
+     r"a precomputed teacher is evaluated on the eval split, whose example ids are not the train "
+     r"store's: pass eval_batch_transform=LogitStore.open\(<store of the eval split>\)"),
+    (dict(eval_batch_transform=3), TypeError, r"eval_batch_transform must be a function"),
     (dict(train_iter=[{"image": np.zeros((32, 8, 8, 1))}]), TypeError,
      r"train_iter must be a checkpointable iterator with __next__, get_state and set_state"),
     (dict(tx="adam"), TypeError, r"tx must be an optax.GradientTransformation"),
@@ -149,6 +153,16 @@ def test_empty_eval_iterator(tmp_path):
     with pytest.raises(ValueError, match=r"eval_iter yielded no batches; eval_iter_fn must return "
                                          r"a fresh iterator"):
         fit_worker.run(str(tmp_path), 2, checkpoint_every=0, eval_iter_fn=lambda: iter([]))
+
+
+def test_eval_iterator_with_no_real_rows(tmp_path, digits):
+    def all_padding():
+        for batch in data.make_eval_iterator(data.ArraySource(digits["test"]),
+                                             global_batch_size=128):
+            yield dict(batch, mask=np.zeros_like(batch["mask"]))
+    with pytest.raises(ValueError, match=r"the eval pass had no real rows \(every mask was "
+                                         r"False\); check the eval iterator's mask"):
+        fit_worker.run(str(tmp_path), 2, checkpoint_every=0, eval_iter_fn=all_padding)
 
 
 # --------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import optax
 import pytest
 
 import fit_worker
-from kdjax import checkpointing, data, loop, metrics, models, recipe
+from kdjax import checkpointing, data, logit_store, loop, metrics, models, recipe, teachers
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -85,9 +85,12 @@ def mlp_forward_f64(params, images):
 # --------------------------------------------------------------------------------------------
 
 
-def test_fit_learns_logs_jsonl_and_tensorboard_and_eval_matches_numpy(tmp_path, digits):
+def test_fit_learns_logs_jsonl_and_tensorboard_and_eval_matches_numpy(tmp_path, digits, capsys):
     test = digits["test"]
-    result = fit_worker.run(str(tmp_path), 200, checkpoint_every=0, eval_every=100, log_every=50)
+    result = fit_worker.run(str(tmp_path), 200, checkpoint_every=0, eval_every=100, log_every=50,
+                            progress=True, name="digits-mlp")
+    bar = capsys.readouterr().err
+    assert "digits-mlp" in bar and "200/200" in bar and "step/s" in bar
     # Learns: chance is 0.1 on 10 balanced classes.
     assert [r["step"] for r in result.eval_history] == [100, 200]
     assert result.eval_history[-1]["accuracy"] > 0.85
@@ -124,6 +127,43 @@ def test_fit_learns_logs_jsonl_and_tensorboard_and_eval_matches_numpy(tmp_path, 
     np.testing.assert_allclose(scalars[("eval/accuracy", 200)], final["accuracy"], rtol=1e-6)
     # Final checkpoint written (the best-by-accuracy eval step is kept as well).
     assert os.path.isdir(tmp_path / "checkpoints" / "200")
+
+
+def _log_softmax(x):
+    m = x.max(1, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(1, keepdims=True))
+
+
+def _write_store(path, split, logits):
+    spec = logit_store.StoreSpec(dataset="digits", split=split, num_examples=len(logits),
+                                 num_classes=logits.shape[1], teacher="linear-test",
+                                 preprocessing="none", dtype="float32")
+    with logit_store.LogitStoreWriter(path, spec) as writer:
+        writer.write(np.arange(len(logits)), logits)
+    logit_store.finalize(path, 1)
+    return logit_store.LogitStore.open(path, split=split, num_examples=len(logits))
+
+
+def test_precomputed_teacher_kd_and_eval_teacher_metrics_match_numpy(tmp_path, digits):
+    w = np.random.default_rng(1).normal(size=(64, 10)).astype(np.float32)
+    logits = {split: digits[split]["image"].reshape(-1, 64) @ w for split in ("train", "test")}
+    stores = {split: _write_store(str(tmp_path / split), split, logits[split])
+              for split in ("train", "test")}
+    result = fit_worker.run(str(tmp_path / "run"), 10, checkpoint_every=0,
+                            teacher=teachers.precomputed(),
+                            recipe=(recipe.ce(0.5), recipe.kd(temperature=2.0, weight=0.5)),
+                            batch_transform=stores["train"].add_to_batch,
+                            eval_batch_transform=stores["test"].add_to_batch)
+    assert {"loss/kd", "loss/ce", "teacher_accuracy"} <= set(result.history[-1])
+    ev = result.eval_history[-1]
+    student = mlp_forward_f64(jax.device_get(result.state.params), digits["test"]["image"])
+    teacher = logits["test"].astype(np.float64)
+    labels = digits["test"]["label"]
+    assert ev["teacher_accuracy"] == np.mean(teacher.argmax(1) == labels)
+    assert ev["agreement"] == np.mean(teacher.argmax(1) == student.argmax(1))
+    log_t, log_s = _log_softmax(teacher), _log_softmax(student)
+    np.testing.assert_allclose(ev["kl"], np.mean((np.exp(log_t) * (log_t - log_s)).sum(1)),
+                               rtol=1e-4)
 
 
 def test_train_log_records_are_means_over_the_window(tmp_path):
@@ -221,7 +261,8 @@ def test_nonfinite_stop_names_step_and_term_and_writes_no_later_checkpoint(tmp_p
     message = str(info.value)
     assert "Non-finite update at step 7 (0-based; the update was not applied)" in message
     assert "loss term(s) ['ce'] went NaN/Inf" in message
-    assert "the last checkpoint is step 5" in message and "nonfinite='skip'" in message
+    assert "Nothing from this step on was checkpointed; the last checkpoint is step 5" in message
+    assert "pass nonfinite='skip' to skip such updates" in message
     ckpt = checkpointing.Checkpointer(tmp_path / "checkpoints")
     assert ckpt.all_steps() == [5]
     ckpt.close()
@@ -254,6 +295,34 @@ def test_nonfinite_skip_counts_logs_and_never_checkpoints_nan(tmp_path, caplog):
         restored, _ = ckpt.restore(checkpointing.abstract_state(result.state), step=step)
         assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(restored.params))
     ckpt.close()
+
+
+def _host_metrics(**overrides):
+    m = {"loss/ce": 0.5, "loss/kd": 0.25, "loss/total": 0.75, "weight/ce": 1.0, "weight/kd": 1.0,
+         "accuracy": 0.5, "grad_norm": 1.0, "finite": True, "skipped": 0}
+    m.update(overrides)
+    return {k: np.asarray(v) for k, v in m.items()}
+
+
+@pytest.mark.parametrize("overrides, terms, what", [
+    (dict(**{"loss/kd": np.inf, "loss/total": np.inf}), ["kd"], r"loss term\(s\) \['kd'\] went"),
+    (dict(**{"weight/kd": np.inf, "loss/total": np.inf}), ["total"],
+     r"every loss term was finite but their weighted sum was not \(check the term weights"),
+    (dict(grad_norm=np.nan), ["gradient"], "the loss was finite but the gradient norm was not"),
+])
+def test_nonfinite_step_diagnosis(overrides, terms, what):
+    """The metrics of the steps between two fetches are checked in order; the first bad one is
+    named with its 0-based index (first_step + position)."""
+    pending = [_host_metrics(), _host_metrics(finite=False, **overrides)]
+    with pytest.raises(loop.NonFiniteLossError, match=r"Non-finite update at step 8 .*" + what) as e:
+        loop._drain(pending, 7, loop._Window(), "stop", lambda: 5)
+    assert e.value.step == 8 and e.value.terms == terms
+    window = loop._Window()
+    loop._drain([_host_metrics(), _host_metrics(finite=False, skipped=1, **overrides)], 7, window,
+                "skip", lambda: 5)
+    record = window.record()
+    assert record["loss/ce"] == 0.5 and record["skipped"] == 1  # mean over the finite step only
+    assert window.steps == 2 and window.finite_steps == 1
 
 
 # --------------------------------------------------------------------------------------------

@@ -153,6 +153,11 @@ def test_kd_kl_and_soft_cross_entropy_match_reference(dtype, case):
     atol = logit_atol(temperature, s_r, t_r)
     assert_close(losses.kd_kl(s_j, t_j, temperature), ref_kd_kl(s_r, t_r, temperature), atol)
     assert_close(losses.soft_cross_entropy(s_j, t_j, temperature), ref_soft_ce(s_r, t_r, temperature), atol)
+    # Documented identity: soft_cross_entropy = kd_kl + T^2 * H(p_t).
+    p_t = softmax(t_r / temperature, axis=-1)
+    entropy = -np.sum(p_t * log_softmax(t_r / temperature, axis=-1), axis=-1)
+    gap = np.asarray(losses.soft_cross_entropy(s_j, t_j, temperature) - losses.kd_kl(s_j, t_j, temperature))
+    np.testing.assert_allclose(gap, temperature**2 * entropy, rtol=1e-4, atol=2 * atol)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -319,7 +324,8 @@ def test_masked_mean_matches_reference(seed, shape):
     want = np.sum(values * keep) / max(np.sum(keep), 1)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     assert got.dtype == jnp.float32 and got.shape == ()
-    np.testing.assert_allclose(losses.masked_mean(jnp.asarray(values, jnp.float32)), np.mean(values), rtol=1e-5, atol=1e-6)
+    unmasked = losses.masked_mean(jnp.asarray(values, jnp.float32))
+    np.testing.assert_allclose(unmasked, np.mean(values), rtol=1e-5, atol=1e-6)
 
 
 def test_masked_mean_all_masked_is_zero_with_zero_gradient():
@@ -372,7 +378,8 @@ def test_hinton_kd_gradient_combines_kd_and_label_gradients():
     s, t = rng.normal(size=(3, 5)) * 2, rng.normal(size=(3, 5)) * 2
     labels = np.array([0, 4, 2])
     temperature, alpha = 3.0, 0.7
-    grad = _summed_grad(losses.hinton_kd)(jnp.asarray(s, jnp.float32), jnp.asarray(t, jnp.float32), labels, temperature, alpha)
+    s_j, t_j = jnp.asarray(s, jnp.float32), jnp.asarray(t, jnp.float32)
+    grad = _summed_grad(losses.hinton_kd)(s_j, t_j, labels, temperature, alpha)
     kd_grad = temperature * (softmax(s / temperature, axis=-1) - softmax(t / temperature, axis=-1))
     ce_grad = softmax(s, axis=-1) - np.eye(5)[labels]
     np.testing.assert_allclose(grad, alpha * kd_grad + (1 - alpha) * ce_grad, atol=1e-6)
@@ -439,6 +446,21 @@ def test_gradient_matches_finite_differences_of_reference(name):
     want = numeric_grad(lambda v: np.sum(reference(v)), x)
     assert np.all(np.isfinite(got))
     np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-5 * (1 + np.abs(want).max()))
+
+
+def test_attention_transfer_degenerate_maps():
+    _, _, _, fs, ft = _inputs()
+    # Identical maps: loss 0 with a finite (zero) subgradient for the non-squared norm.
+    same = ft[..., :2] * 2.0  # channel count and scale differ, attention map is the same up to scale
+    same_map = jnp.concatenate([same, same], axis=-1)
+    np.testing.assert_allclose(losses.attention_transfer(same, same_map), 0.0, atol=1e-6)
+    grad = jax.jit(jax.grad(lambda x: jnp.sum(losses.attention_transfer(x, x))))(fs)
+    np.testing.assert_array_equal(grad, 0.0)
+    # An all-zero map is the zero vector: the distance to a unit vector is 1.
+    zeros = jnp.zeros_like(fs)
+    np.testing.assert_allclose(losses.attention_transfer(zeros, ft), 1.0, rtol=1e-6)
+    grad = jax.jit(jax.grad(lambda x: jnp.sum(losses.attention_transfer(x, ft))))(zeros)
+    assert np.all(np.isfinite(grad))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -671,6 +693,8 @@ def test_topk_bound_derivation_holds_in_float64(case):
     slack = 1e-9 * temperature**2 * (1 + np.abs(s).max() + np.abs(t).max())
     assert np.all(lower - slack <= diff), (lower, diff)
     assert np.all(diff <= upper + slack), (diff, upper)
+    # The input-only bound on L quoted in the docstring.
+    assert np.all(nll <= (s.max(-1) - s.min(-1)) / temperature + np.log(s.shape[-1]) + 1e-9)
 
 
 @SETTINGS
@@ -682,7 +706,8 @@ def test_kd_kl_topk_agrees_with_kd_kl_within_documented_bound(case):
     bound = np.asarray(losses.kd_kl_topk_bound(s_j, t_j, idx, temperature), np.float64)
     diff, topk, eps, nll, entropy = _ref_topk_terms(s64, t64, idx, temperature)
     a = eps * topk + temperature**2 * entropy
-    np.testing.assert_allclose(bound, np.maximum(a, temperature**2 * eps * nll - a), rtol=1e-4, atol=logit_atol(temperature, s64, t64))
+    want = np.maximum(a, temperature**2 * eps * nll - a)
+    np.testing.assert_allclose(bound, want, rtol=1e-4, atol=logit_atol(temperature, s64, t64))
     got_diff = np.asarray(losses.kd_kl(s_j, t_j, temperature), np.float64) - np.asarray(
         losses.kd_kl_topk(s_j, jnp.take_along_axis(t_j, idx, -1), idx, temperature), np.float64
     )
@@ -731,47 +756,127 @@ Y = jnp.array([0, 1])
 F = jnp.zeros((2, 3, 3, 2))
 
 ERROR_CASES = [
-    (lambda: losses.kd_kl(jnp.zeros((2, 4), jnp.int32), S4), TypeError, r"student_logits must be a floating-point array.*int32.*astype"),
+    (
+        lambda: losses.kd_kl(jnp.zeros((2, 4), jnp.int32), S4),
+        TypeError,
+        r"student_logits must be a floating-point array.*int32.*astype",
+    ),
     (lambda: losses.kd_kl(S4, jnp.zeros((2, 4), jnp.int8)), TypeError, "teacher_logits must be a floating-point"),
-    (lambda: losses.kd_kl(S4, jnp.zeros((2, 5))), ValueError, r"teacher has 5 classes but the student has 4.*share the label space"),
-    (lambda: losses.kd_kl_topk(S4, jnp.zeros((2, 5)), jnp.zeros((2, 5), jnp.int32)), ValueError, "k=5 classes per row but the student has C=4"),
+    (
+        lambda: losses.kd_kl(S4, jnp.zeros((2, 5))),
+        ValueError,
+        r"teacher has 5 classes but the student has 4.*share the label space",
+    ),
+    (
+        lambda: losses.kd_kl_topk(S4, jnp.zeros((2, 5)), jnp.zeros((2, 5), jnp.int32)),
+        ValueError,
+        "k=5 classes per row but the student has C=4",
+    ),
     (lambda: losses.kd_kl(S4, jnp.zeros((3, 4))), ValueError, r"shape \(2, 4\) but teacher_logits has shape \(3, 4\)"),
     (lambda: losses.kd_kl(jnp.float32(1.0), jnp.float32(1.0)), ValueError, "class axis last"),
     (lambda: losses.kd_kl(S4, S4, 0.0), ValueError, "temperature must be a finite number > 0, got 0.0"),
     (lambda: losses.soft_cross_entropy(S4, S4, -2.0), ValueError, "temperature must be a finite number > 0, got -2.0"),
     (lambda: losses.kd_kl(S4, S4, float("nan")), ValueError, "temperature must be a finite number > 0"),
-    (lambda: losses.kd_kl(S4, S4, jnp.ones(2)), ValueError, r"temperature must be a scalar, got an array of shape \(2,\)"),
+    (
+        lambda: losses.kd_kl(S4, S4, jnp.ones(2)),
+        ValueError,
+        r"temperature must be a scalar, got an array of shape \(2,\)",
+    ),
     (lambda: losses.kd_kl(S4, S4, "4"), TypeError, "temperature must be a real number, got '4'"),
     (lambda: losses.kd_kl(S4, S4, True), TypeError, "temperature must be a real number"),
     (lambda: losses.kd_kl(S4, S4, where=jnp.ones(2)), TypeError, r"where must be a bool array.*float32"),
-    (lambda: losses.kd_kl(S4, S4, where=jnp.ones(3, bool)), ValueError, r"where has shape \(3,\) but the per-example loss has shape \(2,\)"),
+    (
+        lambda: losses.kd_kl(S4, S4, where=jnp.ones(3, bool)),
+        ValueError,
+        r"where has shape \(3,\) but the per-example loss has shape \(2,\)",
+    ),
     (lambda: losses.kd_kl(S4, S4, where=jnp.ones((2, 4), bool)), ValueError, "class-axis mask is not supported.*-inf"),
     (lambda: losses.cross_entropy(S4, jnp.array([0.0, 1.0])), TypeError, "labels must be integer class indices"),
-    (lambda: losses.cross_entropy(S4, jnp.array([0, 1, 2])), ValueError, r"labels has shape \(3,\).*must have shape \(2,\)"),
+    (
+        lambda: losses.cross_entropy(S4, jnp.array([0, 1, 2])),
+        ValueError,
+        r"labels has shape \(3,\).*must have shape \(2,\)",
+    ),
     (lambda: losses.cross_entropy(S4, jnp.array([0, 4])), ValueError, r"labels must lie in \[0, 4\).*holds 4"),
-    (lambda: losses.hinton_kd(S4, S4, jnp.array([-1, 0]), 2.0, 0.5), ValueError, r"labels must lie in \[0, 4\).*holds -1"),
+    (
+        lambda: losses.hinton_kd(S4, S4, jnp.array([-1, 0]), 2.0, 0.5),
+        ValueError,
+        r"labels must lie in \[0, 4\).*holds -1",
+    ),
     (lambda: losses.hinton_kd(S4, S4, Y, 2.0, 1.5), ValueError, r"alpha must lie in \[0, 1\].*1.5"),
     (lambda: losses.dkd(S4, S4, jnp.array([0, 9])), ValueError, r"labels must lie in \[0, 4\)"),
     (lambda: losses.dkd(jnp.zeros((2, 1)), jnp.zeros((2, 1)), jnp.array([0, 0])), ValueError, "at least 2 classes"),
     (lambda: losses.dkd(S4, S4, Y, beta=-1.0), ValueError, "beta must be a finite weight >= 0"),
-    (lambda: losses.class_weighted_soft_cross_entropy(S4, S4, jnp.ones(3)), ValueError, r"class_weights has shape \(3,\).*4 classes.*shape \(4,\)"),
-    (lambda: losses.class_weighted_soft_cross_entropy(S4, S4, jnp.array([1.0, -1.0, 1.0, 1.0])), ValueError, "class_weights must be finite and >= 0"),
-    (lambda: losses.kd_kl_topk(S4, jnp.zeros((2, 3)), jnp.zeros((2, 2), jnp.int32)), ValueError, r"teacher_topk_values has shape \(2, 3\) but teacher_topk_indices has shape \(2, 2\)"),
-    (lambda: losses.kd_kl_topk(S4, jnp.zeros((3, 2)), jnp.zeros((3, 2), jnp.int32)), ValueError, r"student's leading axes \(2,\)"),
-    (lambda: losses.kd_kl_topk(S4, jnp.zeros((2, 2)), jnp.zeros((2, 2))), TypeError, "teacher_topk_indices must be integer"),
-    (lambda: losses.kd_kl_topk(S4, jnp.zeros((2, 2)), jnp.array([[0, 1], [2, 4]])), ValueError, r"teacher_topk_indices must lie in \[0, 4\)"),
-    (lambda: losses.kd_kl_topk(S4, jnp.zeros((2, 2)), jnp.array([[0, 1], [2, 2]])), ValueError, "repeats a class within a row"),
-    (lambda: losses.kd_kl_topk_bound(S4, S4, jnp.zeros((3, 2), jnp.int32)), ValueError, r"teacher_topk_indices has shape \(3, 2\)"),
-    (lambda: losses.fitnet_hint(F, jnp.zeros((2, 3, 3, 5))), ValueError, r"student_features has shape \(2, 3, 3, 2\).*regressor"),
+    (
+        lambda: losses.class_weighted_soft_cross_entropy(S4, S4, jnp.ones(3)),
+        ValueError,
+        r"class_weights has shape \(3,\).*4 classes.*shape \(4,\)",
+    ),
+    (
+        lambda: losses.class_weighted_soft_cross_entropy(S4, S4, jnp.array([1.0, -1.0, 1.0, 1.0])),
+        ValueError,
+        "class_weights must be finite and >= 0",
+    ),
+    (
+        lambda: losses.kd_kl_topk(S4, jnp.zeros((2, 3)), jnp.zeros((2, 2), jnp.int32)),
+        ValueError,
+        r"teacher_topk_values has shape \(2, 3\) but teacher_topk_indices has shape \(2, 2\)",
+    ),
+    (
+        lambda: losses.kd_kl_topk(S4, jnp.zeros((3, 2)), jnp.zeros((3, 2), jnp.int32)),
+        ValueError,
+        r"student's leading axes \(2,\)",
+    ),
+    (
+        lambda: losses.kd_kl_topk(S4, jnp.zeros((2, 2)), jnp.zeros((2, 2))),
+        TypeError,
+        "teacher_topk_indices must be integer",
+    ),
+    (
+        lambda: losses.kd_kl_topk(S4, jnp.zeros((2, 2)), jnp.array([[0, 1], [2, 4]])),
+        ValueError,
+        r"teacher_topk_indices must lie in \[0, 4\)",
+    ),
+    (
+        lambda: losses.kd_kl_topk(S4, jnp.zeros((2, 2)), jnp.array([[0, 1], [2, 2]])),
+        ValueError,
+        "repeats a class within a row",
+    ),
+    (
+        lambda: losses.kd_kl_topk_bound(S4, S4, jnp.zeros((3, 2), jnp.int32)),
+        ValueError,
+        r"teacher_topk_indices has shape \(3, 2\)",
+    ),
+    (
+        lambda: losses.fitnet_hint(F, jnp.zeros((2, 3, 3, 5))),
+        ValueError,
+        r"student_features has shape \(2, 3, 3, 2\).*regressor",
+    ),
     (lambda: losses.fitnet_hint(F, F, where=jnp.ones((2, 3), bool)), ValueError, r"where has shape \(2, 3\).*\(2,\)"),
-    (lambda: losses.attention_transfer(F, jnp.zeros((2, 4, 4, 2))), ValueError, r"spatial \(3, 3\).*spatial \(4, 4\).*resize"),
+    (
+        lambda: losses.attention_transfer(F, jnp.zeros((2, 4, 4, 2))),
+        ValueError,
+        r"spatial \(3, 3\).*spatial \(4, 4\).*resize",
+    ),
     (lambda: losses.attention_transfer(jnp.zeros((2, 3)), jnp.zeros((2, 3))), ValueError, "at least one spatial axis"),
     (lambda: losses.attention_transfer(F, F, p=0), ValueError, "p must be a finite number > 0"),
     (lambda: losses.similarity_preserving(F, jnp.zeros((3, 5))), ValueError, "batch size 2.*has 3"),
-    (lambda: losses.teacher_bounded_l2(jnp.zeros((3, 4)), jnp.zeros((3, 4)), jnp.zeros((2, 4))), ValueError, r"target_boxes \(2, 4\) must have the same shape"),
-    (lambda: losses.teacher_bounded_l2(jnp.zeros((3, 4)), jnp.zeros((3, 4)), jnp.zeros((3, 4)), float("inf")), ValueError, "margin must be finite"),
+    (
+        lambda: losses.teacher_bounded_l2(jnp.zeros((3, 4)), jnp.zeros((3, 4)), jnp.zeros((2, 4))),
+        ValueError,
+        r"target_boxes \(2, 4\) must have the same shape",
+    ),
+    (
+        lambda: losses.teacher_bounded_l2(jnp.zeros((3, 4)), jnp.zeros((3, 4)), jnp.zeros((3, 4)), float("inf")),
+        ValueError,
+        "margin must be finite",
+    ),
     (lambda: losses.masked_mean(jnp.ones(3), jnp.ones(3)), TypeError, "where must be a bool array"),
-    (lambda: losses.masked_mean(jnp.ones(3), jnp.ones(4, bool)), ValueError, r"where has shape \(4,\) but values has shape \(3,\)"),
+    (
+        lambda: losses.masked_mean(jnp.ones(3), jnp.ones(4, bool)),
+        ValueError,
+        r"where has shape \(4,\) but values has shape \(3,\)",
+    ),
     (lambda: losses.masked_mean(jnp.ones(3, jnp.int32)), TypeError, "values must be a floating-point array"),
 ]
 

@@ -1,4 +1,4 @@
-"""Tests for kdjax.preemption and the preempt -> checkpoint -> resume cycle with kdjax.checkpointing."""
+"""Tests for kdjax.preemption and the preempt -> checkpoint -> resume cycle."""
 
 import os
 import signal
@@ -15,6 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from kdjax.checkpointing import Checkpointer, abstract_state
 from kdjax.preemption import PreemptionWatcher
@@ -207,10 +209,10 @@ def _run_main(args, **kwargs):
 
 def test_subprocess_sigterm_mid_run_checkpoints_exits_zero_and_resumes_bit_identical(tmp_path):
     run_dir = tmp_path / "run"
-    reference = _run_main([tmp_path / "reference", 60, 0])  # uninterrupted, runs alongside
-    proc = _run_main([run_dir, 60, 0.05])
+    reference = _run_main([tmp_path / "reference", 30, 0])  # uninterrupted, runs alongside
+    proc = _run_main([run_dir, 30, 0.05])
     for line in proc.stdout:
-        if line.strip() == "step 10":
+        if line.strip() == "step 8":
             proc.send_signal(signal.SIGTERM)
             break
     out, err = proc.communicate(timeout=120)
@@ -218,11 +220,11 @@ def test_subprocess_sigterm_mid_run_checkpoints_exits_zero_and_resumes_bit_ident
     stopped = [ln for ln in out.splitlines() if ln.startswith("preempted at step ")]
     assert len(stopped) == 1, out
     stop_step = int(stopped[0].split()[-1])
-    assert 10 <= stop_step < 60
+    assert 8 <= stop_step < 30
     assert (run_dir / str(stop_step)).is_dir()
     assert not [p for p in run_dir.iterdir() if "tmp" in p.name]
 
-    resume = _run_main([run_dir, 60, 0])
+    resume = _run_main([run_dir, 30, 0])
     resumed_out, resumed_err = resume.communicate(timeout=120)
     reference_out, reference_err = reference.communicate(timeout=120)
     assert resume.returncode == 0, resumed_err[-3000:]
@@ -320,13 +322,27 @@ def test_two_processes_stop_at_the_same_step_and_resume(tmp_path, mode):
     stops = [int(ln.split()[-1]) for out in first for ln in out.splitlines() if "stopped at" in ln]
     assert len(stops) == 2 and stops[0] == stops[1] >= 5, first
     stop = stops[0]
-    assert sorted(p.name for p in (workdir / str(stop) / "data").iterdir()
-                  if p.name.startswith("process_")) == ["process_0-of-2.json", "process_1-of-2.json"]
+    iterator_files = sorted(p.name for p in (workdir / str(stop) / "data").iterdir()
+                            if p.name.startswith("process_"))
+    assert iterator_files == ["process_0-of-2.json", "process_1-of-2.json"]
+
+    def expected_w(steps):
+        w = np.arange(8, dtype=np.float32)
+        for _ in range(steps):
+            w = w * np.float32(0.5) + np.float32(1.0)
+        return w
+
+    # The 2-process checkpoint loads in this single process onto an 8-device mesh.
+    mesh = jax.make_mesh((8,), ("x",))
+    target = {"w": jax.ShapeDtypeStruct((8,), jnp.float32, sharding=NamedSharding(mesh, P("x"))),
+              "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(mesh, P()))}
+    with Checkpointer(workdir) as ckpt:
+        restored, step = ckpt.restore(target)
+    assert step == stop and int(restored["step"]) == stop
+    assert np.asarray(restored["w"]).tobytes() == expected_w(stop).tobytes()
 
     second = _two_processes(script, workdir, mode, stop + 3)
-    expected = np.arange(8, dtype=np.float32)
-    for _ in range(stop + 3):
-        expected = expected * np.float32(0.5) + np.float32(1.0)
+    expected = expected_w(stop + 3)
     for pid, out in enumerate(second):
         assert f"[{pid}] resumed at {stop}" in out
         final = [ln for ln in out.splitlines() if ln.startswith(f"[{pid}] final ")][0].split()

@@ -41,6 +41,9 @@ Schema (``placeholder`` keys may be None):
 * ``fitnet``: ``hint_layer`` (teacher feature), ``guided_layer`` (student feature),
   ``regressor_kind`` / ``regressor_kernel`` / ``regressor_padding``, ``stage1_epochs``,
   ``stage1_schedule`` (learning-rate schedule of stage 1: ``cosine`` | ``constant`` | ``step``),
+  ``stage1_lr`` (stage 1's peak learning rate at batch ``optimizer.lr_batch``; None: ``optimizer.lr``),
+  ``hint_normalize`` (hint loss as the mean over feature elements instead of the paper's sum: the
+  same direction, the gradient divided by the feature size, so one learning rate fits any layer),
   ``temperature``, ``weight_start`` / ``weight_end`` (stage 2's KD weight lambda, annealed linearly).
 * ``run``: ``eval_every_epochs``, ``checkpoint_every_epochs``, ``log_every_steps``, ``keep``
   (checkpoints kept), ``best_metric``, ``nonfinite`` (``stop`` | ``skip``), ``progress``,
@@ -175,6 +178,8 @@ def kd_config() -> ml_collections.ConfigDict:
     c.fitnet.regressor_padding = "SAME"
     c.fitnet.stage1_epochs = 1
     c.fitnet.stage1_schedule = "cosine"
+    c.fitnet.hint_normalize = True
+    c.fitnet.stage1_lr = config_dict.placeholder(float)
     c.fitnet.temperature = 3.0
     c.fitnet.weight_start = 4.0
     c.fitnet.weight_end = 1.0
