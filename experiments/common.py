@@ -1309,7 +1309,7 @@ def run_fitnet(config: ml_collections.ConfigDict, workdir: str) -> RunOutcome:
     bare = build_model(c.student.model, data.num_classes, c.student.dtype)
     student1 = WithRegressor(bare, guided=f.guided_layer, hint_channels=hint_shape[-1],
                              kind=f.regressor_kind, kernel_size=f.regressor_kernel,
-                             padding=f.regressor_padding)
+                             padding=f.regressor_padding, use_relu=bool(f.regressor_relu))
     init = jax.jit(lambda x: student1.init(jax.random.key(c.seed), x, train=False))(
         jnp.asarray(data.sample_input))
     regressed = _feature_shape(student1, init, data.sample_input, f"{f.guided_layer}_regressed",

@@ -1,8 +1,8 @@
 """Loss recipes: the weighted sum of :mod:`kdjax.losses` terms that a train step minimises.
 
 A recipe is a tuple of :class:`Term`. Each term maps ``(student, teacher, batch, step)`` to a
-per-example loss ``[B]``; the step reduces it with the batch mask (padding rows count zero) and
-multiplies it by the term's weight at that step:
+per-example loss ``[B]``, computed with ``where=batch['mask']`` (padding rows give exactly zero loss
+and gradient); the step averages it over the real rows and multiplies it by the term's weight at that step:
 
     total(step) = sum_i  w_i(step) * mean_{b: mask_b} loss_i[b]
 
