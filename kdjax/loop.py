@@ -44,6 +44,7 @@ import functools
 import logging
 import math
 import os
+import threading
 import time
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
@@ -467,7 +468,8 @@ def fit(*, workdir: str, student, tx: optax.GradientTransformation, recipe: Sequ
     """Trains ``student`` for ``num_steps`` updates in total (counting steps done before a resume).
 
     Args:
-      workdir: run directory: ``checkpoints/``, ``metrics.jsonl``, ``tb/``. Reusing it resumes.
+      workdir: local (or shared-filesystem) run directory: ``checkpoints/``, ``metrics.jsonl``,
+        ``tb/``. Reusing it resumes.
       student: Flax Linen module returning ``(logits, features)`` (:mod:`kdjax.models`).
       tx: optax optimizer (schedules inside it see the update count, which is restored on resume).
       recipe: loss terms (:mod:`kdjax.recipe`).
@@ -519,6 +521,10 @@ def fit(*, workdir: str, student, tx: optax.GradientTransformation, recipe: Sequ
                    best_metric=best_metric, best_mode=best_mode, nonfinite=nonfinite,
                    batch_transform=batch_transform, eval_batch_transform=eval_batch_transform)
     _check_int("prefetch", prefetch, 1)
+    if handle_preemption and threading.current_thread() is not threading.main_thread():
+        raise RuntimeError("fit() installs a SIGTERM handler for preemption, which Python allows "
+                           "only in the main thread; call fit() from the main thread or pass "
+                           "handle_preemption=False.")
     workdir = os.path.abspath(os.fspath(workdir))
     mesh = sharding.make_mesh() if mesh is None else mesh
     chief = jax.process_index() == 0

@@ -7,6 +7,7 @@ Entries covered by other helpers' tests are referenced from the catalogue, not r
 import errno
 import os
 import signal
+import threading
 
 import jax
 import numpy as np
@@ -103,6 +104,24 @@ def test_fit_argument_errors(tmp_path, overrides, error, message):
     assert not os.path.exists(tmp_path / "checkpoints")  # nothing written
 
 
+def test_fit_outside_the_main_thread_needs_handle_preemption_false(tmp_path):
+    outcomes = []
+
+    def target(**kwargs):
+        try:
+            outcomes.append(int(fit_worker.run(str(tmp_path), 2, checkpoint_every=0,
+                                               **kwargs).state.step))
+        except RuntimeError as e:
+            outcomes.append(str(e))
+    for kwargs in ({}, {"handle_preemption": False}):
+        thread = threading.Thread(target=target, kwargs=kwargs)
+        thread.start()
+        thread.join(120)
+    assert outcomes == ["fit() installs a SIGTERM handler for preemption, which Python allows "
+                        "only in the main thread; call fit() from the main thread or pass "
+                        "handle_preemption=False.", 2]
+
+
 # --------------------------------------------------------------------------------------------
 # Bad data.
 # --------------------------------------------------------------------------------------------
@@ -172,7 +191,8 @@ def test_eval_iterator_with_no_real_rows(tmp_path, digits):
 
 def test_live_teacher_with_other_class_count(tmp_path):
     teacher = models.create("mlp", 5)
-    variables = teacher.init(jax.random.PRNGKey(0), np.zeros((1, 8, 8, 1), np.float32))
+    shapes = jax.eval_shape(teacher.init, jax.random.PRNGKey(0), np.zeros((1, 8, 8, 1), np.float32))
+    variables = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
     from kdjax import recipe
 
     with pytest.raises(ValueError, match=(
