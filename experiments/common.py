@@ -131,7 +131,7 @@ def _load_config_file(argv: Sequence[str], prog: str) -> ml_collections.ConfigDi
                           f"--config=experiments/configs/mnist1d_eskd.py:teacher=large,mode=eskd.")
     fv = flags.FlagValues()
     config_flags.DEFINE_config_file("config", None, "experiment config", flag_values=fv,
-                                    lock_config=True)
+                                    lock_config=True, sys_argv=[prog, values[-1]])
     try:
         fv([prog, values[-1]])
     except flags.Error as e:
@@ -155,7 +155,7 @@ def parse_command_line(argv: Sequence[str], *, prog: str, doc: str = "",
     argv = list(argv)
     fv = flags.FlagValues()
     config_flags.DEFINE_config_file("config", None, "experiment config file[:arg]", flag_values=fv,
-                                    lock_config=True)
+                                    lock_config=True, sys_argv=[prog] + argv)
     flags.DEFINE_string("workdir", None, "run directory (checkpoints, metrics, report); reusing "
                         "it resumes", flag_values=fv)
     flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() first (multi-host "
@@ -295,6 +295,19 @@ def _epoch_in_run(problems: list, key: str, value: Any, epochs: Any, what: str) 
                         f"the {what}'s {epochs} epochs).")
 
 
+def teacher_epoch(config) -> int | None:
+    """The epoch of its own training the teacher is taken from, or None for its final state.
+
+    ``teacher.early_epoch`` counts only where it has a meaning: ESKD's ``early_teacher`` reading
+    of a KD run, or any FitNet / teacher run; a KD run in another mode ignores it (and its result
+    rows say ``reading: none`` and ``teacher ... final``).
+    """
+    c = config
+    if c.experiment == "kd" and not (c.kd.mode == "eskd" and c.kd.reading == "early_teacher"):
+        return None
+    return c.teacher.early_epoch
+
+
 def teacher_epochs(config) -> int:
     """Training length of a teacher trained in the run (``teacher.num_epochs`` or ``num_epochs``)."""
     return config.teacher.num_epochs if config.teacher.num_epochs is not None else config.num_epochs
@@ -377,10 +390,6 @@ def _validate_teacher(p: list, c, experiment: str) -> None:
                          "kd.reading='stop_kd' (the epoch from which the KD weight is 0).")
             else:
                 _epoch_in_run(p, "kd.stop_epoch", k.stop_epoch, c.num_epochs, "student")
-        elif k.stop_epoch is not None:
-            p.append(f"config.kd.stop_epoch={k.stop_epoch} is set but only kd.mode='eskd' with "
-                     f"kd.reading='stop_kd' uses it (kd.mode={k.mode!r}, kd.reading={k.reading!r}); "
-                     f"unset it (--config.kd.stop_epoch=None) or switch the mode.")
         if k.mode == "scratch" and t.source != "none":
             p.append(f"config.kd.mode='scratch' trains on labels only but config.teacher.source="
                      f"{t.source!r}; set teacher.source='none' (or kd.mode='full'/'eskd').")
@@ -413,10 +422,7 @@ def _validate_teacher(p: list, c, experiment: str) -> None:
     if early and t.early_epoch is None:
         p.append("config.teacher.early_epoch is required for kd.mode='eskd' with "
                  "kd.reading='early_teacher' (the epoch of the teacher's own training to use).")
-    if not early and t.early_epoch is not None and experiment == "kd":
-        p.append(f"config.teacher.early_epoch={t.early_epoch} is set but only kd.mode='eskd' with "
-                 f"kd.reading='early_teacher' uses it; unset it or switch kd.reading.")
-    if t.early_epoch is not None:
+    if t.early_epoch is not None and (early or experiment != "kd"):
         if t.source == "torchvision":
             p.append("config.teacher.early_epoch: torchvision publishes only final weights; an "
                      "early-epoch teacher needs teacher.source='train' or 'checkpoint' (a "
@@ -832,7 +838,7 @@ def resolve_checkpoint_dir(path: str, early_epoch: int | None) -> str:
 def load_checkpoint_teacher(config, data: Data) -> TeacherModel:
     """``teacher.source='checkpoint'``: variables exported by a kdjax run (see the module doc)."""
     t = config.teacher
-    directory = resolve_checkpoint_dir(t.path, t.early_epoch)
+    directory = resolve_checkpoint_dir(t.path, teacher_epoch(config))
     module = build_model(t.model, data.num_classes, t.dtype, key="teacher.model")
     meta = read_json(os.path.join(directory, META_FILE))
     if meta.get("model") not in (None, t.model):
@@ -841,7 +847,7 @@ def load_checkpoint_teacher(config, data: Data) -> TeacherModel:
     variables = load_variables(directory, abstract_variables(module, data.sample_input))
     epoch = meta.get("epoch")
     return TeacherModel(label=f"{t.model} (checkpoint, epoch {epoch})", spec=t.model, module=module,
-                        variables=variables, source="checkpoint", epoch=t.early_epoch)
+                        variables=variables, source="checkpoint", epoch=teacher_epoch(config))
 
 
 def load_torchvision_teacher(config, data: Data) -> TeacherModel:
@@ -1130,12 +1136,13 @@ def _stage_tx(config, data: Data, num_epochs: int, trainable=None, kind: str | N
     return make_optimizer(opt, schedule, trainable)
 
 
-def teacher_stage(ctx: Context, *, export_epochs: Sequence[int] = ()) -> Stage:
-    """The stage that trains ``config.teacher.model`` on labels (CE) for ``teacher_epochs``."""
+def teacher_stage(ctx: Context) -> Stage:
+    """The stage that trains ``config.teacher.model`` on labels (CE) for ``teacher_epochs``,
+    keeping the epochs ``teacher.early_epoch`` and ``run.save_epochs``."""
     c = ctx.config
     epochs = teacher_epochs(c)
     module = build_model(c.teacher.model, ctx.data.num_classes, c.teacher.dtype, key="teacher.model")
-    keep = set(export_epochs) | set(c.run.save_epochs)
+    keep = set(c.run.save_epochs)
     if c.teacher.early_epoch is not None:
         keep.add(c.teacher.early_epoch)
     return Stage(name=TEACHER_STAGE, role="teacher", model=c.teacher.model, module=module,
@@ -1159,7 +1166,7 @@ def obtain_teacher(ctx: Context) -> tuple[TeacherModel | None, list[StageOutcome
     outcome = run_stage(stage, ctx)
     if outcome.stopped_early:
         return None, [outcome]
-    epoch = c.teacher.early_epoch
+    epoch = teacher_epoch(c)
     variables = outcome.variables(stage.module, data.sample_input, epoch)
     label = f"{c.teacher.model} (trained here, " + (f"epoch {epoch})" if epoch else "final)")
     return TeacherModel(label=label, spec=c.teacher.model, module=stage.module, variables=variables,

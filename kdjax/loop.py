@@ -57,6 +57,7 @@ from jax.sharding import Mesh
 
 from kdjax import checkpointing, metrics as metrics_lib, sharding, train
 from kdjax.data.pipeline import prefetch_to_device
+from kdjax.logit_store import LogitStore
 from kdjax.preemption import PreemptionWatcher
 from kdjax.recipe import Term
 from kdjax.teachers import Teacher
@@ -171,12 +172,14 @@ def _validate_args(*, workdir, student, tx, train_iter, eval_iter_fn, num_steps,
     if teacher is not None and teacher.live and teacher_variables is None:
         raise ValueError("a live teacher needs its frozen variables: pass teacher_variables= "
                          "(e.g. the teacher's {'params': ..., 'batch_stats': ...}).")
-    if (teacher is not None and not teacher.live and eval_iter_fn is not None
-            and eval_batch_transform is None):
+    store = getattr(batch_transform, "__self__", None)
+    if (eval_iter_fn is not None and eval_batch_transform is None
+            and isinstance(store, LogitStore)):
         raise ValueError(
-            "a precomputed teacher is evaluated on the eval split, whose example ids are not the "
-            "train store's: pass eval_batch_transform=LogitStore.open(<store of the eval split>)"
-            ".add_to_batch (batch_transform applies to train batches only).")
+            f"batch_transform is the add_to_batch of the logit store of split "
+            f"{store.spec.split!r}, and without eval_batch_transform it would also be applied to "
+            f"the eval batches, whose example ids index another split; pass eval_batch_transform="
+            f"LogitStore.open(<store of the eval split>).add_to_batch.")
     if best_metric is not None:
         allowed = EVAL_METRICS + (TEACHER_EVAL_METRICS if teacher is not None else ())
         if best_metric not in allowed:
@@ -491,10 +494,14 @@ def fit(*, workdir: str, student, tx: optax.GradientTransformation, recipe: Sequ
       best_metric: eval metric that ranks checkpoints and picks ``FitResult.best`` (None: off).
       nonfinite: ``'stop'`` (raise :class:`NonFiniteLossError`) or ``'skip'``.
       batch_transform: host function ``batch -> batch`` applied to every train batch after the
-        checks (e.g. ``LogitStore.add_to_batch`` of the train split's store); it runs in the
-        prefetch thread, ahead of the step that uses the batch.
-      eval_batch_transform: the same for eval batches (e.g. the eval split's store: example ids
-        are per split, so the train store must not be used); None: eval batches go unchanged.
+        checks (e.g. ``LogitStore.add_to_batch``); it runs in the prefetch thread, ahead of the
+        step that uses the batch. Also applied to eval batches unless ``eval_batch_transform`` is
+        given. Train batches carry an ``'epoch'`` key and eval batches do not, so one function can
+        serve both splits.
+      eval_batch_transform: the transform for eval batches instead of ``batch_transform``. Example
+        ids index their own split, so with a precomputed teacher pass the eval split's
+        ``LogitStore.add_to_batch`` here; passing one store's ``add_to_batch`` as
+        ``batch_transform`` alone is refused when there is an eval.
       init_params: initial ``{'params', 'batch_stats'}`` (partial allowed) for a fresh run, merged
         as in :func:`merge_init_params`; ignored when resuming (the checkpoint wins).
       progress: tqdm bar on process 0. name: the bar's label.
@@ -529,6 +536,7 @@ def fit(*, workdir: str, student, tx: optax.GradientTransformation, recipe: Sequ
     mesh = sharding.make_mesh() if mesh is None else mesh
     chief = jax.process_index() == 0
     do_eval_at_all = eval_iter_fn is not None
+    eval_transform = batch_transform if eval_batch_transform is None else eval_batch_transform
     track_best = best_metric is not None and do_eval_at_all
     best_mode = best_mode or ("min" if best_metric in _LOWER_IS_BETTER else "max")
 
@@ -618,7 +626,7 @@ def fit(*, workdir: str, student, tx: optax.GradientTransformation, recipe: Sequ
             eval_record = None
             if evaluate_now:
                 eval_record = evaluate(eval_step, state, t_vars, eval_iter_fn(), mesh,
-                                       eval_batch_transform, check=functools.partial(
+                                       eval_transform, check=functools.partial(
                                            check, where="eval_iter_fn()"))
                 eval_history.append(_strip(writer.write("eval", done, eval_record)))
             if save_now:

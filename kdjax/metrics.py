@@ -132,19 +132,16 @@ class MetricWriter:
         os.makedirs(workdir, exist_ok=True)
         self._jsonl = open(os.path.join(workdir, JSONL_NAME), "a", encoding="utf-8")
         if tensorboard:
-            self._tb = _summary_writer_class()(os.path.join(workdir, TB_DIR), purge_step=purge_step,
-                                     flush_secs=30)
-
-    @property
-    def enabled(self) -> bool:
-        return self._enabled
+            self._tb = _summary_writer_class()(os.path.join(workdir, TB_DIR),
+                                               purge_step=purge_step, flush_secs=30)
 
     def write(self, kind: str, step: int, values: Mapping[str, Any]) -> dict[str, Any]:
         """Logs ``values`` (metric name -> number) at ``step``; returns the JSON record written.
 
         The record is ``{'kind': kind, 'step': step, 'time': unix seconds, **values}`` with
-        non-finite numbers as None; TensorBoard gets every finite number as ``<kind>/<name>``. Flushed to the OS at once so a reader (or a resume after a
-        crash) sees every complete line.
+        non-finite numbers as None; TensorBoard gets every finite number as ``<kind>/<name>``.
+        The line is flushed to the OS at once, so a reader (or a resume after a crash) sees every
+        complete line.
         """
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}; got {kind!r}.")
@@ -159,12 +156,6 @@ class MetricWriter:
                 if key in values and isinstance(value, (int, float)) and not isinstance(value, bool):
                     self._tb.add_scalar(f"{kind}/{key}", float(value), global_step=int(step))
         return record
-
-    def flush(self) -> None:
-        if self._jsonl is not None:
-            self._jsonl.flush()
-        if self._tb is not None:
-            self._tb.flush()
 
     def close(self) -> None:
         """Flushes and closes the files (idempotent)."""

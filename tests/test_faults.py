@@ -15,7 +15,7 @@ import pytest
 from etils import epath
 
 import fit_worker
-from kdjax import checkpointing, data, logit_store, loop, models, teachers
+from kdjax import checkpointing, data, logit_store, models, teachers
 from kdjax.checkpointing import CheckpointDiskFullError, CheckpointSaveError
 
 STEPS = 40
@@ -84,9 +84,6 @@ def train_iter(arrays, global_batch=32, **kwargs):
     (dict(teacher=teachers.from_linen(models.create("mlp", 10))), ValueError,
      r"a live teacher needs its frozen variables: pass teacher_variables="),
     (dict(teacher=object()), TypeError, r"teacher must be a kdjax.teachers.Teacher"),
-    (dict(teacher=teachers.precomputed()), ValueError,
-     r"a precomputed teacher is evaluated on the eval split, whose example ids are not the train "
-     r"store's: pass eval_batch_transform=LogitStore.open\(<store of the eval split>\)"),
     (dict(eval_batch_transform=3), TypeError, r"eval_batch_transform must be a function"),
     (dict(train_iter=[{"image": np.zeros((32, 8, 8, 1))}]), TypeError,
      r"train_iter must be a checkpointable iterator with __next__, get_state and set_state"),
@@ -232,6 +229,17 @@ def test_precomputed_teacher_without_the_store_transform(tmp_path):
             r"LogitStore.add_to_batch")):
         fit_worker.run(str(tmp_path), 5, teacher=teachers.precomputed(),
                        recipe=(recipe.ce(), recipe.kd()), eval_iter_fn=None)
+
+
+def test_one_split_store_used_for_eval_batches_too(tmp_path):
+    store = _store(str(tmp_path / "store"), 1438, 10)
+    with pytest.raises(ValueError, match=(
+            r"batch_transform is the add_to_batch of the logit store of split 'train', and without "
+            r"eval_batch_transform it would also be applied to the eval batches, whose example ids "
+            r"index another split; pass eval_batch_transform=LogitStore.open\(<store of the eval "
+            r"split>\).add_to_batch")):
+        fit_worker.run(str(tmp_path / "run"), 5, teacher=teachers.precomputed(),
+                       batch_transform=store.add_to_batch)
 
 
 def test_store_for_another_split_is_refused_at_open(tmp_path, digits):

@@ -81,6 +81,53 @@ def mlp_forward_f64(params, images):
 
 
 # --------------------------------------------------------------------------------------------
+# Metric files.
+# --------------------------------------------------------------------------------------------
+
+
+def test_metric_writer_records_nonfinite_as_null_and_tensorboard_skips_them(tmp_path):
+    with metrics.MetricWriter(tmp_path) as writer:
+        record = writer.write("train", 3, {"loss": np.float32(0.5), "bad": float("nan"),
+                                           "count": np.int64(7)})
+        writer.write("eval", 3, {"accuracy": 0.75})
+    assert record["kind"] == "train" and record["step"] == 3 and record["bad"] is None
+    assert record["loss"] == 0.5 and record["count"] == 7 and isinstance(record["count"], int)
+    records = metrics.read_jsonl(tmp_path / "metrics.jsonl")
+    assert [(r["kind"], r["step"]) for r in records] == [("train", 3), ("eval", 3)]
+    assert records[0]["bad"] is None and records[1]["accuracy"] == 0.75
+    scalars = read_tb_scalars(tmp_path / "tb")
+    assert scalars == {("train/loss", 3): 0.5, ("train/count", 3): 7.0, ("eval/accuracy", 3): 0.75}
+
+
+def test_metric_writer_disabled_writes_nothing_and_rejects_unknown_kind(tmp_path):
+    with metrics.MetricWriter(tmp_path / "off", enabled=False) as writer:
+        assert writer.write("train", 1, {"loss": 1.0})["loss"] == 1.0
+        with pytest.raises(ValueError, match=r"kind must be one of \('train', 'eval'\); got 'test'"):
+            writer.write("test", 1, {})
+    assert not os.path.exists(tmp_path / "off")
+
+
+def test_read_and_truncate_jsonl(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    assert metrics.read_jsonl(path) == []
+    lines = [json.dumps({"kind": "train", "step": s, "loss": 1.0 / s}) for s in (1, 2, 3)]
+    path.write_text("\n".join(lines) + '\n{"kind": "train", "st')  # torn last line: ignored
+    assert [r["step"] for r in metrics.read_jsonl(path)] == [1, 2, 3]
+    assert [r["step"] for r in metrics.truncate_jsonl(path, 2)] == [1, 2]
+    assert path.read_text() == "".join(
+        json.dumps(r, sort_keys=True) + "\n" for r in metrics.read_jsonl(path))
+    assert [r["step"] for r in metrics.read_jsonl(path)] == [1, 2]
+    path.write_text(lines[0] + "\n{garbled\n" + lines[1] + "\n")
+    with pytest.raises(ValueError, match=r"metrics.jsonl line 2 is not valid JSON .*the metrics "
+                                         r"file is damaged. Move it aside"):
+        metrics.read_jsonl(path)
+    path.write_text(lines[0] + "\n[1, 2]\n")
+    with pytest.raises(ValueError, match=r"line 2 is not a metrics record \(a JSON object with "
+                                         r"'step'\): '\[1, 2\]'"):
+        metrics.read_jsonl(path)
+
+
+# --------------------------------------------------------------------------------------------
 # Learning, logging, eval.
 # --------------------------------------------------------------------------------------------
 
@@ -164,6 +211,24 @@ def test_precomputed_teacher_kd_and_eval_teacher_metrics_match_numpy(tmp_path, d
     log_t, log_s = _log_softmax(teacher), _log_softmax(student)
     np.testing.assert_allclose(ev["kl"], np.mean((np.exp(log_t) * (log_t - log_s)).sum(1)),
                                rtol=1e-4)
+
+
+def test_batch_transform_serves_eval_batches_unless_an_eval_transform_is_given(tmp_path):
+    seen = {"train": 0, "eval": 0, "eval_only": 0}
+
+    def transform(batch):  # train batches carry 'epoch', eval batches do not
+        seen["train" if "epoch" in batch else "eval"] += 1
+        return batch
+
+    def eval_only(batch):
+        seen["eval_only"] += 1
+        return batch
+
+    fit_worker.run(str(tmp_path / "a"), 3, checkpoint_every=0, batch_transform=transform)
+    assert seen["train"] >= 3 and seen["eval"] == 3  # 359 test rows: 3 padded batches of 128
+    fit_worker.run(str(tmp_path / "b"), 3, checkpoint_every=0, batch_transform=transform,
+                   eval_batch_transform=eval_only)
+    assert seen["eval"] == 3 and seen["eval_only"] == 3
 
 
 # --------------------------------------------------------------------------------------------
@@ -439,7 +504,9 @@ def test_subprocess_sigkill_resumes_from_last_periodic_checkpoint_bit_identical(
     ckpt = checkpointing.Checkpointer(workdir / "checkpoints")
     last = ckpt.latest_step()
     ckpt.close()
-    assert last in (20, 30)  # periodic checkpoints only: no graceful save on SIGKILL
+    # Periodic checkpoints only (no graceful save on SIGKILL); 20 is usually the newest, but an
+    # asynchronous write of 20 may not have committed yet on a loaded machine.
+    assert last in (10, 20, 30)
     code, out = _finish(_start_worker(workdir, STEPS, 0.0, compile_cache))
     assert code == 0 and f"FIT_DONE step={STEPS} stopped_early=False" in out, out[-3000:]
     assert_bitwise_equal(_final_params(workdir), reference["params"])

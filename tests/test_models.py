@@ -483,3 +483,15 @@ def test_with_regressor_unknown_guided_layer():
     with pytest.raises(ValueError, match=r"guided='stage9' is not a feature of MLP; available: "
                                          r"\['pre_logits', 'stage1', 'stage2'\]"):
         abstract_init(student, (2, 40))
+
+
+def test_resnet_cifar_stem_keeps_resolution_and_rejects_unknown_stem():
+    model = models.create("resnet18", 10, stem="cifar")
+    x = jnp.zeros((2, 32, 32, 3))
+    (logits, feats), variables = jax.eval_shape(
+        lambda: model.init_with_output(jax.random.PRNGKey(0), x))
+    assert logits.shape == (2, 10)
+    assert feats["stem"].shape == (2, 32, 32, 64) and feats["stage4"].shape == (2, 4, 4, 512)
+    assert variables["params"]["conv1"]["kernel"].shape == (3, 3, 3, 64)
+    with pytest.raises(ValueError, match="stem must be 'imagenet'.*or 'cifar'.*got stem='tiny'"):
+        models.create("resnet18", 10, stem="tiny").init(jax.random.PRNGKey(0), x)

@@ -5,7 +5,9 @@ Layout: NHWC activations, HWIO kernels. The stem is a 7x7/2 conv (padding 3), Ba
 :class:`BasicBlock` (ResNet-18/34) or :class:`Bottleneck` (ResNet-50/101/152) follow, with the stride
 of a down-sampling Bottleneck on its 3x3 conv (torchvision v1.5). Every padding is explicit and
 symmetric, so output sizes equal PyTorch's ``floor((n + 2p - k) / s) + 1`` for odd sizes too (Flax's
-``'SAME'`` would pad asymmetrically when striding).
+``'SAME'`` would pad asymmetrically when striding). ``stem='cifar'`` replaces the stem with the 3x3/1
+conv and no max-pool that CIFAR KD codebases use for 32x32 inputs (strides 1, 2, 4, 8 for the stages);
+torchvision weights then do not apply to ``conv1``.
 
 Module names mirror torchvision's ``state_dict`` keys with ``.`` replaced by ``_`` inside a name:
 ``conv1``, ``bn1``, ``layer1_0/{conv1,bn1,conv2,bn2[,conv3,bn3][,downsample_0,downsample_1]}``, ...,
@@ -163,21 +165,28 @@ class ResNet(nn.Module):
     depth: int
     num_classes: int = 1000
     zero_init_residual: bool = False
+    stem: str = "imagenet"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     def __post_init__(self):
         if self.depth not in STAGE_SIZES:
             raise ValueError(f"ResNet depth must be one of {sorted(STAGE_SIZES)}; got depth={self.depth!r}.")
+        if self.stem not in ("imagenet", "cifar"):
+            raise ValueError(f"ResNet stem must be 'imagenet' (7x7/2 conv + 3x3/2 max-pool) or 'cifar' "
+                             f"(3x3/1 conv, no pool, for 32x32 inputs); got stem={self.stem!r}.")
         super().__post_init__()
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
         check_input(x, (4,), "[B, H, W, C] (NHWC)", f"ResNet-{self.depth}")
         features: dict[str, jax.Array] = {}
-        x = conv_layer(64, 7, 2, self.dtype, self.param_dtype, name="conv1")(x)
+        imagenet_stem = self.stem == "imagenet"
+        x = conv_layer(64, 7 if imagenet_stem else 3, 2 if imagenet_stem else 1, self.dtype,
+                       self.param_dtype, name="conv1")(x)
         x = nn.relu(batch_norm(train, self.dtype, self.param_dtype, name="bn1")(x))
-        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        if imagenet_stem:
+            x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         features["stem"] = x
         block_cls = Bottleneck if BOTTLENECK[self.depth] else BasicBlock
         x = run_stages(x, train, block_cls, STAGE_SIZES[self.depth], (64, 128, 256, 512), (1, 2, 2, 2),
