@@ -16,11 +16,11 @@ GSPMD partitioner inserts the collectives. The mesh's axes are ``AxisType.Auto``
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, Mapping
 
 import jax
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P, Sharding
 
 DATA, FSDP = "data", "fsdp"
 BATCH_AXES = (DATA, FSDP)
@@ -81,12 +81,43 @@ def tree_shardings(tree: Any, mesh: Mesh, mode: ParamMode = "replicate",
         lambda x: NamedSharding(mesh, leaf_spec(tuple(x.shape), mesh, mode, min_size)), tree)
 
 
-def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-    """Assemble each process's rows into one global array sharded over the batch axes.
+def _device_dtype(key: str, local: np.ndarray) -> np.ndarray:
+    """Cast to the dtype JAX will use (int64 -> int32 without x64), refusing values that don't fit."""
+    target = jax.dtypes.canonicalize_dtype(local.dtype)
+    if target == local.dtype:
+        return local
+    if np.issubdtype(local.dtype, np.integer) and local.size:
+        info = np.iinfo(target)
+        if local.min() < info.min or local.max() > info.max:
+            raise ValueError(
+                f"batch[{key!r}] has values in [{local.min()}, {local.max()}] that do not fit "
+                f"{target} (jax_enable_x64 is off); enable x64 or keep this key on the host.")
+    return local.astype(target)
+
+
+def to_global(local_batch: Mapping[str, Any], shardings: Sharding | Mapping[str, Sharding],
+              ) -> dict[str, jax.Array]:
+    """Assemble each process's rows of every batch key into one global array.
 
     Every process passes its own ``[B_local, ...]`` rows; the result is ``[B_local * P, ...]``
-    (``P`` processes), laid out in process order. Works unchanged on one process.
+    (``P`` processes), laid out in process order, with ``shardings`` (one for all keys, or one
+    per key). Works unchanged on one process.
     """
-    sharding = batch_sharding(mesh)
-    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
-            for k, v in local_batch.items()}
+    out = {}
+    for key, value in local_batch.items():
+        if isinstance(shardings, Mapping):
+            if key not in shardings:
+                raise ValueError(
+                    f"the sharding dict has no entry for batch key {key!r} (keys: "
+                    f"{sorted(shardings)}); give one Sharding for all keys or one per key.")
+            target = shardings[key]
+        else:
+            target = shardings
+        out[key] = jax.make_array_from_process_local_data(
+            target, _device_dtype(key, np.asarray(value)))
+    return out
+
+
+def global_batch(local_batch: Mapping[str, Any], mesh: Mesh) -> dict[str, jax.Array]:
+    """:func:`to_global` with every key split over the mesh's batch axes."""
+    return to_global(local_batch, batch_sharding(mesh))

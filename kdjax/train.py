@@ -104,6 +104,15 @@ def _check_class_counts(student_logits, teacher_out):
                 f"teacher trained on the same classes).")
 
 
+def _jit_step(fn, mesh: Mesh, state_shardings, teacher_shardings, **jit_kwargs):
+    """``jax.jit(fn(state, teacher_variables, batch))`` with the state's, the teacher's (replicated
+    when not given) and the batch's shardings."""
+    teacher_shardings = (sharding.replicated(mesh) if teacher_shardings is None
+                         else teacher_shardings)
+    return jax.jit(fn, in_shardings=(state_shardings, teacher_shardings,
+                                     sharding.batch_sharding(mesh)), **jit_kwargs)
+
+
 def make_train_step(student_apply: StudentApply, tx: optax.GradientTransformation,
                     recipe: Sequence[Term], teacher: Teacher | None = None, *, mesh: Mesh,
                     state_shardings: Any, teacher_shardings: Any = None,
@@ -152,14 +161,9 @@ def make_train_step(student_apply: StudentApply, tx: optax.GradientTransformatio
             metrics["teacher_accuracy"] = _accuracy(teacher_out.logits, batch["label"], mask)
         return new_state, metrics
 
-    replicated = sharding.replicated(mesh)
-    return jax.jit(
-        step_fn,
-        in_shardings=(state_shardings,
-                      replicated if teacher_shardings is None else teacher_shardings,
-                      sharding.batch_sharding(mesh)),
-        out_shardings=(state_shardings, replicated),
-        donate_argnums=(0,) if donate else ())
+    return _jit_step(step_fn, mesh, state_shardings, teacher_shardings,
+                     out_shardings=(state_shardings, sharding.replicated(mesh)),
+                     donate_argnums=(0,) if donate else ())
 
 
 def make_eval_step(student_apply: StudentApply, teacher: Teacher | None = None, *, mesh: Mesh,
@@ -192,10 +196,5 @@ def make_eval_step(student_apply: StudentApply, teacher: Teacher | None = None, 
                             kl=(w * losses.kd_kl(out.logits, t.logits, 1.0)).sum())
         return sums
 
-    replicated = sharding.replicated(mesh)
-    return jax.jit(
-        eval_fn,
-        in_shardings=(state_shardings,
-                      replicated if teacher_shardings is None else teacher_shardings,
-                      sharding.batch_sharding(mesh)),
-        out_shardings=replicated)
+    return _jit_step(eval_fn, mesh, state_shardings, teacher_shardings,
+                     out_shardings=sharding.replicated(mesh))

@@ -11,7 +11,7 @@ early-stopped KD (ESKD). ``ARG`` picks the cell::
 
 ARG keys:
   teacher: ``none`` | ``resnet18`` | ``resnet34`` | ``resnet50`` (``none`` forces ``mode=scratch``).
-  mode: ``scratch`` | ``full`` | ``eskd``.
+  mode: ``scratch`` | ``full`` | ``eskd`` (``scratch`` drops the teacher).
   reading: which "early stopping" ``eskd`` means: ``stop_kd`` (the KD term switched off after
     ``kd.stop_epoch``, training finishes on cross-entropy alone) or ``early_teacher`` (the teacher
     taken from epoch ``teacher.early_epoch`` of its own training; needs ``source=train`` or a
@@ -88,7 +88,9 @@ def get_config(arg=None):
                        path="", precomputed=False, ta="", smoke=False)
     if a.teacher not in TEACHERS:
         raise ValueError(f"config arg teacher={a.teacher!r}; valid: {', '.join(TEACHERS)}.")
-    mode = "scratch" if a.teacher == "none" else a.mode
+    if a.teacher == "none" or a.mode == "scratch":  # a scratch student has no teacher
+        a.teacher, a.mode = "none", "scratch"
+    mode = a.mode
     c = base.kd_config()
     c.experiment = "kd"
     c.seed = 0

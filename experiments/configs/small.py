@@ -97,7 +97,9 @@ def eskd_config(dataset: str, arg=None):
     if a.teacher not in TEACHER_NAMES:
         raise ValueError(f"config arg teacher={a.teacher!r}; valid: {', '.join(TEACHER_NAMES)}.")
     c, s = _common(dataset)
-    mode = "scratch" if a.teacher == "none" else a.mode
+    if a.teacher == "none" or a.mode == "scratch":  # a scratch student has no teacher
+        a.teacher, a.mode = "none", "scratch"
+    mode = a.mode
     c.experiment = "kd"
     if a.teacher != "none":
         c.teacher.model = s["teachers"][a.teacher]

@@ -44,6 +44,8 @@ import grain
 import jax
 import numpy as np
 
+from kdjax.sharding import to_global
+
 Transform = Callable[[Mapping[str, Any], "np.random.Generator | None"], Mapping[str, Any]]
 """``transform(record, rng) -> {'image': ..., 'label': ..., ...}``. ``rng`` is None in eval."""
 
@@ -346,35 +348,6 @@ def make_eval_iterator(
     return iter(ds.to_iter_dataset(options).batch(local, drop_remainder=True))
 
 
-def _to_global(
-    batch: Mapping[str, Any], shardings: Mapping[str, jax.sharding.Sharding] | jax.sharding.Sharding
-) -> dict[str, jax.Array]:
-    out = {}
-    for key, value in batch.items():
-        local = np.asarray(value)
-        target = jax.dtypes.canonicalize_dtype(local.dtype)
-        if target != local.dtype:
-            if np.issubdtype(local.dtype, np.integer):
-                info = np.iinfo(target)
-                if local.size and (local.min() < info.min or local.max() > info.max):
-                    raise ValueError(
-                        f"batch[{key!r}] has values in [{local.min()}, {local.max()}] that do not fit "
-                        f"{target} (jax_enable_x64 is off); enable x64 or keep this key on the host."
-                    )
-            local = local.astype(target)
-        if isinstance(shardings, Mapping):
-            if key not in shardings:
-                raise ValueError(
-                    f"the sharding dict has no entry for batch key {key!r} (keys: {sorted(shardings)}); "
-                    "give one Sharding for all keys or one per key."
-                )
-            sharding = shardings[key]
-        else:
-            sharding = shardings
-        out[key] = jax.make_array_from_process_local_data(sharding, local)
-    return out
-
-
 _END = object()
 
 
@@ -405,7 +378,7 @@ def _produce(
                 put((_END, None))
                 return
             state = copy.deepcopy(inner.get_state()) if checkpointable else None
-            arrays = _to_global(batch, shardings)
+            arrays = to_global(batch, shardings)
             if device_fn is not None:
                 arrays = device_fn(arrays)
             if not put((arrays, state)):

@@ -1,0 +1,739 @@
+"""Experiment entry points end to end on scikit-learn digits (the ImageNet configs' ``smoke`` cells
+and the small configs, a few CPU steps each), their configs, config errors, the report, and
+resuming after a preemption stop.
+
+One teacher is trained once per module (``train_teacher`` on the ImageNet ESKD config's smoke cell,
+keeping epoch 1) and serves as the ``teacher.source=checkpoint`` teacher of most runs. Runs call
+each entry point's ``main(argv)`` in-process, as the command line does.
+"""
+
+import glob
+import json
+import os
+import signal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from experiments import (common, imagenet_eskd, imagenet_fitnet, precompute_teacher_logits,
+                         report, train_teacher)
+from experiments.configs import (base, digits_eskd, digits_fitnet, imagenet_eskd as imagenet_cfg,
+                                 imagenet_fitnet as fitnet_cfg, mnist1d_eskd, mnist1d_fitnet)
+from kdjax import data as data_lib, loop, models, train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DIGITS_ESKD = os.path.join(REPO, "experiments", "configs", "digits_eskd.py")
+DIGITS_FITNET = os.path.join(REPO, "experiments", "configs", "digits_fitnet.py")
+IMAGENET_ESKD = os.path.join(REPO, "experiments", "configs", "imagenet_eskd.py")
+IMAGENET_FITNET = os.path.join(REPO, "experiments", "configs", "imagenet_fitnet.py")
+TEACHER = imagenet_cfg.SMOKE_MODELS["resnet50"]  # the smoke cells' stand-in for ResNet-50
+SPE = 1437 // 128  # digits smoke: 1437 train images, batch 128 -> 11 steps per epoch
+
+
+def cell(arg, teacher_dir=None):
+    """``--config=`` of an ImageNet ESKD smoke cell (with the module's checkpoint teacher)."""
+    path = f",source=checkpoint,path={teacher_dir}" if teacher_dir else ""
+    return f"--config={IMAGENET_ESKD}:{arg}{path},smoke"
+
+
+def summary(workdir, stage):
+    with open(os.path.join(workdir, "stages", stage, "summary.json")) as f:
+        return json.load(f)
+
+
+def records(workdir, stage, kind):
+    train, evals = report.read_stage_metrics(os.path.join(workdir, "stages", stage))
+    return train if kind == "train" else evals
+
+
+def flat(tree):
+    return {jax.tree_util.keystr(p): np.asarray(v)
+            for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory):
+    """A trained digits teacher (2 epochs, epoch 1 kept), from the train_teacher entry point."""
+    workdir = str(tmp_path_factory.mktemp("teacher"))
+    status = train_teacher.main([cell("teacher=resnet50,mode=eskd,reading=early_teacher"),
+                                 f"--workdir={workdir}"])
+    assert status == 0
+    return workdir
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return data_lib.digits_arrays()
+
+
+def teacher_accuracy(teacher_dir, digits, sub="final"):
+    """Top-1 of the exported teacher on the digits test split, computed here with flax directly."""
+    module = models.create("cnn2d", 10, width=8)
+    variables = common.load_variables(os.path.join(teacher_dir, "stages", "teacher", sub))
+    logits, _ = module.apply({"params": variables["params"]}, digits["test"]["image"])
+    return float(np.mean(np.argmax(np.asarray(logits), -1) == digits["test"]["label"]))
+
+
+# ------------------------------------------------------------------------------------------------
+# train_teacher: exports and early epochs.
+# ------------------------------------------------------------------------------------------------
+
+
+def test_train_teacher_exports_final_and_early_epoch(teacher_dir, digits):
+    stage = os.path.join(teacher_dir, "stages", "teacher")
+    early = common.read_json(os.path.join(stage, "epochs", "epoch_1", "meta.json"))
+    final = common.read_json(os.path.join(stage, "final", "meta.json"))
+    assert (early["epoch"], early["step"], early["model"]) == (1, SPE, TEACHER)
+    assert (final["epoch"], final["step"]) == (2, 2 * SPE)
+    # The exported states are the ones the run evaluated at those steps.
+    assert teacher_accuracy(teacher_dir, digits) == pytest.approx(final["eval"]["accuracy"], abs=1e-9)
+    assert teacher_accuracy(teacher_dir, digits, "epochs/epoch_1") == pytest.approx(
+        early["eval"]["accuracy"], abs=1e-9)
+    s = summary(teacher_dir, "teacher")
+    assert s["role"] == "teacher" and s["exported_epochs"] == [1] and s["steps"] == 2 * SPE
+    assert os.path.exists(os.path.join(teacher_dir, "report.md"))
+
+
+# ------------------------------------------------------------------------------------------------
+# ESKD entry point: scratch, full KD, both ESKD readings, report.
+# ------------------------------------------------------------------------------------------------
+
+
+def test_scratch_student_trains_on_labels_only(tmp_path):
+    workdir = str(tmp_path / "scratch")
+    assert imagenet_eskd.main([f"--config={DIGITS_ESKD}:teacher=none,smoke",
+                               f"--workdir={workdir}"]) == 0
+    s = summary(workdir, "student")
+    assert (s["kd_mode"], s["reading"], s["teacher"]) == ("scratch", "none", None)
+    train = records(workdir, "student", "train")
+    assert train[-1]["step"] == 2 * SPE
+    assert all("loss/kd" not in r and r["weight/ce"] == 1.0 for r in train)
+    assert "teacher_accuracy" not in s["final"]
+    assert sorted(os.listdir(os.path.join(workdir, "stages"))) == ["student"]
+
+
+@pytest.fixture(scope="module")
+def full_kd_dir(tmp_path_factory, teacher_dir):
+    """The full-KD smoke cell distilled from the module's teacher (live)."""
+    workdir = str(tmp_path_factory.mktemp("full"))
+    assert imagenet_eskd.main([cell("teacher=resnet50,mode=full", teacher_dir),
+                               f"--workdir={workdir}"]) == 0
+    return workdir
+
+
+def test_full_kd_from_checkpoint_teacher_and_report(full_kd_dir, teacher_dir, digits):
+    workdir = full_kd_dir
+    s = summary(workdir, "student")
+    assert s["kd_mode"] == "full" and s["reading"] == "none" and "checkpoint, epoch 2" in s["teacher"]
+    # The student was distilled from the exported final teacher: its eval sees that teacher.
+    assert s["final"]["teacher_accuracy"] == pytest.approx(teacher_accuracy(teacher_dir, digits),
+                                                           abs=1e-9)
+    train = records(workdir, "student", "train")
+    assert all(r["weight/kd"] == pytest.approx(0.9) and r["weight/ce"] == pytest.approx(0.1)
+               for r in train)
+    assert all(r["loss/kd"] > 0 for r in train)
+    # Report: table row, reading note, three PNG plots.
+    text = open(os.path.join(workdir, "report.md")).read()
+    assert f"| student | `{imagenet_cfg.SMOKE_MODELS['resnet18']}` |" in text
+    assert "early stopping" in text
+    assert "`stop_kd`" in text and "`early_teacher`" in text
+    for name in (report.LOSS_PLOT, report.ACCURACY_PLOT, report.MIMIC_PLOT):
+        with open(os.path.join(workdir, name), "rb") as f:
+            head = f.read(8)
+        assert head == b"\x89PNG\r\n\x1a\n" and os.path.getsize(os.path.join(workdir, name)) > 5000
+        assert f"]({name})" in text
+    results = common.read_json(os.path.join(workdir, "results.json"))
+    assert [st["stage"] for st in results["stages"]] == ["student"]
+
+
+def test_eskd_stop_kd_switches_kd_off_at_the_stop_epoch(tmp_path, teacher_dir):
+    workdir = str(tmp_path / "eskd")
+    assert imagenet_eskd.main([cell("teacher=resnet50,mode=eskd", teacher_dir),
+                               "--config.run.log_every_steps=1", f"--workdir={workdir}"]) == 0
+    s = summary(workdir, "student")
+    assert s["reading"] == "stop_kd (KD term off from epoch 1)" and s["kd_stop_step"] == SPE
+    train = records(workdir, "student", "train")
+    assert len(train) == 2 * SPE  # one record per step
+    for r in train:
+        before = r["step"] <= SPE  # record step = updates done; update index step - 1 < SPE
+        assert r["weight/kd"] == pytest.approx(0.9 if before else 0.0)
+        assert r["weight/ce"] == pytest.approx(0.1 if before else 1.0)
+        kd_part = r["weight/kd"] * r["loss/kd"]
+        assert r["loss/total"] == pytest.approx(r["weight/ce"] * r["loss/ce"] + kd_part, rel=1e-5)
+    assert "stop_kd (KD term off from epoch 1)" in open(os.path.join(workdir, "report.md")).read()
+
+
+def test_eskd_early_teacher_uses_the_teachers_early_epoch(tmp_path, teacher_dir, digits):
+    workdir = str(tmp_path / "early")
+    assert imagenet_eskd.main([cell("teacher=resnet50,mode=eskd,reading=early_teacher", teacher_dir),
+                               f"--workdir={workdir}"]) == 0
+    s = summary(workdir, "student")
+    assert s["reading"] == "early_teacher (teacher from its epoch 1)"
+    assert "epoch 1" in s["teacher"]
+    stage = os.path.join(teacher_dir, "stages", "teacher")
+    early_params = flat(common.load_variables(os.path.join(stage, "epochs", "epoch_1"))["params"])
+    final_params = flat(common.load_variables(os.path.join(stage, "final"))["params"])
+    assert any(not np.array_equal(early_params[k], final_params[k]) for k in early_params)
+    early = teacher_accuracy(teacher_dir, digits, "epochs/epoch_1")
+    assert s["final"]["teacher_accuracy"] == pytest.approx(early, abs=1e-9)
+    train = records(workdir, "student", "train")
+    assert all(r["weight/kd"] == pytest.approx(0.9) for r in train)
+
+
+@pytest.mark.slow
+def test_eskd_smoke_with_teacher_trained_in_the_run(tmp_path):
+    """The CI smoke cell of the ImageNet grid: the teacher stage, then the ESKD student."""
+    workdir = str(tmp_path / "inrun")
+    assert imagenet_eskd.main([f"--config={IMAGENET_ESKD}:teacher=resnet50,mode=eskd,"
+                               "reading=early_teacher,smoke", f"--workdir={workdir}"]) == 0
+    assert [s["stage"] for s in report.load_results(workdir)] == ["teacher", "student"]
+    assert os.path.isdir(os.path.join(workdir, "stages", "teacher", "epochs", "epoch_1"))
+    assert summary(workdir, "student")["teacher"] == "cnn2d:width=8 (trained here, epoch 1)"
+
+
+def test_teacher_assistant_chain_distils_through_the_assistant(tmp_path, teacher_dir):
+    workdir = str(tmp_path / "chain")
+    assert imagenet_eskd.main([cell("teacher=resnet50,mode=full,ta=resnet34", teacher_dir),
+                               f"--workdir={workdir}"]) == 0
+    stages = [s["stage"] for s in report.load_results(workdir)]
+    assert stages == ["assistant1", "student"]
+    assistant, student = summary(workdir, "assistant1"), summary(workdir, "student")
+    middle = imagenet_cfg.SMOKE_MODELS["resnet34"]
+    assert assistant["model"] == middle and TEACHER in assistant["teacher"]
+    assert student["teacher"] == f"assistant1 ({middle})" and student["chain"] == [middle]
+    # The student's teacher is the trained assistant: same accuracy on the same eval split.
+    assert student["final"]["teacher_accuracy"] == pytest.approx(assistant["final"]["accuracy"],
+                                                                 abs=1e-9)
+
+
+# ------------------------------------------------------------------------------------------------
+# Precomputed teacher and torchvision teacher.
+# ------------------------------------------------------------------------------------------------
+
+
+def test_precomputed_store_matches_the_teacher_and_gives_the_live_losses(tmp_path, teacher_dir,
+                                                                         full_kd_dir, digits):
+    store = str(tmp_path / "store")
+    full = cell("teacher=resnet50,mode=full", teacher_dir)
+    assert precompute_teacher_logits.main([full, f"--store={store}"]) == 0
+    module = models.create("cnn2d", 10, width=8)
+    variables = common.load_variables(os.path.join(teacher_dir, "stages", "teacher", "final"))
+    from kdjax import logit_store
+
+    for split in ("train", "test"):
+        opened = logit_store.LogitStore.open(os.path.join(store, split))
+        n = len(digits[split]["label"])
+        assert opened.spec.num_examples == n and opened.spec.dtype == "float32"
+        logits, _ = module.apply({"params": variables["params"]}, digits[split]["image"])
+        stored = opened.lookup(np.arange(n))["teacher_logits"]
+        np.testing.assert_allclose(stored, np.asarray(logits), rtol=1e-5, atol=1e-5)
+
+    live, pre = full_kd_dir, str(tmp_path / "pre")
+    assert imagenet_eskd.main([full.replace(",smoke", ",precomputed,smoke"),
+                               f"--config.teacher.store={store}", f"--workdir={pre}"]) == 0
+    assert summary(pre, "student")["precomputed"] is True
+    live_train, pre_train = records(live, "student", "train"), records(pre, "student", "train")
+    assert [r["step"] for r in live_train] == [r["step"] for r in pre_train]
+    for a, b in zip(live_train, pre_train):
+        for key in ("loss/ce", "loss/kd", "loss/total", "teacher_accuracy"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
+    for key in ("accuracy", "teacher_accuracy", "agreement", "kl"):
+        assert summary(pre, "student")["final"][key] == pytest.approx(
+            summary(live, "student")["final"][key], rel=1e-4, abs=1e-6)
+
+
+def random_torchvision_resnet18(num_classes, seed=0):
+    """A torchvision-layout ResNet-18 state_dict with random values (He-scaled convs)."""
+    rng = np.random.default_rng(seed)
+    sd = {}
+
+    def conv(name, cout, cin, k):
+        sd[f"{name}.weight"] = (rng.standard_normal((cout, cin, k, k)) * np.sqrt(2.0 / (cin * k * k))
+                                ).astype(np.float32)
+
+    def bn(name, c):
+        sd[f"{name}.weight"] = rng.uniform(0.5, 1.5, c).astype(np.float32)
+        sd[f"{name}.bias"] = (0.1 * rng.standard_normal(c)).astype(np.float32)
+        sd[f"{name}.running_mean"] = (0.1 * rng.standard_normal(c)).astype(np.float32)
+        sd[f"{name}.running_var"] = rng.uniform(0.5, 1.5, c).astype(np.float32)
+        sd[f"{name}.num_batches_tracked"] = np.array(3, np.int64)
+
+    conv("conv1", 64, 3, 7)
+    bn("bn1", 64)
+    cin = 64
+    for i in range(4):
+        width = 64 * 2 ** i
+        for j in range(2):
+            p = f"layer{i + 1}.{j}"
+            stride = 2 if i > 0 and j == 0 else 1
+            conv(f"{p}.conv1", width, cin, 3)
+            bn(f"{p}.bn1", width)
+            conv(f"{p}.conv2", width, width, 3)
+            bn(f"{p}.bn2", width)
+            if stride != 1 or cin != width:
+                conv(f"{p}.downsample.0", width, cin, 1)
+                bn(f"{p}.downsample.1", width)
+            cin = width
+    sd["fc.weight"] = rng.uniform(-0.05, 0.05, (num_classes, cin)).astype(np.float32)
+    sd["fc.bias"] = rng.uniform(-0.05, 0.05, num_classes).astype(np.float32)
+    return sd
+
+
+def test_torchvision_teacher_loads_the_converted_weights(tmp_path, digits):
+    from kdjax import convert
+
+    path = str(tmp_path / "resnet18.npz")
+    np.savez(path, **random_torchvision_resnet18(10))
+    config = digits_eskd.get_config("teacher=large,mode=full,smoke").unlock()
+    config.teacher.model, config.teacher.source, config.teacher.path = "resnet18", "torchvision", path
+    config.dataset.rgb = True
+    common.validate_config(config, "kd")
+    data = common.build_data(config.dataset, config.seed)
+    teacher = common.load_torchvision_teacher(config, data)
+    assert teacher.label == "resnet18 (torchvision: resnet18.npz)"
+    x = data.sources["test"][np.arange(16)]["image"]
+    np.testing.assert_array_equal(x, np.repeat(digits["test"]["image"][:16], 3, axis=-1))
+    got, _ = teacher.module.apply(teacher.variables, x)
+    want, _ = models.create("resnet18", 10).apply(convert.load_torchvision_resnet(path, 18), x)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_torchvision_teacher_from_a_random_npz(tmp_path, digits):
+    from kdjax import convert
+
+    path = str(tmp_path / "resnet18.npz")
+    np.savez(path, **random_torchvision_resnet18(10))
+    workdir = str(tmp_path / "tv")
+    assert imagenet_eskd.main([f"--config={DIGITS_ESKD}:teacher=large,mode=full,smoke",
+                               "--config.teacher.model=resnet18",
+                               "--config.teacher.source=torchvision", f"--config.teacher.path={path}",
+                               "--config.dataset.rgb=True", f"--workdir={workdir}"]) == 0
+    s = summary(workdir, "student")
+    assert s["teacher"] == "resnet18 (torchvision: resnet18.npz)"
+    # Independent: the converted ResNet-18 on the grey digits repeated to 3 channels.
+    variables = convert.load_torchvision_resnet(path, 18)
+    rgb = np.repeat(digits["test"]["image"], 3, axis=-1)
+    logits, _ = models.create("resnet18", 10).apply(variables, rgb)
+    expected = float(np.mean(np.argmax(np.asarray(logits), -1) == digits["test"]["label"]))
+    assert s["final"]["teacher_accuracy"] == pytest.approx(expected, abs=1e-9)
+
+
+def test_torchvision_teacher_errors_name_the_fix(tmp_path):
+    path = str(tmp_path / "resnet18.npz")
+    np.savez(path, **random_torchvision_resnet18(7))
+    argv = [f"--config={DIGITS_ESKD}:teacher=large,mode=full,smoke",
+            "--config.teacher.model=resnet18", "--config.teacher.source=torchvision",
+            f"--config.teacher.path={path}", f"--workdir={tmp_path / 'w'}"]
+    with pytest.raises(common.ConfigError, match=r"7-class fc layer but digits has 10 classes"):
+        imagenet_eskd.main(argv)
+    np.savez(path, **random_torchvision_resnet18(10))
+    with pytest.raises(common.ConfigError, match=r"expects 3-channel images .* set dataset.rgb=True"):
+        imagenet_eskd.main(argv)
+
+
+# ------------------------------------------------------------------------------------------------
+# FitNet.
+# ------------------------------------------------------------------------------------------------
+
+
+def test_fitnet_stage1_trains_only_up_to_the_guided_layer(tmp_path, teacher_dir):
+    workdir = str(tmp_path / "fitnet")
+    assert imagenet_fitnet.main([f"--config={IMAGENET_FITNET}:source=checkpoint,path={teacher_dir},"
+                                 "smoke", f"--workdir={workdir}"]) == 0
+    config = fitnet_cfg.get_config(f"source=checkpoint,path={teacher_dir},smoke")
+    assert (config.student.model, config.teacher.model) == ("cnn2d_thin_deep:width=4", TEACHER)
+    # Stage 1's initial state, rebuilt as fit builds it (same module, optimizer shape, seed).
+    bare = models.create("cnn2d_thin_deep", 10, width=4)
+    student1 = models.WithRegressor(bare, guided="stage1", hint_channels=8)
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1), ("data", "fsdp"))
+    init, _ = train.init_train_state(student1, optax.sgd(0.1), np.zeros((1, 8, 8, 1), np.float32),
+                                     seed=config.seed, mesh=mesh)
+    stage1 = common.load_variables(os.path.join(workdir, "stages", "fitnet_stage1", "final"))
+    before, after = flat(jax.device_get(init.params)), flat(stage1["params"])
+    assert sorted(before) == sorted(after)
+    changed = {k.split("'")[1] for k in before if not np.array_equal(before[k], after[k])}
+    # cnn2d_thin_deep: depth 6 = two stages of 3 convs; the guided tap 'stage1' is conv1..conv3.
+    assert changed == {"conv1", "conv2", "conv3", "regressor"}
+    s1, s2 = summary(workdir, "fitnet_stage1"), summary(workdir, "fitnet_stage2")
+    assert s1["trained_modules"] == ["conv1", "conv2", "conv3", "regressor"]
+    assert s1["final"] is None and "loss/hint/stage1_regressed" in s1["final_train"]
+    # Stage 2: the bare student (no regressor), KD with lambda annealed 4 -> 1 (weight lambda/T^2).
+    stage2 = common.load_variables(os.path.join(workdir, "stages", "fitnet_stage2", "final"))
+    assert "regressor" not in stage2["params"]
+    train2 = records(workdir, "fitnet_stage2", "train")
+    weights = [r["weight/kd"] for r in train2]
+    assert weights[0] < 4.0 / 9.0 and weights[-1] >= 1.0 / 9.0 - 1e-6
+    assert all(a > b for a, b in zip(weights, weights[1:]))
+    assert s2["kd_mode"] == "fitnet" and s2["final"]["accuracy"] > 0
+    text = open(os.path.join(workdir, "report.md")).read()
+    assert "trained modules conv1, conv2, conv3, regressor" in text
+
+
+def test_guided_modules_follow_the_architecture():
+    x = np.zeros((1, 40, 1), np.float32)
+    cnn = models.create("cnn1d_thin_deep", 10)  # depth 9: three stages of 3 convs
+    variables = cnn.init(jax.random.key(0), x)
+    assert common.guided_modules(cnn, variables, x, "stage2") == {f"conv{i}" for i in range(1, 7)}
+    mlp = models.create("mlp", 10, depth=3)
+    variables = mlp.init(jax.random.key(0), x)
+    assert common.guided_modules(mlp, variables, x, "stage1") == {"dense1"}
+    with pytest.raises(common.ConfigError, match=r"guided_layer='stage9' is not a feature"):
+        common.guided_modules(mlp, variables, x, "stage9")
+
+
+def test_frozen_modules_get_no_update_not_even_weight_decay():
+    opt = base.kd_config().optimizer
+    opt.weight_decay = 0.1
+    tx = common.make_optimizer(opt, 0.5, trainable=lambda name: name == "a")
+    params = {"a": {"w": jnp.ones(3)}, "b": {"w": jnp.ones(3)}}
+    grads = {"a": {"w": jnp.full(3, 2.0)}, "b": {"w": jnp.full(3, 2.0)}}
+    updates, _ = tx.update(grads, tx.init(params), params)
+    np.testing.assert_array_equal(updates["b"]["w"], np.zeros(3))
+    np.testing.assert_allclose(updates["a"]["w"], -0.5 * (2.0 + 0.1 * 1.0) * np.ones(3), rtol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------
+# Resume after a preemption stop.
+# ------------------------------------------------------------------------------------------------
+
+
+def test_preempted_run_exits_zero_runs_no_later_stage_and_resumes(tmp_path, monkeypatch):
+    workdir = str(tmp_path / "resume")
+    argv = [cell("teacher=resnet18,mode=full"), f"--workdir={workdir}"]
+    real_fit = loop.fit
+
+    def fit_with_sigterm(**kwargs):
+        if kwargs["name"] == "teacher":
+            seen = []
+            inner = kwargs["batch_transform"]
+
+            def transform(batch):
+                if "epoch" in batch:
+                    seen.append(1)
+                    if len(seen) == 5:
+                        signal.raise_signal(signal.SIGTERM)
+                return batch if inner is None else inner(batch)
+            kwargs["batch_transform"] = transform
+        return real_fit(**kwargs)
+
+    monkeypatch.setattr(loop, "fit", fit_with_sigterm)
+    assert imagenet_eskd.main(argv) == 0
+    teacher_stage = os.path.join(workdir, "stages", "teacher")
+    assert not os.path.exists(os.path.join(teacher_stage, "summary.json"))
+    assert not os.path.exists(os.path.join(workdir, "stages", "student"))
+    assert not os.path.exists(os.path.join(workdir, "report.md"))
+    stopped_at = max(int(s) for s in os.listdir(os.path.join(teacher_stage, "checkpoints"))
+                     if s.isdigit())
+    assert 0 < stopped_at < 2 * SPE
+
+    monkeypatch.setattr(loop, "fit", real_fit)
+    assert imagenet_eskd.main(argv) == 0
+    train = records(workdir, "teacher", "train")
+    steps = [r["step"] for r in train]
+    assert steps == sorted(set(steps)) and steps[-1] == 2 * SPE
+    assert [s["stage"] for s in report.load_results(workdir)] == ["teacher", "student"]
+    assert os.path.exists(os.path.join(workdir, "report.md"))
+    # A third start finds every stage complete and trains nothing.
+    mtimes = {p: os.path.getmtime(p) for p in glob.glob(os.path.join(workdir, "stages", "*",
+                                                                      "summary.json"))}
+    assert imagenet_eskd.main(argv) == 0
+    assert mtimes == {p: os.path.getmtime(p) for p in mtimes}
+
+
+# ------------------------------------------------------------------------------------------------
+# Configs and config errors.
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("teacher", imagenet_cfg.TEACHERS)
+@pytest.mark.parametrize("mode", ("scratch", "full", "eskd"))
+def test_imagenet_grid_cells_carry_the_paper_numbers_and_validate(tmp_path, teacher, mode):
+    npz = tmp_path / "t.npz"
+    npz.write_bytes(b"")
+    config = imagenet_cfg.get_config(f"teacher={teacher},mode={mode},path={npz}")
+    effective = "scratch" if teacher == "none" or mode == "scratch" else mode
+    paper_teacher = "none" if effective == "scratch" else teacher
+    assert config.kd.mode == effective and config.student.model == "resnet18"
+    assert config.teacher.source == ("none" if effective == "scratch" else "torchvision")
+    assert config.paper.student_error == imagenet_cfg.PAPER_STUDENT_ERROR[(paper_teacher, effective)]
+    assert config.paper.teacher_error == imagenet_cfg.PAPER_TEACHER_ERROR.get(paper_teacher)
+    assert (config.optimizer.lr, config.optimizer.momentum, config.optimizer.weight_decay) == (
+        0.1, 0.9, 1e-4)
+    assert (config.num_epochs, tuple(config.optimizer.decay_epochs)) == (90, (30, 60))
+    assert (config.kd.temperature, config.kd.weight, config.kd.ce_weight) == (4.0, 0.9, 0.1)
+    assert (config.kd.stop_epoch == 60) == (effective == "eskd")
+    common.validate_config(config, "kd")
+
+
+def test_paper_table_values():
+    assert imagenet_cfg.PAPER_STUDENT_ERROR[("none", "scratch")] == 30.24
+    assert [imagenet_cfg.PAPER_STUDENT_ERROR[(t, "full")] for t in ("resnet18", "resnet34",
+                                                                    "resnet50")] == [30.57, 30.79,
+                                                                                     30.95]
+    assert [imagenet_cfg.PAPER_STUDENT_ERROR[(t, "eskd")] for t in ("resnet18", "resnet34",
+                                                                    "resnet50")] == [29.01, 29.16,
+                                                                                     29.35]
+    assert imagenet_cfg.PAPER_TEACHER_ERROR == {"resnet18": 30.24, "resnet34": 26.70,
+                                                "resnet50": 23.85}
+
+
+def test_every_config_cell_validates(tmp_path):
+    npz = tmp_path / "t.npz"
+    npz.write_bytes(b"")
+    for module in (mnist1d_eskd, digits_eskd):
+        for teacher in ("none", "small", "medium", "large"):
+            for arg in ("mode=full", "mode=eskd", "mode=eskd,reading=early_teacher", "smoke"):
+                common.validate_config(module.get_config(f"teacher={teacher},{arg}"), "kd")
+        chain = module.get_config("teacher=large,mode=eskd,ta=medium+small")
+        assert len(chain.assistants) == 2
+        common.validate_config(chain, "kd")
+    for module in (mnist1d_fitnet, digits_fitnet):
+        common.validate_config(module.get_config(), "fitnet")
+        common.validate_config(module.get_config("smoke"), "fitnet")
+    for arg in ("", "student=resnet18", "smoke"):
+        common.validate_config(fitnet_cfg.get_config(f"path={npz}" + (f",{arg}" if arg else "")),
+                               "fitnet")
+    early = imagenet_cfg.get_config("teacher=resnet50,mode=eskd,reading=early_teacher,source=train")
+    assert early.teacher.early_epoch == 35 and early.kd.stop_epoch is None
+    common.validate_config(early, "kd")
+    chain = imagenet_cfg.get_config(f"teacher=resnet50,mode=full,ta=resnet34,path={npz}")
+    assert tuple(chain.assistants) == ("resnet34",) and chain.paper.student_error is None
+
+
+def expect_config_error(tmp_path, main, argv, *patterns):
+    workdir = str(tmp_path / "never")
+    with pytest.raises(common.ConfigError) as info:
+        main(argv + [f"--workdir={workdir}"])
+    for pattern in patterns:
+        assert pattern in str(info.value), str(info.value)
+    assert not os.path.exists(workdir)  # checked before any work
+    return str(info.value)
+
+
+SMOKE = f"--config={DIGITS_ESKD}:smoke"
+
+
+@pytest.mark.parametrize("override, patterns", [
+    ("--config.kd.nonexistent=1", ("unknown config key 'nonexistent' in config.kd",
+                                   "valid keys there: ce_weight, mode, reading, stop_epoch")),
+    ("--config.foo=1", ("unknown config key 'foo' in config;", "dataset")),
+    ("--config.kd.mode=bogus", ("config.kd.mode='bogus' is not valid",
+                                "'scratch', 'full', 'eskd'")),
+    ("--config.kd.reading=late", ("config.kd.reading='late' is not valid",
+                                  "'stop_kd', 'early_teacher'")),
+    ("--config.dataset.name=cifar10", ("config.dataset.name='cifar10' is not valid",
+                                       "'imagenet2012', 'mnist1d', 'digits'")),
+    ("--config.student.model=resnet7", ("config.student.model='resnet7'",
+                                        "Unknown model name 'resnet7'", "resnet18")),
+    ("--config.teacher.source=hub", ("config.teacher.source='hub' is not valid",
+                                     "'none', 'train', 'checkpoint', 'torchvision'")),
+    ("--config.optimizer.name=lion", ("config.optimizer.name='lion' is not valid", "'sgd'")),
+    ("--config.num_epochs=abc", ("--config.num_epochs=abc", "invalid literal for int()")),
+])
+def test_bad_config_values_give_clear_errors(tmp_path, override, patterns):
+    expect_config_error(tmp_path, imagenet_eskd.main, [SMOKE, override], *patterns)
+
+
+def test_contradictory_configs_give_clear_errors(tmp_path):
+    expect_config_error(tmp_path, imagenet_eskd.main, [
+        f"--config={DIGITS_ESKD}:teacher=large,mode=eskd,smoke", "--config.kd.stop_epoch=2"],
+        "config.kd.stop_epoch=2 must be an integer epoch in [1, 2)")
+    expect_config_error(tmp_path, imagenet_eskd.main, [
+        f"--config={DIGITS_ESKD}:teacher=none,smoke", "--config.teacher.source=train"],
+        "kd.mode='scratch' trains on labels only")
+    expect_config_error(tmp_path, imagenet_eskd.main, [
+        f"--config={DIGITS_ESKD}:teacher=large,mode=full,source=checkpoint,smoke"],
+        "config.teacher.path is required for teacher.source='checkpoint'")
+    expect_config_error(tmp_path, imagenet_eskd.main, [
+        f"--config={IMAGENET_ESKD}:teacher=resnet34,mode=eskd,reading=early_teacher"],
+        "torchvision publishes only final weights")
+    expect_config_error(tmp_path, imagenet_eskd.main, [
+        f"--config={IMAGENET_ESKD}:teacher=resnet34", "--config.teacher.path=/no/such/file.npz"],
+        "config.teacher.path='/no/such/file.npz' does not exist")
+    expect_config_error(tmp_path, imagenet_eskd.main, [f"--config={DIGITS_FITNET}:smoke"],
+                        "config.experiment='fitnet' but this entry point runs 'kd'")
+    expect_config_error(tmp_path, imagenet_fitnet.main, [
+        f"--config={DIGITS_FITNET}:smoke", "--config.teacher.precomputed=True",
+        "--config.teacher.store=/tmp/s"], "FitNet stage 1 needs the teacher's hint features")
+    expect_config_error(tmp_path, imagenet_eskd.main, [
+        f"--config={DIGITS_ESKD}:teacher=large,mode=full,precomputed,smoke"],
+        "config.teacher.store is required with teacher.precomputed=True")
+    expect_config_error(tmp_path, imagenet_eskd.main, [
+        f"--config={DIGITS_ESKD}:teacher=large,mode=full,smoke",
+        "--config.teacher.store_format=topk"], "config.teacher.store_k is required")
+
+
+def test_command_line_errors(tmp_path):
+    with pytest.raises(common.ConfigError, match=r"--config=FILE\[:ARG\] is required"):
+        imagenet_eskd.main([f"--workdir={tmp_path}"])
+    with pytest.raises(common.ConfigError, match=r"--workdir=DIR is required"):
+        imagenet_eskd.main([SMOKE])
+    with pytest.raises(common.ConfigError, match=r"config arg teacher='huge'; valid: none, small"):
+        imagenet_eskd.main([f"--config={DIGITS_ESKD}:teacher=huge", f"--workdir={tmp_path}"])
+    with pytest.raises(common.ConfigError, match=r"unknown config arg 'colour'.*valid args:"):
+        imagenet_eskd.main([f"--config={DIGITS_ESKD}:colour=red", f"--workdir={tmp_path}"])
+    with pytest.raises(common.ConfigError, match=r"Unknown command line flag 'wrokdir'"):
+        imagenet_eskd.main([SMOKE, f"--wrokdir={tmp_path}"])
+
+
+def test_parse_arg_types_and_switches():
+    a = base.parse_arg("teacher=resnet50,smoke,n=3,lr=0.5", teacher="x", smoke=False, n=1, lr=0.1)
+    assert (a.teacher, a.smoke, a.n, a.lr) == ("resnet50", True, 3, 0.5)
+    with pytest.raises(ValueError, match=r"config arg 'teacher' needs a value"):
+        base.parse_arg("teacher", teacher="x")
+    with pytest.raises(ValueError, match=r"config arg n='x': expected an integer"):
+        base.parse_arg("n=x", n=1)
+
+
+def test_model_specs():
+    assert common.parse_model_spec("cnn1d:width=8,depth=6", "k") == ("cnn1d", {"width": 8,
+                                                                              "depth": 6})
+    with pytest.raises(common.ConfigError, match=r"attribute 'width' must be key=value"):
+        common.parse_model_spec("cnn1d:width", "student.model")
+    with pytest.raises(common.ConfigError, match=r"config.student.model='cnn1d:colour=1'.*"
+                                                 r"unexpected keyword"):
+        common.build_model("cnn1d:colour=1", 10)
+    assert common.build_model("resnet18", 10, "bfloat16").dtype == jnp.bfloat16
+
+
+# ------------------------------------------------------------------------------------------------
+# Recipes and learning-rate schedules (no training).
+# ------------------------------------------------------------------------------------------------
+
+
+def term_weight(term, step):
+    w = term.weight
+    return float(w(jnp.asarray(step)) if callable(w) else w)
+
+
+def test_kd_recipes_per_mode():
+    kd = base.kd_config().kd
+    kd.stop_epoch, kd.ce_weight, kd.weight = 3, 0.1, 0.9
+    (ce,) = common.kd_recipe(kd, "scratch", 10)
+    assert ce.name == "ce" and term_weight(ce, 0) == 1.0
+    ce, kdt = common.kd_recipe(kd, "full", 10)
+    assert [term_weight(ce, s) for s in (0, 100)] == [pytest.approx(0.1)] * 2
+    assert [term_weight(kdt, s) for s in (0, 100)] == [pytest.approx(0.9)] * 2
+    ce, kdt = common.kd_recipe(kd, "eskd", 10)  # stop_kd: off from step 30
+    assert [term_weight(kdt, s) for s in (0, 29, 30, 99)] == pytest.approx([0.9, 0.9, 0.0, 0.0])
+    assert [term_weight(ce, s) for s in (0, 29, 30, 99)] == pytest.approx([0.1, 0.1, 1.0, 1.0])
+    kd.reading = "early_teacher"  # the early stopping is in the teacher: full-KD weights
+    ce, kdt = common.kd_recipe(kd, "eskd", 10)
+    assert [term_weight(kdt, s) for s in (0, 99)] == pytest.approx([0.9, 0.9])
+
+
+def test_learning_rate_schedules():
+    opt = base.kd_config().optimizer
+    opt.lr, opt.lr_batch, opt.decay_epochs, opt.decay_factor = 0.1, 256, (3, 6), 0.1
+    step = common.learning_rate_schedule(opt, steps_per_epoch=10, num_epochs=9, batch_size=1024)
+    assert [float(step(s)) for s in (0, 29, 30, 59, 60, 89)] == pytest.approx(
+        [0.4, 0.4, 0.04, 0.04, 0.004, 0.004])
+    opt.warmup_epochs = 1
+    warm = common.learning_rate_schedule(opt, steps_per_epoch=10, num_epochs=9, batch_size=256)
+    assert [float(warm(s)) for s in (0, 5, 10, 29, 30, 60)] == pytest.approx(
+        [0.0, 0.05, 0.1, 0.1, 0.01, 0.001])
+    opt.warmup_epochs = 0
+    cosine = common.learning_rate_schedule(opt, steps_per_epoch=10, num_epochs=9, batch_size=256,
+                                           kind="cosine")
+    assert [float(cosine(s)) for s in (0, 45, 90)] == pytest.approx([0.1, 0.05, 0.0], abs=1e-7)
+
+
+def test_checkpoint_directory_resolution(tmp_path, teacher_dir):
+    stage = os.path.join(teacher_dir, "stages", "teacher")
+    assert common.resolve_checkpoint_dir(teacher_dir, None) == os.path.join(stage, "final")
+    assert common.resolve_checkpoint_dir(stage, 1) == os.path.join(stage, "epochs", "epoch_1")
+    final = os.path.join(stage, "final")
+    assert common.resolve_checkpoint_dir(final, 2) == final  # its meta says epoch 2
+    with pytest.raises(common.ConfigError, match=r"did not keep that epoch; kept epochs: "
+                                                 r"\['epoch_1'\]"):
+        common.resolve_checkpoint_dir(teacher_dir, 5)
+    with pytest.raises(common.ConfigError, match=r"holds one exported state \(epoch 2\)"):
+        common.resolve_checkpoint_dir(final, 1)
+    with pytest.raises(common.ConfigError, match=r"is neither a train_teacher workdir"):
+        common.resolve_checkpoint_dir(str(tmp_path), None)
+    wrong = models.create("cnn2d", 10, width=32)
+    with pytest.raises(ValueError, match=r"do not fit the model"):
+        common.load_variables(final, common.abstract_variables(wrong, np.zeros((1, 8, 8, 1),
+                                                                               np.float32)))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("entry, config", [
+    (imagenet_eskd, "mnist1d_eskd.py:teacher=small,mode=eskd,smoke"),
+    (imagenet_fitnet, "mnist1d_fitnet.py:smoke"),
+    (imagenet_fitnet, "digits_fitnet.py:smoke"),
+    (imagenet_eskd, "digits_eskd.py:teacher=medium,mode=eskd,reading=early_teacher,smoke"),
+])
+def test_small_config_smoke_cells_run(tmp_path, entry, config):
+    workdir = str(tmp_path / "run")
+    path = os.path.join(REPO, "experiments", "configs", config)
+    assert entry.main([f"--config={path}", f"--workdir={workdir}"]) == 0
+    results = report.load_results(workdir)
+    assert results[-1]["final"]["accuracy"] > 0
+    assert os.path.exists(os.path.join(workdir, "report.md"))
+
+
+def write_fake_ilsvrc(manual_dir, classes=2, per_class=4, num_val=8):
+    """ILSVRC-layout tars of solid-colour JPEGs (train: one inner tar per synset; validation files
+    named as the real ones, so TFDS's shipped validation labels apply)."""
+    import io
+    import tarfile
+
+    import tensorflow_datasets as tfds
+    from PIL import Image
+
+    with open(os.path.join(os.path.dirname(tfds.__file__), "datasets", "imagenet2012",
+                           "labels.txt")) as f:
+        synsets = f.read().split()
+
+    def jpeg(k):
+        buffer = io.BytesIO()
+        Image.new("RGB", (40 + k, 36), ((40 * k) % 256, 90, 200)).save(buffer, format="JPEG")
+        return buffer.getvalue()
+
+    def add(tar, name, payload):
+        info = tarfile.TarInfo(name)
+        info.size = len(payload)
+        tar.addfile(info, io.BytesIO(payload))
+
+    with tarfile.open(os.path.join(manual_dir, "ILSVRC2012_img_train.tar"), "w") as outer:
+        for c in range(classes):
+            inner = io.BytesIO()
+            with tarfile.open(fileobj=inner, mode="w") as tar:
+                for k in range(per_class):
+                    add(tar, f"{synsets[c]}_{k + 1}.JPEG", jpeg(c * per_class + k))
+            add(outer, f"{synsets[c]}.tar", inner.getvalue())
+    with tarfile.open(os.path.join(manual_dir, "ILSVRC2012_img_val.tar"), "w") as tar:
+        for k in range(num_val):
+            add(tar, f"ILSVRC2012_val_{k + 1:08d}.JPEG", jpeg(k))
+
+
+@pytest.mark.slow
+def test_imagenet_eskd_on_a_tiny_tfds_imagenet(tmp_path):
+    """The real ImageNet path: TFDS imagenet2012 (built from fake tars), torchvision-layout
+    ResNet-18 teacher (random, 1000 classes), ResNet-18 student, ESKD, 32 x 32 crops."""
+    from kdjax.data import imagenet
+
+    manual, data_dir = tmp_path / "manual", tmp_path / "tfds"
+    manual.mkdir()
+    write_fake_ilsvrc(str(manual))
+    imagenet.main(["--manual_dir", str(manual), "--data_dir", str(data_dir)])
+    npz = str(tmp_path / "resnet18.npz")
+    np.savez(npz, **random_torchvision_resnet18(1000))
+    workdir = str(tmp_path / "run")
+    assert imagenet_eskd.main([
+        f"--config={IMAGENET_ESKD}:teacher=resnet18,mode=eskd,path={npz}",
+        f"--config.dataset.data_dir={data_dir}", "--config.dataset.image_size=32",
+        "--config.dataset.resize_size=36", "--config.dataset.batch_size=8",
+        "--config.dataset.eval_batch_size=8", "--config.dataset.num_threads=0",
+        "--config.num_epochs=2", "--config.optimizer.decay_epochs=(1,)",
+        "--config.kd.stop_epoch=1", "--config.run.progress=False", f"--workdir={workdir}"]) == 0
+    s = summary(workdir, "student")
+    assert s["steps"] == 2 and s["final"]["num_examples"] == 8
+    assert s["paper_error"] == 29.01 and s["paper_teacher_error"] == 30.24
+    text = open(os.path.join(workdir, "report.md")).read()
+    assert "| 29.01 |" in text and "stop_kd (KD term off from epoch 1)" in text
