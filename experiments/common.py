@@ -551,13 +551,13 @@ class Data:
             transform=self.train_transform, num_threads=self.num_threads,
             prefetch_buffer_size=self.prefetch)
 
-    def eval_iter(self, split: str | None = None, transform: Any = None):
+    def eval_iter(self, split: str | None = None):
         """One padded pass over ``split`` (default the eval split) with the eval transform."""
         from kdjax import data
 
         return data.make_eval_iterator(
             self.sources[split or self.eval_split], global_batch_size=self.eval_batch_size,
-            transform=transform or self.eval_transform, num_threads=self.num_threads,
+            transform=self.eval_transform, num_threads=self.num_threads,
             prefetch_buffer_size=self.prefetch)
 
 

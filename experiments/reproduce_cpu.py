@@ -40,6 +40,7 @@ import os
 import platform
 import sys
 import time
+import warnings
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -125,6 +126,21 @@ def grid(dataset: str) -> tuple[list[Cell], list[Cell]]:
         Cell("fitnet/scratch", "kd", "eskd", "teacher=none", "thin-deep: from scratch",
              overrides=thin)]
     return teachers, students
+
+
+def select(teachers: Sequence[Cell], students: Sequence[Cell],
+           keys: Sequence[str] | None) -> tuple[list[Cell], list[Cell]]:
+    """The student cells named in ``keys`` (all when None) and the teachers they need."""
+    if keys is None:
+        return list(teachers), list(students)
+    valid = [c.key for c in students]
+    unknown = [k for k in keys if k not in valid]
+    if unknown or not keys:
+        raise ValueError(f"cells={list(keys)!r}: unknown cell(s) {unknown}; valid: "
+                         f"{', '.join(valid)}.")
+    chosen = [c for c in students if c.key in keys]
+    needed = {c.teacher for c in chosen}
+    return [t for t in teachers if t.key in needed], chosen
 
 
 def cell_dir(workdir: str, key: str, seed: int) -> str:
@@ -223,16 +239,35 @@ def _record(cell: Cell, seed: int, directory: str, summaries: Sequence[Mapping[s
         "accuracy": final.get("accuracy"), "ce": final.get("ce"), "kl": final.get("kl"),
         "agreement": final.get("agreement"), "teacher_accuracy": final.get("teacher_accuracy"),
         "train_ce": train.get("loss/ce"), "train_kd": train.get("loss/kd"),
+        "final": final, "final_train": train,
         "stages": [{"stage": s["stage"], "model": s.get("model"), "steps": s.get("steps"),
                     "accuracy": (s.get("final") or {}).get("accuracy")} for s in summaries],
         "curves": _curves(os.path.join(directory, last["dir"])),
     }
 
 
+def enable_compilation_cache(directory: str) -> None:
+    """Turns on JAX's persistent compilation cache in ``directory`` for this process.
+
+    The seeds of a cell compile exactly the same train and eval steps, so with the cache only the
+    first seed of each cell pays for XLA's compiles (seconds per run on a busy 2-core CPU, more
+    than the training itself in smoke runs). Results are unchanged: the cache stores compiled
+    executables keyed by the computation and the compile options.
+    """
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", directory)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
 def run_cell(cell: Cell, dataset: str, seed: int, workdir: str, smoke: bool) -> dict:
-    """Runs (or resumes) ``cell`` at ``seed``; writes and returns its record (skips a finished one)."""
+    """Runs (or resumes) ``cell`` at ``seed``; writes and returns its record (skips a finished one).
+
+    Uses (and turns on) the compilation cache ``<workdir>/jax_cache``."""
     from experiments import common
 
+    enable_compilation_cache(os.path.join(workdir, "jax_cache"))
     directory = cell_dir(workdir, cell.key, seed)
     path = os.path.join(directory, RECORD_FILE)
     if os.path.exists(path):
@@ -309,14 +344,19 @@ def summarize(values: Sequence[float]) -> dict:
             "std": float(x.std(ddof=1)) if x.size > 1 else math.nan}
 
 
+def _constant(x: np.ndarray) -> bool:
+    """True when all values are equal up to float rounding (a t-test is undefined then)."""
+    return bool(np.ptp(x) <= 1e-12 * max(1.0, float(np.max(np.abs(x)))))
+
+
 def compare(a: Mapping[int, float], b: Mapping[int, float]) -> dict:
     """Cell ``a`` against cell ``b`` over seeds: ``a`` and ``b`` map seed -> value.
 
     Returns ``diff`` (mean(a) - mean(b)), Welch's t-test over all values (``welch_t``,
     ``welch_p``: ``scipy.stats.ttest_ind(a, b, equal_var=False)``, two-sided) and the paired t-test
     over the seeds both have (``paired_t``, ``paired_p``: ``scipy.stats.ttest_rel``, two-sided;
-    ``n_paired``). A p-value is NaN where the test is undefined (fewer than two values, or zero
-    variance).
+    ``n_paired``). A test is undefined (t and p NaN) with fewer than two values per side, when
+    both samples are constant (Welch) or when the paired differences are constant (paired).
     """
     from scipy import stats
 
@@ -325,51 +365,59 @@ def compare(a: Mapping[int, float], b: Mapping[int, float]) -> dict:
     xa = np.array([a[s] for s in sorted(a)], np.float64)
     xb = np.array([b[s] for s in sorted(b)], np.float64)
     common_seeds = sorted(set(a) & set(b))
-    pa = np.array([a[s] for s in common_seeds], np.float64)
-    pb = np.array([b[s] for s in common_seeds], np.float64)
+    da = np.array([a[s] - b[s] for s in common_seeds], np.float64)
     out = {"diff": float(xa.mean() - xb.mean()), "n_a": int(xa.size), "n_b": int(xb.size),
            "n_paired": len(common_seeds), "welch_t": math.nan, "welch_p": math.nan,
            "paired_t": math.nan, "paired_p": math.nan}
-    with np.errstate(divide="ignore", invalid="ignore"):
-        if xa.size > 1 and xb.size > 1 and (xa.var() > 0 or xb.var() > 0):
+    with warnings.catch_warnings():
+        # One constant sample (e.g. every seed at the same top-1) is fine for Welch's test, but
+        # scipy warns about its zero variance; the undefined cases are excluded above.
+        warnings.filterwarnings("ignore", "Precision loss occurred", RuntimeWarning)
+        if xa.size > 1 and xb.size > 1 and not (_constant(xa) and _constant(xb)):
             t, p = stats.ttest_ind(xa, xb, equal_var=False)
             out["welch_t"], out["welch_p"] = float(t), float(p)
-        if len(common_seeds) > 1 and np.var(pa - pb) > 0:
-            t, p = stats.ttest_rel(pa, pb)
+        if da.size > 1 and not _constant(da):
+            t, p = stats.ttest_rel([a[s] for s in common_seeds], [b[s] for s in common_seeds])
             out["paired_t"], out["paired_p"] = float(t), float(p)
     return out
 
 
 def direction(comparison: Mapping[str, float], alpha: float = ALPHA) -> str:
     """``'higher'`` / ``'lower'`` (the sign of ``diff``) when BOTH Welch's and the paired test give
-    p < ``alpha``; else ``'n.s.'`` (a NaN p-value counts as not significant)."""
+    p < ``alpha``; else ``'n.s.'`` (an undefined, NaN p-value counts as not significant)."""
     p_values = (comparison["welch_p"], comparison["paired_p"])
     if all(p == p and p < alpha for p in p_values):
         return "higher" if comparison["diff"] > 0 else "lower"
     return "n.s."
 
 
-def verdict(comparison: Mapping[str, float], claim: str, alpha: float = ALPHA) -> str:
-    """Whether a comparison ``a - b`` supports a claim about it.
+CLAIM_KINDS = ("higher", "lower", "not_higher")
 
-    ``claim='higher'``: the claim says ``a`` beats ``b`` (agree if significantly higher, disagree
-    if significantly lower). ``claim='not_higher'``: the claim says ``a`` is no better than ``b``
-    (disagree if significantly higher, agree if significantly lower; no significant difference is
-    ``inconclusive``: consistent with the claim, but n seeds cannot exclude a small gain).
+
+def verdict(comparison: Mapping[str, float], claim: str, alpha: float = ALPHA) -> str:
+    """Whether a comparison ``a - b`` supports what a claim predicts for it.
+
+    ``claim='higher'`` (``'lower'``): the claim predicts ``a > b`` (``a < b``): agree if
+    significantly so, disagree if significantly the other way. ``claim='not_higher'``: the claim
+    says ``a`` is no better than ``b``: disagree if significantly higher, agree if significantly
+    lower. No significant difference is ``'inconclusive'`` in every case (for ``not_higher`` it is
+    consistent with the claim, but a few seeds cannot exclude a small gain).
     """
-    if claim not in ("higher", "not_higher"):
-        raise ValueError(f"verdict: claim={claim!r} is not valid; valid: 'higher', 'not_higher'.")
+    if claim not in CLAIM_KINDS:
+        raise ValueError(f"verdict: claim={claim!r} is not valid; valid: {', '.join(CLAIM_KINDS)}.")
     d = direction(comparison, alpha)
     if d == "n.s.":
         return "inconclusive"
     if claim == "higher":
         return "agree" if d == "higher" else "disagree"
+    if claim == "lower":
+        return "agree" if d == "lower" else "disagree"
     return "disagree" if d == "higher" else "agree"
 
 
 def combine(verdicts: Sequence[str]) -> str:
-    """One verdict for a claim tested by several comparisons: the common verdict if all agree on
-    one, else ``'mixed (k agree, l inconclusive, m disagree)'``."""
+    """One verdict for a claim tested by several comparisons: the common verdict if all are the
+    same, else ``'mixed (k agree, l inconclusive, m disagree)'``."""
     if not verdicts:
         raise ValueError("combine: no verdicts to combine.")
     if len(set(verdicts)) == 1:
@@ -416,67 +464,99 @@ def fmt_p(p: float) -> str:
     return f"{p:.3f}" if p >= 0.001 else f"{p:.1e}"
 
 
-def comparison_text(name: str, c: Mapping[str, float]) -> str:
-    """One comparison in words: the mean difference in points and both p-values."""
-    sig = direction(c)
-    note = ("significant at 0.05 (both tests)" if sig != "n.s." else "not significant at 0.05")
-    return (f"{name}: {100 * c['diff']:+.2f} points (Welch p = {fmt_p(c['welch_p'])}, paired "
-            f"p = {fmt_p(c['paired_p'])}; {note})")
+def fmt_diff(diff: float, metric: str) -> str:
+    """A difference of means: points of top-1 for ``accuracy``, the raw value otherwise."""
+    return f"{100 * diff:+.2f} points" if metric == "accuracy" else f"{diff:+.4f}"
 
 
-#: (claim id, the claim in words, paper, [(comparison name, cell a, cell b, claim kind)]).
+def comparison_text(result: Mapping[str, Any]) -> str:
+    """One comparison in words: the difference of means and both p-values."""
+    sig = "significant at 0.05 (both tests)" if direction(result) != "n.s." else (
+        "not significant at 0.05")
+    return (f"{result['name']}: {fmt_diff(result['diff'], result['metric'])} (Welch p = "
+            f"{fmt_p(result['welch_p'])}, paired p = {fmt_p(result['paired_p'])}; {sig})")
+
+
 def claims(sizes: Sequence[str] = SIZES) -> list[dict]:
-    """The papers' claims and the cell comparisons that test each (``a - b`` on top-1)."""
-    largest, smallest = sizes[-1], sizes[0]
+    """The papers' claims and the comparisons that test each.
+
+    Each claim: ``id``, ``claim`` (in words), ``paper`` (the published evidence), ``core`` (one of
+    the four claims the reproduction must answer, or a supporting one) and ``tests``:
+    ``(name, cell a, cell b, what the claim predicts for a - b, metric)``.
+    """
     pairs = [(sizes[j], sizes[i]) for i in range(len(sizes)) for j in range(i + 1, len(sizes))]
-    out = [
-        {"id": "bigger_teacher", "claim": "Under full KD a bigger, more accurate teacher does not "
-         "give a better student (ESKD paper, claim a)",
-         "paper": "ImageNet, student ResNet-18 error under full KD: 30.57 (R18 teacher), 30.79 "
-                  "(R34), 30.95 (R50); scratch 30.24",
-         "tests": [(f"full KD <- {big} minus full KD <- {little}", f"full/{big}", f"full/{little}",
-                    "not_higher") for big, little in pairs]},
-        {"id": "eskd_beats", "claim": "ESKD beats full KD and training from scratch (ESKD paper, "
-         "claim d)",
-         "paper": "ImageNet, student error with ESKD: 29.01 / 29.16 / 29.35 (R18 / R34 / R50 "
-                  "teachers) vs full KD 30.57 / 30.79 / 30.95 and scratch 30.24",
-         "tests": [t for size in sizes for reading in ("stop", "early") for t in (
-             (f"ESKD {reading} <- {size} minus full KD <- {size}", f"eskd_{reading}/{size}",
-              f"full/{size}", "higher"),
-             (f"ESKD {reading} <- {size} minus scratch", f"eskd_{reading}/{size}", "scratch",
-              "higher"))]},
-        {"id": "hints", "claim": "Hints help thin-and-deep students (FitNets)",
+    paper_full = ("ImageNet, student ResNet-18 error: scratch 30.24; full KD 30.57 / 30.79 / 30.95 "
+                  "from ResNet-18 / 34 / 50 teachers (teacher errors 30.24 / 26.70 / 23.85)")
+    paper_eskd = ("ImageNet, student ResNet-18 error with ESKD 29.01 / 29.16 / 29.35 vs full KD "
+                  "30.57 / 30.79 / 30.95 (ResNet-18 / 34 / 50 teachers) and scratch 30.24")
+
+    def eskd_tests(reading: str) -> list:
+        return [t for size in sizes for t in (
+            (f"ESKD {reading} <- {size} minus full KD <- {size}", f"eskd_{reading}/{size}",
+             f"full/{size}", "higher", "accuracy"),
+            (f"ESKD {reading} <- {size} minus scratch", f"eskd_{reading}/{size}", "scratch",
+             "higher", "accuracy"))]
+
+    return [
+        {"id": "bigger_teacher", "core": True,
+         "claim": "Under full KD a bigger, more accurate teacher does not give a better student "
+                  "(ESKD paper, claim a)", "paper": paper_full,
+         "tests": [(f"full KD <- {big} minus full KD <- {little}", f"full/{big}",
+                    f"full/{little}", "not_higher", "accuracy") for big, little in pairs]},
+        {"id": "eskd_stop", "core": True,
+         "claim": "ESKD beats full KD and training from scratch, `stop_kd` reading: KD switched "
+                  "off at the stop epoch (ESKD paper, claim d)", "paper": paper_eskd,
+         "tests": eskd_tests("stop")},
+        {"id": "eskd_early", "core": True,
+         "claim": "ESKD beats full KD and training from scratch, `early_teacher` reading: an "
+                  "early-epoch teacher (ESKD paper's abstract, claim d)", "paper": paper_eskd,
+         "tests": eskd_tests("early")},
+        {"id": "hints", "core": True, "claim": "Hints help thin-and-deep students (FitNets)",
          "paper": "CIFAR-10: a 19-layer thin FitNet (~2.5M parameters) beats its ~9M-parameter "
-                  "teacher; hint training beats KD alone for deep thin students",
+                  "maxout teacher; the paper credits the hint stage for training thin, deep "
+                  "students that KD alone trains poorly",
          "tests": [("FitNet (hints + KD) minus KD only", "fitnet/hint_kd", "fitnet/kd_only",
-                    "higher"),
+                    "higher", "accuracy"),
                    ("FitNet (hints + KD) minus scratch", "fitnet/hint_kd", "fitnet/scratch",
-                    "higher")]},
-        {"id": "ta", "claim": "A teacher assistant does not fix the capacity gap (ESKD paper, "
-         "claim c; Mirzadeh et al. claim the opposite)",
-         "paper": "ESKD paper: distilling through intermediate sizes does not remove the gap on "
-                  "ImageNet",
-         "tests": [(f"TA chain {largest} -> medium -> student minus direct {largest} -> student",
-                    "ta/large-medium", f"full/{largest}", "not_higher"),
-                   (f"TA chain minus direct {smallest} -> student", "ta/large-medium",
-                    f"full/{smallest}", "not_higher")]},
+                    "higher", "accuracy")]},
+        {"id": "ta", "core": True,
+         "claim": "A teacher assistant does not fix the capacity gap (ESKD paper, claim c; "
+                  "Mirzadeh et al. claim it does)",
+         "paper": "ESKD paper: distilling through a sequence of intermediate sizes does not remove "
+                  "the gap on ImageNet",
+         "tests": [(f"TA chain large -> medium -> student minus direct {size} -> student",
+                    "ta/large-medium", f"full/{size}", "not_higher", "accuracy")
+                   for size in reversed(sizes)]},
+        {"id": "kd_vs_scratch", "core": False,
+         "claim": "Full KD can lose to training from scratch (ESKD paper, claim a)",
+         "paper": paper_full,
+         "tests": [(f"full KD <- {size} minus scratch", f"full/{size}", "scratch", "lower",
+                    "accuracy") for size in sizes]},
+        {"id": "mimic", "core": False,
+         "claim": "The student fails to mimic a bigger teacher: its eval KL(p_t || p_s) to the "
+                  "teacher is larger (ESKD paper, claim b)",
+         "paper": "the paper's explanation of claim a: a small student trades cross-entropy for "
+                  "KD loss and cannot follow a large teacher",
+         "tests": [(f"KL to {big} teacher minus KL to {little} teacher", f"full/{big}",
+                    f"full/{little}", "higher", "kl") for big, little in pairs]},
     ]
-    return out
 
 
-def evaluate_claims(acc: Mapping[str, Mapping[int, float]],
+def evaluate_claims(values: Mapping[str, Mapping[str, Mapping[int, float]]],
                     sizes: Sequence[str] = SIZES) -> list[dict]:
-    """Runs every claim's comparisons on ``acc`` (``{cell: {seed: top-1}}``); comparisons whose
-    cells are missing are left out. Each claim gets ``results`` (name, comparison, verdict) and an
-    overall ``verdict`` (:func:`combine`; ``not run`` without comparisons)."""
+    """Runs every claim's comparisons on ``values`` (``{metric: {cell: {seed: value}}}``, e.g.
+    ``{'accuracy': by_cell(records), 'kl': by_cell(records, 'kl')}``); comparisons whose cells are
+    missing are left out. Each claim gets ``results`` (name, cells, metric, :func:`compare`'s
+    numbers, verdict) and an overall ``verdict`` (:func:`combine`; ``not run`` without results)."""
     out = []
     for claim in claims(sizes):
         results = []
-        for name, a, b, kind in claim["tests"]:
-            if acc.get(a) and acc.get(b):
-                c = compare(acc[a], acc[b])
-                results.append({"name": name, "a": a, "b": b, "claim": kind, **c,
-                                "verdict": verdict(c, kind)})
+        for name, a, b, kind, metric in claim["tests"]:
+            cells = values.get(metric, {})
+            if cells.get(a) and cells.get(b):
+                c = compare(cells[a], cells[b])
+                results.append({"name": name, "a": a, "b": b, "claim": kind, "metric": metric,
+                                **c, "verdict": verdict(c, kind)})
         overall = combine([r["verdict"] for r in results]) if results else "not run"
         out.append({**{k: v for k, v in claim.items() if k != "tests"}, "results": results,
                     "verdict": overall})
@@ -549,16 +629,19 @@ def fitnet_ta_table(acc: Mapping, teacher_acc: Mapping, settings: Mapping) -> st
     return markdown_table(["run", "model", "eval top-1 (%)"], rows)
 
 
+PREDICTS = {"higher": "a > b", "lower": "a < b", "not_higher": "a not > b"}
+
+
 def comparisons_table(claim_results: Sequence[Mapping]) -> str:
     """Table 4: every comparison behind the verdicts."""
     rows = []
     for claim in claim_results:
         for r in claim["results"]:
-            rows.append([claim["id"], r["name"], f"{100 * r['diff']:+.2f}", fmt_p(r["welch_p"]),
-                         fmt_p(r["paired_p"]), str(r["n_paired"]),
-                         "a > b" if r["claim"] == "higher" else "a not > b", r["verdict"]])
-    return markdown_table(["claim", "comparison a - b", "diff (points)", "Welch p", "paired p",
-                           "paired seeds", "claim says", "verdict"], rows)
+            rows.append([claim["id"], r["name"], fmt_diff(r["diff"], r["metric"]),
+                         fmt_p(r["welch_p"]), fmt_p(r["paired_p"]), str(r["n_paired"]),
+                         PREDICTS[r["claim"]], r["verdict"]])
+    return markdown_table(["claim", "comparison a - b", "diff of means", "Welch p", "paired p",
+                           "paired seeds", "claim predicts", "verdict"], rows)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -734,11 +817,35 @@ def machine_info() -> dict:
             "jax": jax.__version__, "devices": [str(d) for d in jax.devices()]}
 
 
+def timing_text(timing: Mapping[str, Any]) -> str:
+    """The measured wall time: every invocation of the command that produced these runs."""
+    parts = []
+    for inv in timing["invocations"]:
+        parts.append(f"{inv['started']}: {inv['wall_s'] / 60:.1f} min wall, {inv['jobs']} worker "
+                     f"process(es), {inv['ran']} runs trained, {inv['reused']} reused; load "
+                     f"average {inv['load_start']} at the start, {inv['load_end']} at the end")
+    trained = sum(inv["wall_s"] for inv in timing["invocations"] if inv["ran"])
+    return (f"- Wall time: {trained / 60:.1f} min in total for the invocations that trained "
+            f"runs (sum of the {timing['total']} runs' own times: {timing['runs_s'] / 60:.1f} "
+            f"min). Invocations: " + "; ".join(parts) + ". The 2-core CPU was shared with other "
+            f"processes (load average above 2), so these times are upper bounds of the time on "
+            f"an idle machine.")
+
+
+def verdict_table(claim_results: Sequence[Mapping]) -> str:
+    """One row per claim: the claim, its verdict and every comparison behind it, in short."""
+    return markdown_table(["claim", "verdict", "evidence"], [
+        [c["claim"], f"**{c['verdict']}**",
+         "; ".join(f"{r['name']}: {fmt_diff(r['diff'], r['metric'])} ({fmt_p(r['welch_p'])} / "
+                   f"{fmt_p(r['paired_p'])})" for r in c["results"]) or "-"]
+        for c in claim_results])
+
+
 def _claim_section(claim: Mapping) -> list[str]:
     lines = [f"### {claim['claim']}", "", f"Paper: {claim['paper']}.", "",
              f"**Verdict: {claim['verdict']}.**", ""]
     for r in claim["results"]:
-        lines.append(f"- {comparison_text(r['name'], r)} -> {r['verdict']}.")
+        lines.append(f"- {comparison_text(r)} -> {r['verdict']}.")
     return lines + [""]
 
 
@@ -752,7 +859,7 @@ def write_report(out: str, *, setup: Mapping, machine: Mapping, records: Sequenc
     settings = small.SETTINGS[setup["dataset"]]
     acc = by_cell(records)
     teacher_acc = {k: v for k, v in acc.items() if k.startswith("teacher/")}
-    claim_results = evaluate_claims(acc, sizes)
+    claim_results = evaluate_claims({"accuracy": acc, "kl": by_cell(records, "kl")}, sizes)
     plot_accuracy_vs_teacher(acc, teacher_acc, setup["params"], os.path.join(out, ACCURACY_PLOT),
                              sizes)
     plot_mimic(records, os.path.join(out, MIMIC_PLOT), sizes)
@@ -807,19 +914,13 @@ def write_report(out: str, *, setup: Mapping, machine: Mapping, records: Sequenc
         f"one std is not detectable).",
         f"- Machine: {machine['platform']}, {machine['cpu_count']} CPU cores, Python "
         f"{machine['python']}, jax {machine['jax']}, devices {', '.join(machine['devices'])}.",
-        f"- Wall time of this regeneration: {timing['wall_s'] / 60:.1f} min with {timing['jobs']} "
-        f"worker process(es) (sum of the runs' own times {timing['runs_s'] / 60:.1f} min; "
-        f"{timing['cached']} of {timing['total']} runs were reused from an earlier, interrupted "
-        f"invocation). Load average at start / end: {timing['load_start']} / "
-        f"{timing['load_end']}: the CPU was shared with other processes, so this is an upper "
-        f"bound of the time on an idle machine.", "",
+        timing_text(timing), "",
         "## Verdicts", "",
-        markdown_table(["claim", "verdict", "evidence (top-1 difference, points)"],
-                       [[c["claim"], c["verdict"],
-                         "; ".join(f"{r['name']}: {100 * r['diff']:+.2f} (p {fmt_p(r['welch_p'])}"
-                                   f" / {fmt_p(r['paired_p'])})" for r in c["results"]) or "-"]
-                        for c in claim_results]), "",
-        "p values: Welch / paired.", ""]
+        "The four claims the reproduction answers, then two supporting measurements. Evidence: "
+        "difference of means `a - b` (Welch p / paired p).", "",
+        verdict_table([c for c in claim_results if c["core"]]), "",
+        "Supporting measurements:", "",
+        verdict_table([c for c in claim_results if not c["core"]]), ""]
     for claim in claim_results:
         lines += _claim_section(claim)
     lines += [
@@ -838,8 +939,8 @@ def write_report(out: str, *, setup: Mapping, machine: Mapping, records: Sequenc
         "### Table 3: FitNet and the teacher-assistant chain (eval top-1 %)", "",
         fitnet_ta_table(acc, teacher_acc, settings), "",
         "### Table 4: every comparison", "",
-        "`diff` = mean(a) - mean(b) in points of top-1; `claim says` is what the paper's claim "
-        "predicts for `a - b`.", "",
+        "`diff of means` = mean(a) - mean(b) (top-1 in points; KL raw); `claim predicts` is what "
+        "the paper's claim says about `a - b`.", "",
         comparisons_table(claim_results), "",
         "## Plots", "",
         f"Student top-1 against teacher size (full KD, both ESKD readings, scratch band): "
@@ -883,6 +984,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                         "workdirs/reproduce_cpu/<dataset>[_smoke]); reusing it resumes")
     parser.add_argument("--smoke", action="store_true",
                         help="two short epochs per run on a slice of the data (CI)")
+    parser.add_argument("--cells", default=None,
+                        help="comma-separated student cells to run (default: all), e.g. "
+                             "'scratch,full/large'; the teachers they need are added")
     args = parser.parse_args(argv)
     if args.seeds is None:
         args.seeds = 2 if args.smoke else 5
@@ -891,10 +995,29 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                      f"t-test.")
     if args.jobs < 1:
         parser.error(f"--jobs={args.jobs}: need at least 1 worker process.")
+    if args.cells is not None:
+        args.cells = [k.strip() for k in args.cells.split(",") if k.strip()]
+        try:
+            select(*grid(args.dataset), args.cells)
+        except ValueError as e:
+            parser.error(f"--cells: {e}")
     if args.workdir is None:
         args.workdir = os.path.join("workdirs", "reproduce_cpu",
                                     args.dataset + ("_smoke" if args.smoke else ""))
     return args
+
+
+def record_invocation(workdir: str, entry: Mapping[str, Any]) -> list[dict]:
+    """Appends ``entry`` to ``<workdir>/invocations.json`` and returns the whole history, so a
+    report regenerated from reused runs still states when and how long they were measured."""
+    path = os.path.join(workdir, "invocations.json")
+    history = []
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as fh:
+            history = json.load(fh)
+    history.append(dict(entry))
+    write_json(path, history)
+    return history
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -902,25 +1025,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     start = time.perf_counter()
+    started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     load_start = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     workdir = os.path.abspath(args.workdir)
     seeds = list(range(args.seeds))
-    teacher_cells, student_cells = grid(args.dataset)
+    teacher_cells, student_cells = select(*grid(args.dataset), args.cells)
     records = []
     for phase, cells in (("teachers", teacher_cells), ("students", student_cells)):
         jobs = [(cell, args.dataset, seed, workdir, args.smoke) for seed in seeds for cell in cells]
         print(f"== {phase}: {len(jobs)} runs", flush=True)
         records += run_jobs(jobs, args.jobs, phase)
-    cached = sum(1 for r in records if r.get("reused"))
-    wall = time.perf_counter() - start
-    timing = {"wall_s": wall, "runs_s": float(sum(r["wall_s"] for r in records)),
-              "jobs": args.jobs, "total": len(records), "cached": cached,
-              "load_start": load_start,
-              "load_end": ", ".join(f"{x:.1f}" for x in os.getloadavg())}
+    reused = sum(1 for r in records if r.get("reused"))
+    history = record_invocation(workdir, {
+        "started": started, "wall_s": time.perf_counter() - start, "jobs": args.jobs,
+        "ran": len(records) - reused, "reused": reused, "argv": argv, "load_start": load_start,
+        "load_end": ", ".join(f"{x:.1f}" for x in os.getloadavg())})
+    timing = {"invocations": history, "runs_s": float(sum(r["wall_s"] for r in records)),
+              "total": len(records)}
     command = "python -m experiments.reproduce_cpu " + " ".join(argv)
     write_report(args.out, setup=setup_info(args.dataset, args.smoke), machine=machine_info(),
                  records=records, seeds=seeds, timing=timing, command=command.strip())
-    print(f"report: {os.path.join(args.out, REPORT_FILE)} ({wall / 60:.1f} min)", flush=True)
+    print(f"report: {os.path.join(args.out, REPORT_FILE)} "
+          f"({(time.perf_counter() - start) / 60:.1f} min)", flush=True)
     return 0
 
 

@@ -189,10 +189,24 @@ def test_live_and_precomputed_teacher_give_same_losses():
     for a, b in zip(live, stored):
         np.testing.assert_allclose(a["loss/kd"], b["loss/kd"], rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(a["loss/ce"], b["loss/ce"], rtol=1e-5, atol=1e-6)
-    # Top-k with k = C is the full distribution: same losses.
-    full_k = run_precomputed(mesh, _precomputed_batches(mesh, topk=NUM_CLASSES))
-    for a, b in zip(live, full_k):
-        np.testing.assert_allclose(a["loss/kd"], b["loss/kd"], rtol=1e-4, atol=1e-5)
+
+
+def test_topk_teacher_agrees_with_live_within_the_documented_bound():
+    """A store keeping the teacher's top k logits: the KD loss moves by at most kd_kl_topk_bound."""
+    mesh = sharding.make_mesh(devices=jax.devices()[:1])
+    teacher, t_vars, _ = teacher_setup(mesh)
+    b = make_batch(0)
+    t_logits = teacher(t_vars, jax.tree.map(jnp.asarray, b)).logits
+    s_logits = jax.random.normal(jax.random.PRNGKey(3), t_logits.shape)
+    for k in (NUM_CLASSES, 5, 2):
+        stored = _precomputed_batches(mesh, topk=k)[0]
+        values, indices = stored["teacher_topk_values"], stored["teacher_topk_indices"]
+        full = losses.kd_kl(s_logits, t_logits, 4.0)
+        topk = losses.kd_kl_topk(s_logits, values, indices, 4.0)
+        bound = losses.kd_kl_topk_bound(s_logits, t_logits, indices, 4.0)
+        assert np.all(np.abs(np.asarray(full) - np.asarray(topk)) <= np.asarray(bound) + 1e-5)
+        if k == NUM_CLASSES:
+            np.testing.assert_allclose(topk, full, rtol=1e-5, atol=1e-6)
 
 
 def test_nonfinite_update_is_skipped():

@@ -1,0 +1,300 @@
+"""The CPU-scale reproduction driver (experiments/reproduce_cpu.py).
+
+A smoke run of the command (2 seeds, two short epochs on 400 MNIST-1D examples, a few cells) checks
+the files it writes, that the tables hold the per-seed numbers' mean and std, and that a second
+invocation reuses every run; the full smoke grid (every cell) is marked slow. The statistics and
+verdict helpers are checked against t statistics and p-values computed by hand from the formulas
+(Welch-Satterthwaite, paired differences) with float64 NumPy and the t distribution's survival
+function.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from experiments import reproduce_cpu as rc
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_command(args, timeout=600):
+    """Runs ``python -m experiments.reproduce_cpu ARGS`` on one CPU device (as a user would)."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env.update(JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
+    return subprocess.run([sys.executable, "-m", "experiments.reproduce_cpu", *args], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def pct(values):
+    """``mean ± std`` in percent, computed by hand with the standard library."""
+    return f"{100 * statistics.mean(values):.2f} ± {100 * statistics.stdev(values):.2f}"
+
+
+def seed_values(result, cell, key="accuracy"):
+    return [result["cells"][cell]["seeds"][s][key] for s in sorted(result["cells"][cell]["seeds"])]
+
+
+# ------------------------------------------------------------------------------------------------
+# The command end to end.
+# ------------------------------------------------------------------------------------------------
+
+
+def test_smoke_run_writes_report_tables_plots_json_and_resumes(tmp_path):
+    out, work = tmp_path / "out", tmp_path / "work"
+    args = ["--smoke", "--seeds", "2", "--cells", "scratch,full/small,full/large", "--out",
+            str(out), "--workdir", str(work)]
+    proc = run_command(args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "== teachers: 4 runs" in proc.stdout and "== students: 6 runs" in proc.stdout
+
+    for name in (rc.ACCURACY_PLOT, rc.MIMIC_PLOT, rc.FITNET_TA_PLOT):
+        with open(out / name, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n", name
+    result = json.loads((out / rc.RESULTS_JSON).read_text())
+    assert set(result["cells"]) == {"teacher/small", "teacher/large", "scratch", "full/small",
+                                    "full/large"}
+    for cell in result["cells"].values():
+        assert sorted(cell["seeds"]) == ["0", "1"]
+    assert result["setup"]["train_examples"] == 400 and result["setup"]["eval_examples"] == 100
+    assert result["setup"]["epochs"] == 2 and result["setup"]["steps_per_epoch"] == 3
+    record = result["cells"]["full/large"]["seeds"]["1"]
+    assert record["steps"] == 6 and record["kd_mode"] == "full"
+    assert "checkpoint" in record["teacher"] and record["teacher"].startswith("cnn1d:width=128")
+    assert 0.0 <= record["accuracy"] <= 1.0 and record["kl"] >= 0.0
+
+    report = (out / rc.REPORT_FILE).read_text()
+    assert "SMOKE RUN" in report
+    scratch, small, large = (seed_values(result, c) for c in ("scratch", "full/small",
+                                                               "full/large"))
+    teacher_large = seed_values(result, "teacher/large")
+    assert f"| none (scratch) | `cnn1d:width=8` | - | {pct(scratch)} | - | - |" in report
+    assert (f"| large | `cnn1d:width=128` | {pct(teacher_large)} | {pct(large)} | - | - |"
+            in report)
+    # Table 4 and the claims: large-vs-small under full KD, recomputed here.
+    diff = statistics.mean(large) - statistics.mean(small)
+    claim = next(c for c in result["claims"] if c["id"] == "bigger_teacher")
+    assert [r["name"] for r in claim["results"]] == ["full KD <- large minus full KD <- small"]
+    assert claim["results"][0]["diff"] == pytest.approx(diff, abs=1e-12)
+    assert f"| bigger_teacher | full KD <- large minus full KD <- small | {100 * diff:+.2f} points"\
+        in report
+    assert next(c for c in result["claims"] if c["id"] == "hints")["verdict"] == "not run"
+    kl = seed_values(result, "full/large", "kl")
+    assert f"{statistics.mean(kl):.3f} ± {statistics.stdev(kl):.3f}" in report
+
+    # A second invocation reuses every run and says so; the numbers do not change.
+    proc = run_command(args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    history = json.loads((work / "invocations.json").read_text())
+    assert [(h["ran"], h["reused"]) for h in history] == [(10, 0), (0, 10)]
+    again = json.loads((out / rc.RESULTS_JSON).read_text())
+    assert seed_values(again, "full/large") == large
+    assert "10 runs trained, 0 reused" in (out / rc.REPORT_FILE).read_text()
+
+
+@pytest.mark.slow
+def test_smoke_run_of_every_cell(tmp_path):
+    """Every experiment of the grid (teachers, KD, ESKD both readings, TA chain, FitNet, KD only,
+    thin-deep scratch) runs and lands in the report."""
+    out = tmp_path / "out"
+    proc = run_command(["--smoke", "--jobs", "2", "--out", str(out), "--workdir",
+                        str(tmp_path / "work")])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((out / rc.RESULTS_JSON).read_text())
+    teachers, students = rc.grid("mnist1d")
+    assert set(result["cells"]) == {c.key for c in teachers + students}
+    ta = result["cells"]["ta/large-medium"]["seeds"]["0"]
+    assert [s["stage"] for s in ta["stages"]] == ["assistant1", "student"]
+    fitnet = result["cells"]["fitnet/hint_kd"]["seeds"]["0"]
+    assert [s["stage"] for s in fitnet["stages"]] == ["fitnet_stage1", "fitnet_stage2"]
+    assert result["cells"]["fitnet/kd_only"]["seeds"]["0"]["kd_mode"] == "kd_only"
+    assert result["cells"]["fitnet/scratch"]["seeds"]["0"]["model"] == "cnn1d_thin_deep"
+    assert "early_teacher (teacher from its epoch 1)" == \
+        result["cells"]["eskd_early/large"]["seeds"]["1"]["reading"]
+    assert all(c["verdict"] != "not run" for c in result["claims"])
+
+
+# ------------------------------------------------------------------------------------------------
+# The grid and its configs.
+# ------------------------------------------------------------------------------------------------
+
+
+def test_grid_configs_share_teachers_by_seed_and_keep_the_protocol(tmp_path):
+    teachers, students = rc.grid("mnist1d")
+    assert [t.key for t in teachers] == ["teacher/small", "teacher/medium", "teacher/large",
+                                         "teacher/fitnet"]
+    assert len({c.key for c in students}) == len(students) == 14
+    by_key = {c.key: c for c in students + teachers}
+    work = str(tmp_path)
+    c = rc.build_config(by_key["eskd_early/medium"], "mnist1d", 3, work, smoke=False)
+    assert c.seed == 3 and c.teacher.source == "checkpoint"
+    assert c.teacher.path == rc.cell_dir(work, "teacher/medium", 3)
+    assert (c.kd.mode, c.kd.reading, c.teacher.early_epoch) == ("eskd", "early_teacher", 12)
+    assert c.run.progress is False and c.run.best_metric is None
+    t = rc.build_config(by_key["teacher/large"], "mnist1d", 3, work, smoke=False)
+    assert t.teacher.model == "cnn1d:width=128" and t.teacher.early_epoch == 12
+    thin = rc.build_config(by_key["fitnet/scratch"], "mnist1d", 0, work, smoke=True)
+    assert thin.student.model == "cnn1d_thin_deep" and thin.optimizer.lr == 0.05
+    assert thin.kd.mode == "scratch" and thin.num_epochs == 2
+    assert thin.dataset.num_samples == rc.SMOKE_SAMPLES
+    ta = rc.build_config(by_key["ta/large-medium"], "digits", 1, work, smoke=False)
+    assert tuple(ta.assistants) == ("cnn2d:width=16",) and ta.teacher.model == "cnn2d:width=32"
+    assert ta.dataset.num_samples is None
+
+
+def test_select_adds_the_needed_teachers_and_rejects_unknown_cells():
+    teachers, students = rc.grid("mnist1d")
+    t, s = rc.select(teachers, students, ["fitnet/kd_only", "scratch"])
+    assert [c.key for c in t] == ["teacher/fitnet"]
+    assert [c.key for c in s] == ["scratch", "fitnet/kd_only"]
+    with pytest.raises(ValueError, match=r"unknown cell\(s\) \['full/huge'\]; valid: scratch, "):
+        rc.select(teachers, students, ["full/huge"])
+    with pytest.raises(ValueError, match="dataset='cifar10' is not valid; valid: mnist1d, digits"):
+        rc.grid("cifar10")
+
+
+def test_command_line_errors(capsys):
+    for argv, message in ((["--out", "x", "--seeds", "1"], "need at least 2 seeds"),
+                          (["--out", "x", "--jobs", "0"], "need at least 1 worker"),
+                          (["--out", "x", "--cells", "bogus"], "unknown cell(s) ['bogus']")):
+        with pytest.raises(SystemExit) as e:
+            rc.parse_args(argv)
+        assert e.value.code == 2
+        assert message in capsys.readouterr().err
+    args = rc.parse_args(["--out", "x", "--smoke"])
+    assert args.seeds == 2 and args.workdir == os.path.join("workdirs", "reproduce_cpu",
+                                                            "mnist1d_smoke")
+    assert rc.parse_args(["--out", "x"]).seeds == 5
+
+
+# ------------------------------------------------------------------------------------------------
+# Statistics against hand computations.
+# ------------------------------------------------------------------------------------------------
+
+A = {0: 0.812, 1: 0.805, 2: 0.821, 3: 0.799, 4: 0.816}
+B = {0: 0.801, 1: 0.797, 2: 0.806, 3: 0.795, 4: 0.809}
+
+
+def test_summarize_is_mean_and_sample_std():
+    x = np.array(list(A.values()), np.float64)
+    s = rc.summarize(list(A.values()))
+    assert s["n"] == 5
+    assert s["mean"] == pytest.approx(x.sum() / 5, abs=1e-15)
+    assert s["std"] == pytest.approx(math.sqrt(((x - x.mean()) ** 2).sum() / 4), abs=1e-15)
+    assert math.isnan(rc.summarize([0.5])["std"])
+    with pytest.raises(ValueError, match=r"non-empty 1-D sequence; got shape \(0,\)"):
+        rc.summarize([])
+
+
+def test_compare_matches_hand_computed_welch_and_paired_tests():
+    a, b = np.array(list(A.values())), np.array(list(B.values()))
+    c = rc.compare(A, B)
+    va, vb = a.var(ddof=1) / 5, b.var(ddof=1) / 5
+    t = (a.mean() - b.mean()) / math.sqrt(va + vb)
+    df = (va + vb) ** 2 / (va ** 2 / 4 + vb ** 2 / 4)          # Welch-Satterthwaite
+    assert c["diff"] == pytest.approx(a.mean() - b.mean(), abs=1e-15)
+    assert c["welch_t"] == pytest.approx(t, rel=1e-10)
+    assert c["welch_p"] == pytest.approx(2 * stats.t.sf(abs(t), df), rel=1e-8)
+    d = a - b
+    tp = d.mean() / (d.std(ddof=1) / math.sqrt(5))
+    assert c["paired_t"] == pytest.approx(tp, rel=1e-10)
+    assert c["paired_p"] == pytest.approx(2 * stats.t.sf(abs(tp), 4), rel=1e-8)
+    assert c["paired_p"] < 0.05 < c["welch_p"]       # the pairing removes the seed variance
+    assert (c["n_a"], c["n_b"], c["n_paired"]) == (5, 5, 5)
+
+
+def test_compare_pairs_only_common_seeds_and_flags_undefined_tests():
+    b = {s: v for s, v in B.items() if s != 4}
+    b[7] = 0.9
+    c = rc.compare(A, b)
+    d = np.array([A[s] - B[s] for s in range(4)])
+    tp = d.mean() / (d.std(ddof=1) / 2)
+    assert c["n_paired"] == 4 and c["paired_t"] == pytest.approx(tp, rel=1e-10)
+    same = rc.compare({0: 0.5, 1: 0.5}, {0: 0.4, 1: 0.4})   # both constant: no test is defined
+    assert same["diff"] == pytest.approx(0.1)
+    assert all(math.isnan(same[k]) for k in ("welch_t", "welch_p", "paired_t", "paired_p"))
+    shifted = rc.compare({0: 0.5, 1: 0.6}, {0: 0.4, 1: 0.5})  # constant paired differences
+    assert math.isnan(shifted["paired_p"]) and not math.isnan(shifted["welch_p"])
+    one = rc.compare({0: 0.5}, {0: 0.4, 1: 0.3})
+    assert math.isnan(one["welch_p"]) and math.isnan(one["paired_p"])
+    with pytest.raises(ValueError, match="both cells need values; got 0 and 5 seeds"):
+        rc.compare({}, B)
+
+
+def test_direction_needs_both_tests_significant():
+    base = {"diff": 0.01, "welch_p": 0.01, "paired_p": 0.001}
+    assert rc.direction(base) == "higher"
+    assert rc.direction({**base, "diff": -0.01}) == "lower"
+    assert rc.direction({**base, "welch_p": 0.2}) == "n.s."
+    assert rc.direction({**base, "paired_p": math.nan}) == "n.s."
+    assert rc.direction({**base, "welch_p": 0.05}) == "n.s."      # p < alpha, strictly
+
+
+@pytest.mark.parametrize("kind,higher,lower,ns", [
+    ("higher", "agree", "disagree", "inconclusive"),
+    ("lower", "disagree", "agree", "inconclusive"),
+    ("not_higher", "disagree", "agree", "inconclusive"),
+])
+def test_verdict_truth_table(kind, higher, lower, ns):
+    sig = {"welch_p": 0.001, "paired_p": 0.001}
+    assert rc.verdict({**sig, "diff": 0.02}, kind) == higher
+    assert rc.verdict({**sig, "diff": -0.02}, kind) == lower
+    assert rc.verdict({"diff": 0.02, "welch_p": 0.3, "paired_p": 0.01}, kind) == ns
+
+
+def test_verdict_and_combine_errors_and_mixtures():
+    with pytest.raises(ValueError, match="claim='better' is not valid; valid: higher, lower"):
+        rc.verdict({"diff": 0.0, "welch_p": 1.0, "paired_p": 1.0}, "better")
+    assert rc.combine(["agree", "agree"]) == "agree"
+    assert rc.combine(["agree", "inconclusive", "disagree", "agree"]) == (
+        "mixed (2 agree, 1 inconclusive, 1 disagree)")
+    with pytest.raises(ValueError, match="no verdicts to combine"):
+        rc.combine([])
+
+
+def test_evaluate_claims_on_synthetic_cells():
+    """Full KD gets worse with teacher size (a capacity gap), ESKD stop_kd fixes it, the TA chain
+    is not better than the direct large teacher; cells not given are 'not run'."""
+    rng = np.random.default_rng(0)
+    noise = {s: rng.normal(0, 0.002) for s in range(5)}
+
+    def cell(mean):
+        return {s: mean + noise[s] + rng.normal(0, 0.001) for s in range(5)}
+
+    acc = {"scratch": cell(0.78), "full/small": cell(0.80), "full/medium": cell(0.79),
+           "full/large": cell(0.77), "ta/large-medium": cell(0.77),
+           **{f"eskd_stop/{s}": cell(0.83) for s in rc.SIZES}}
+    results = {c["id"]: c for c in rc.evaluate_claims({"accuracy": acc})}
+    assert results["bigger_teacher"]["verdict"] == "agree"
+    assert results["eskd_stop"]["verdict"] == "agree"
+    assert len(results["eskd_stop"]["results"]) == 6
+    assert results["eskd_early"]["verdict"] == "not run"
+    assert results["hints"]["verdict"] == "not run" and results["mimic"]["verdict"] == "not run"
+    ta = {r["b"]: r["verdict"] for r in results["ta"]["results"]}
+    assert ta["full/small"] == "agree" and ta["full/large"] == "inconclusive"
+    assert results["kd_vs_scratch"]["verdict"] == "mixed (1 agree, 0 inconclusive, 2 disagree)"
+    large_small = results["bigger_teacher"]["results"][1]
+    assert (large_small["a"], large_small["b"]) == ("full/large", "full/small")
+    assert large_small["diff"] == pytest.approx(
+        np.mean(list(acc["full/large"].values())) - np.mean(list(acc["full/small"].values())))
+
+
+def test_formatting_helpers():
+    assert rc.fmt_pct({"mean": 0.81234, "std": 0.00456}) == "81.23 ± 0.46"
+    assert rc.fmt_pct({"mean": 0.5, "std": math.nan}) == "50.00 ± n/a"
+    assert rc.fmt_pct(None) == "-"
+    assert rc.fmt_num({"mean": 0.123456, "std": 0.01}, 3) == "0.123 ± 0.010"
+    assert rc.fmt_p(math.nan) == "n/a" and rc.fmt_p(0.0421) == "0.042"
+    assert rc.fmt_p(3.2e-5) == "3.2e-05"
+    assert rc.fmt_diff(-0.0125, "accuracy") == "-1.25 points"
+    assert rc.fmt_diff(0.01234, "kl") == "+0.0123"
+    table = rc.markdown_table(["a", "b"], [["1", "2"]])
+    assert table == "| a | b |\n|---|---|\n| 1 | 2 |"
