@@ -459,12 +459,8 @@ def _validate_teacher(p: list, c, experiment: str) -> None:
     _choice(p, "teacher.store_dtype", t.store_dtype, STORE_DTYPES)
     if t.store_format == "topk" and t.store_k is None:
         p.append("config.teacher.store_k is required with teacher.store_format='topk'.")
-    if t.store_k is not None:
-        if t.store_format != "topk":
-            p.append("config.teacher.store_k is set but teacher.store_format='full'; unset it or "
-                     "use store_format='topk'.")
-        else:
-            _int_at_least(p, "teacher.store_k", t.store_k, 1)
+    if t.store_k is not None and t.store_format == "topk":
+        _int_at_least(p, "teacher.store_k", t.store_k, 1)
 
 
 def _validate_run(p: list, c) -> None:
@@ -685,12 +681,18 @@ def kd_recipe(kd: ml_collections.ConfigDict, mode: str, steps_per_epoch: int) ->
     return (recipe_lib.ce(kd.ce_weight), recipe_lib.kd(kd.temperature, kd.weight))
 
 
-def reading_label(config, mode: str) -> str:
-    """Which early stopping a KD result used, in words (every result row carries it)."""
+def reading_label(config, mode: str, first_teacher: bool = True) -> str:
+    """Which early stopping a KD result used, in words (every result row carries it).
+
+    ``first_teacher``: the stage distils from the config's teacher (not from a chain's assistant,
+    which is never an early-epoch snapshot).
+    """
     if mode != "eskd":
         return "none"
     if config.kd.reading == "stop_kd":
         return f"stop_kd (KD term off from epoch {config.kd.stop_epoch})"
+    if not first_teacher:
+        return "none (early_teacher applies to the chain's first teacher)"
     return f"early_teacher (teacher from its epoch {config.teacher.early_epoch})"
 
 
@@ -1191,7 +1193,7 @@ def kd_stage(ctx: Context, *, name: str, role: str, spec: str, teacher: TeacherM
     module = build_model(spec, data.num_classes, c.student.dtype, key=f"{role}.model")
     terms = kd_recipe(c.kd, mode, data.steps_per_epoch)
     info = {"teacher": teacher.label if teacher is not None else None, "kd_mode": mode,
-            "reading": reading_label(c, mode),
+            "reading": reading_label(c, mode, teacher is None or teacher.source != "chain"),
             "temperature": c.kd.temperature if mode != "scratch" else None,
             "precomputed": stores is not None,
             "kd_stop_step": (c.kd.stop_epoch * data.steps_per_epoch
@@ -1257,27 +1259,33 @@ def guided_modules(module, variables: Mapping[str, Any], sample_input: np.ndarra
                    guided: str) -> frozenset[str]:
     """Top-level parameter modules that the feature ``guided`` depends on ("up to the guided layer").
 
-    Found from the gradient of ``sum(features[guided] * r)`` (``r`` random) with respect to the
-    parameters, at the given variables on a random batch of 4: a module is in the set when any of
-    its parameters gets a non-zero gradient (module granularity makes a zero-initialised scale, or
-    a ReLU that happens to be off, irrelevant).
+    Read from the program itself, without running or compiling it: ``features[guided]`` is traced
+    as a function of the parameters (``jax.make_jaxpr``; ``variables`` may be arrays or
+    ``jax.ShapeDtypeStruct``s) and its equations are walked backwards from the
+    output, marking every variable the output depends on; a module is in the set when any of its
+    parameters is marked. The answer is structural, so it does not depend on the values (a
+    zero-initialised scale or a ReLU that happens to be off changes nothing).
     """
-    shape = (4,) + tuple(np.shape(sample_input))[1:]
-    x = jax.random.normal(jax.random.key(1), shape, jnp.float32)
+    from jax.extend.core import Literal
+
+    x = jax.ShapeDtypeStruct((1,) + tuple(np.shape(sample_input))[1:], np.asarray(sample_input).dtype)
     rest = {k: v for k, v in variables.items() if k != "params"}
 
-    def tapped(params):
+    def tapped(params, rest, x):
         _, features = module.apply({"params": params, **rest}, x, train=False)
         if guided not in features:
             raise ConfigError(f"config.fitnet.guided_layer={guided!r} is not a feature of the "
                               f"student; available: {sorted(features)}.")
-        feature = features[guided].astype(jnp.float32)
-        r = jax.random.normal(jax.random.key(2), feature.shape, jnp.float32)
-        return jnp.sum(feature * r)
+        return features[guided]
 
-    grads = jax.jit(jax.grad(tapped))(variables["params"])
-    return frozenset(name for name, sub in grads.items()
-                     if any(bool(jnp.any(g != 0)) for g in jax.tree.leaves(sub)))
+    params = variables["params"]
+    jaxpr = jax.make_jaxpr(tapped)(params, rest, x).jaxpr  # invars: params' leaves first
+    needed = {v for v in jaxpr.outvars if not isinstance(v, Literal)}
+    for eqn in reversed(jaxpr.eqns):
+        if any(v in needed for v in eqn.outvars):
+            needed.update(v for v in eqn.invars if not isinstance(v, Literal))
+    paths = [path for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    return frozenset(path[0].key for path, var in zip(paths, jaxpr.invars) if var in needed)
 
 
 def _feature_shape(module, variables, sample_input, name: str, key: str) -> tuple[int, ...]:
@@ -1317,16 +1325,16 @@ def run_fitnet(config: ml_collections.ConfigDict, workdir: str) -> RunOutcome:
     student1 = WithRegressor(bare, guided=f.guided_layer, hint_channels=hint_shape[-1],
                              kind=f.regressor_kind, kernel_size=f.regressor_kernel,
                              padding=f.regressor_padding, use_relu=bool(f.regressor_relu))
-    init = jax.jit(lambda x: student1.init(jax.random.key(c.seed), x, train=False))(
-        jnp.asarray(data.sample_input))
-    regressed = _feature_shape(student1, init, data.sample_input, f"{f.guided_layer}_regressed",
+    abstract = abstract_variables(student1, data.sample_input)
+    regressed = _feature_shape(student1, abstract, data.sample_input, f"{f.guided_layer}_regressed",
                                "fitnet.guided_layer")
     if regressed[1:] != hint_shape[1:]:
         raise ConfigError(f"FitNet regressor output {regressed[1:]} != teacher hint "
                           f"{f.hint_layer!r} {hint_shape[1:]}: choose layers of matching spatial "
                           f"size or a 'VALID' regressor with kernel = guided size - hint size + 1 "
                           f"(config.fitnet.regressor_padding / regressor_kernel).")
-    bare_vars = {**init, "params": {k: v for k, v in init["params"].items() if k != "regressor"}}
+    bare_vars = {**abstract,
+                 "params": {k: v for k, v in abstract["params"].items() if k != "regressor"}}
     trained = guided_modules(bare, bare_vars, data.sample_input, f.guided_layer) | {"regressor"}
     stage1 = Stage(
         name="fitnet_stage1", role="fitnet_stage1", model=c.student.model, module=student1,

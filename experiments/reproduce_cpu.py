@@ -4,7 +4,7 @@ One command trains the whole grid, seeds x cells, and writes ``<out>/README.md``
 per-claim verdicts with numbers), three PNG plots and ``<out>/results.json`` (every per-seed number)::
 
     python -m experiments.reproduce_cpu --out results [--seeds 5] [--dataset mnist1d] [--jobs 2] \
-        [--workdir workdirs/reproduce_cpu/mnist1d] [--smoke]
+        [--workdir workdirs/reproduce_cpu/mnist1d] [--cells scratch,full/large] [--smoke]
 
 Every run goes through the experiment modules with the configs of ``experiments/configs/small.py``
 (``mnist1d_eskd.py`` / ``mnist1d_fitnet.py`` and the digits ones):
@@ -23,9 +23,11 @@ Every run goes through the experiment modules with the configs of ``experiments/
 
 Seed ``s`` sets ``config.seed`` (initialisation and data order) of the teacher and of every student
 of that seed, so comparisons between cells of one seed are paired. Each (cell, seed) runs in its own
-directory ``<workdir>/<cell>/seed<s>``; a finished one leaves ``record.json`` and is skipped when
-the command runs again (an interrupted run also resumes inside a cell from its checkpoints).
-``--smoke`` runs every cell for two short epochs on a small slice of the data (CI).
+directory ``<workdir>/<cell>/seed<s>``; a finished one leaves ``record.json`` and is reused when
+the command runs again unless it is stale (:func:`stale_reason`: its config or its teacher
+changed); an interrupted run resumes inside a cell from its checkpoints. ``--cells`` runs only some
+student cells (and their teachers); ``--smoke`` runs every cell for two short epochs on a small
+slice of the data (CI). docs/experiments.md describes the tables and the verdict rules.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ import math
 import multiprocessing
 import os
 import platform
+import shutil
 import sys
 import time
 import warnings
@@ -208,6 +211,8 @@ def run_fitnet_kd_only(config, workdir: str):
         row={"teacher": teacher.label, "kd_mode": "kd_only", "reading": "none",
              "temperature": f.temperature})
     outcome = common.run_stage(stage, ctx)
+    if outcome.stopped_early:
+        raise RuntimeError(f"{workdir} was preempted; run the command again to resume it.")
     outcome.summary["dir"] = os.path.join(common.STAGES_DIR, outcome.summary["stage"])
     return outcome.summary
 
@@ -225,6 +230,27 @@ def _curves(stage_dir: str) -> dict[str, list]:
     return {"train": train, "eval": evals}
 
 
+def code_version() -> str:
+    """The first 12 hex digits of a SHA-256 over the sources a run executes (the ``.py`` files of
+    ``kdjax/`` and ``experiments/`` in sorted order, this driver excepted: what it changes in a
+    run shows in the run's config, which :func:`stale_reason` checks): records of runs trained by
+    different code show different versions in the report."""
+    import hashlib
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    digest = hashlib.sha256()
+    for package in ("kdjax", "experiments"):
+        for folder, _, files in sorted(os.walk(os.path.join(root, package))):
+            for name in sorted(f for f in files if f.endswith(".py")):
+                path = os.path.join(folder, name)
+                if os.path.samefile(path, __file__):
+                    continue
+                digest.update(os.path.relpath(path, root).encode())
+                with open(path, "rb") as fh:
+                    digest.update(fh.read())
+    return digest.hexdigest()[:12]
+
+
 def _record(cell: Cell, seed: int, directory: str, summaries: Sequence[Mapping[str, Any]],
             wall_s: float) -> dict:
     """The per-seed result of a cell from its stage summaries (the last stage is the result)."""
@@ -232,7 +258,7 @@ def _record(cell: Cell, seed: int, directory: str, summaries: Sequence[Mapping[s
     final = last.get("final") or {}
     train = last.get("final_train") or {}
     return {
-        "cell": cell.key, "seed": seed, "wall_s": wall_s,
+        "cell": cell.key, "seed": seed, "wall_s": wall_s, "code": code_version(),
         "model": last.get("model"), "teacher": last.get("teacher"),
         "kd_mode": last.get("kd_mode"), "reading": last.get("reading"),
         "steps": last.get("steps"),
@@ -261,18 +287,71 @@ def enable_compilation_cache(directory: str) -> None:
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
-def run_cell(cell: Cell, dataset: str, seed: int, workdir: str, smoke: bool) -> dict:
-    """Runs (or resumes) ``cell`` at ``seed``; writes and returns its record (skips a finished one).
+#: Config keys a teacher run does not read (``train_teacher`` trains ``teacher.model`` on labels):
+#: a change there leaves a trained teacher valid.
+TEACHER_IGNORED = ("student.", "kd.", "fitnet.", "assistants", "name", "paper.")
 
-    Uses (and turns on) the compilation cache ``<workdir>/jax_cache``."""
+
+def stale_reason(directory: str, config, teacher_dir: str | None,
+                 ignore: Sequence[str] = ()) -> str | None:
+    """Why the run in ``directory`` cannot be reused for ``config`` (None: it can, or is new).
+
+    Stale when the config it was started with (``config.json``, written by the experiment
+    modules) differs from ``config`` in a key not starting with one of ``ignore`` (e.g.
+    ``experiments/configs/small.py`` changed since), or when its teacher's run finished after it
+    (the teacher was retrained).
+    """
     from experiments import common
 
-    enable_compilation_cache(os.path.join(workdir, "jax_cache"))
+    stored_path = os.path.join(directory, common.CONFIG_FILE)
+    if not os.path.exists(stored_path):
+        return None
+    stored = common.read_json(stored_path)
+    current = json.loads(config.to_json_best_effort())
+    if stored != current:
+        flat_a, flat_b = _flatten(stored), _flatten(current)
+        keys = sorted(k for k in set(flat_a) | set(flat_b)
+                      if flat_a.get(k) != flat_b.get(k) and not k.startswith(tuple(ignore)))
+        if keys:
+            return f"the config changed since it ran ({', '.join(keys)})"
+    record = os.path.join(directory, RECORD_FILE)
+    teacher_record = os.path.join(teacher_dir, RECORD_FILE) if teacher_dir else None
+    if (teacher_record and os.path.exists(record) and os.path.exists(teacher_record)
+            and os.path.getmtime(teacher_record) > os.path.getmtime(record)):
+        return "its teacher was retrained after it ran"
+    return None
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def run_cell(cell: Cell, dataset: str, seed: int, workdir: str, smoke: bool) -> dict:
+    """Runs (or resumes) ``cell`` at ``seed``; writes and returns its record.
+
+    A finished run is reused unless :func:`stale_reason` finds it stale (then its directory is
+    deleted and it runs again). A run that trains turns on the compilation cache
+    ``<workdir>/jax_cache`` for the process."""
+    from experiments import common
+
     directory = cell_dir(workdir, cell.key, seed)
     path = os.path.join(directory, RECORD_FILE)
-    if os.path.exists(path):
-        return {**common.read_json(path), "reused": True}
     config = build_config(cell, dataset, seed, workdir, smoke)
+    teacher_dir = cell_dir(workdir, cell.teacher, seed) if cell.teacher else None
+    reason = stale_reason(directory, config, teacher_dir,
+                          TEACHER_IGNORED if cell.kind == "teacher" else ())
+    if reason is not None:
+        print(f"{cell.key} seed {seed}: {reason}; rerunning it from the start.", flush=True)
+        shutil.rmtree(directory)
+    elif os.path.exists(path):
+        return {**common.read_json(path), "reused": True}
+    enable_compilation_cache(os.path.join(workdir, "jax_cache"))
     start = time.perf_counter()
     if cell.kind == "fitnet_kd_only":
         summaries = [run_fitnet_kd_only(config, directory)]
@@ -301,6 +380,20 @@ def write_json(path: str, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+def _exit_when_orphaned(parent: int) -> None:
+    """Worker initializer: a daemon thread ends the worker (``os._exit``) within 2 s of the driver
+    process ``parent`` going away, so a killed driver never leaves workers writing into the
+    workdir (an unfinished run resumes or restarts cleanly next time)."""
+    import threading
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(2.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="orphan-watch", daemon=True).start()
+
+
 def _run_job(job: tuple) -> dict:
     return run_cell(*job)
 
@@ -322,7 +415,9 @@ def run_jobs(jobs: Sequence[tuple], num_workers: int, log_prefix: str) -> list[d
             done(i, job, _run_job(job))
         return records
     context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(num_workers, mp_context=context) as pool:
+    with concurrent.futures.ProcessPoolExecutor(num_workers, mp_context=context,
+                                                initializer=_exit_when_orphaned,
+                                                initargs=(os.getpid(),)) as pool:
         futures = {pool.submit(_run_job, job): job for job in jobs}
         for i, future in enumerate(concurrent.futures.as_completed(futures), 1):
             done(i, futures[future], future.result())
@@ -580,18 +675,33 @@ def _stats(values: Mapping[int, float] | None) -> dict | None:
 
 
 def eskd_table(acc: Mapping, teacher_acc: Mapping, settings: Mapping,
-               sizes: Sequence[str] = SIZES) -> str:
-    """Table 1: eval top-1 (%) of the student per teacher (rows) and KD mode (columns)."""
-    rows = [["none (scratch)", f"`{settings['student']}`", "-", fmt_pct(_stats(acc.get("scratch"))),
-             "-", "-"]]
+               sizes: Sequence[str] = SIZES, early_acc: Mapping | None = None) -> str:
+    """Table 1: eval top-1 (%) of the student per teacher (rows) and KD mode (columns).
+
+    ``early_acc``: ``{cell: {seed: top-1}}`` of the early-epoch teachers (the ``teacher_accuracy``
+    that the ``eskd_early`` runs measured)."""
+    early_acc = early_acc or {}
+    rows = [["none (scratch)", f"`{settings['student']}`", "-", "-",
+             fmt_pct(_stats(acc.get("scratch"))), "-", "-"]]
     for size in sizes:
         rows.append([size, f"`{settings['teachers'][size]}`",
                      fmt_pct(_stats(teacher_acc.get(f"teacher/{size}"))),
+                     fmt_pct(_stats(early_acc.get(f"eskd_early/{size}"))),
                      fmt_pct(_stats(acc.get(f"full/{size}"))),
                      fmt_pct(_stats(acc.get(f"eskd_stop/{size}"))),
                      fmt_pct(_stats(acc.get(f"eskd_early/{size}")))])
-    return markdown_table(["teacher", "teacher model", "teacher top-1", "student: full KD / scratch",
-                           "student: ESKD stop_kd", "student: ESKD early_teacher"], rows)
+    return markdown_table(["teacher", "teacher model", "teacher top-1", "early teacher top-1",
+                           "student: full KD / scratch", "student: ESKD stop_kd",
+                           "student: ESKD early_teacher"], rows)
+
+
+def collapsed_runs(records: Sequence[Mapping], num_classes: int) -> list[dict]:
+    """Runs whose final eval top-1 is below twice chance (``2 / num_classes``): the network died
+    or diverged (e.g. every ReLU off: constant logits, eval CE = ln C). They stay in the
+    statistics (they are what the protocol produced) and the report lists them."""
+    return [{"cell": r["cell"], "seed": r["seed"], "accuracy": r["accuracy"], "ce": r.get("ce")}
+            for r in sorted(records, key=lambda r: (r["cell"], r["seed"]))
+            if r.get("accuracy") is not None and r["accuracy"] < 2.0 / num_classes]
 
 
 def mimic_table(records: Sequence[Mapping], sizes: Sequence[str] = SIZES) -> str:
@@ -610,8 +720,10 @@ def mimic_table(records: Sequence[Mapping], sizes: Sequence[str] = SIZES) -> str
                           rows)
 
 
-def fitnet_ta_table(acc: Mapping, teacher_acc: Mapping, settings: Mapping) -> str:
-    """Table 3: the FitNet comparison and the teacher-assistant chain."""
+def fitnet_ta_table(acc: Mapping, teacher_acc: Mapping, settings: Mapping,
+                    assistant_acc: Mapping[int, float] | None = None) -> str:
+    """Table 3: the FitNet comparison and the teacher-assistant chain (``assistant_acc``: seed ->
+    top-1 of the chain's assistant stage)."""
     rows = [
         ["FitNet teacher", f"`{settings['fitnet_teacher']}`",
          fmt_pct(_stats(teacher_acc.get("teacher/fitnet")))],
@@ -623,6 +735,8 @@ def fitnet_ta_table(acc: Mapping, teacher_acc: Mapping, settings: Mapping) -> st
          fmt_pct(_stats(acc.get("fitnet/hint_kd")))],
         ["direct large -> student (full KD)", f"`{settings['student']}`",
          fmt_pct(_stats(acc.get("full/large")))],
+        ["TA chain: the assistant (medium size, distilled from large)",
+         f"`{settings['teachers']['medium']}`", fmt_pct(_stats(assistant_acc))],
         ["TA chain large -> medium -> student (full KD)", f"`{settings['student']}`",
          fmt_pct(_stats(acc.get("ta/large-medium")))],
     ]
@@ -817,6 +931,14 @@ def machine_info() -> dict:
             "jax": jax.__version__, "devices": [str(d) for d in jax.devices()]}
 
 
+def code_versions(records: Sequence[Mapping]) -> dict[str, int]:
+    """``{code version: number of runs}`` over the records."""
+    out: dict[str, int] = {}
+    for r in records:
+        out[r.get("code", "unknown")] = out.get(r.get("code", "unknown"), 0) + 1
+    return out
+
+
 def timing_text(timing: Mapping[str, Any]) -> str:
     """The measured wall time: every invocation of the command that produced these runs."""
     parts = []
@@ -860,6 +982,7 @@ def write_report(out: str, *, setup: Mapping, machine: Mapping, records: Sequenc
     acc = by_cell(records)
     teacher_acc = {k: v for k, v in acc.items() if k.startswith("teacher/")}
     claim_results = evaluate_claims({"accuracy": acc, "kl": by_cell(records, "kl")}, sizes)
+    collapsed = collapsed_runs(records, setup["num_classes"])
     plot_accuracy_vs_teacher(acc, teacher_acc, setup["params"], os.path.join(out, ACCURACY_PLOT),
                              sizes)
     plot_mimic(records, os.path.join(out, MIMIC_PLOT), sizes)
@@ -914,7 +1037,10 @@ def write_report(out: str, *, setup: Mapping, machine: Mapping, records: Sequenc
         f"one std is not detectable).",
         f"- Machine: {machine['platform']}, {machine['cpu_count']} CPU cores, Python "
         f"{machine['python']}, jax {machine['jax']}, devices {', '.join(machine['devices'])}.",
-        timing_text(timing), "",
+        timing_text(timing),
+        f"- Code: the runs were trained by source version(s) "
+        f"{', '.join(f'`{v}` ({n} runs)' for v, n in code_versions(records).items())} "
+        f"(SHA-256 prefix over `kdjax/` and `experiments/`, see `code_version`).", "",
         "## Verdicts", "",
         "The four claims the reproduction answers, then two supporting measurements. Evidence: "
         "difference of means `a - b` (Welch p / paired p).", "",
@@ -929,7 +1055,7 @@ def write_report(out: str, *, setup: Mapping, machine: Mapping, records: Sequenc
         "Rows: the student's teacher; columns: the teacher's own top-1 and the student's under "
         "full KD, ESKD `stop_kd` and ESKD `early_teacher`. The first row is the student trained "
         "on labels alone.", "",
-        eskd_table(acc, teacher_acc, settings, sizes), "",
+        eskd_table(acc, teacher_acc, settings, sizes, by_cell(records, "teacher_accuracy")), "",
         "### Table 2: does the student mimic its teacher? (full KD, end of training)", "",
         "The ESKD paper's explanation of the capacity gap: a small student cannot follow a large "
         "teacher, so its KD loss stays higher and it trades cross-entropy for KD loss. Train "
@@ -937,7 +1063,18 @@ def write_report(out: str, *, setup: Mapping, machine: Mapping, records: Sequenc
         "split.", "",
         mimic_table(records, sizes), "",
         "### Table 3: FitNet and the teacher-assistant chain (eval top-1 %)", "",
-        fitnet_ta_table(acc, teacher_acc, settings), "",
+        fitnet_ta_table(acc, teacher_acc, settings, {
+            r["seed"]: r["stages"][0]["accuracy"] for r in records
+            if r["cell"] == "ta/large-medium" and r["stages"][0]["accuracy"] is not None}), "",
+        "### Runs that collapsed", "",
+        f"Final eval top-1 below twice chance ({200 / setup['num_classes']:.0f}%): the network "
+        f"died or diverged (constant logits give eval CE = ln {setup['num_classes']} = "
+        f"{math.log(setup['num_classes']):.3f}). They are kept in every mean, std and test above: "
+        f"they are what the protocol produced.", "",
+        (markdown_table(["cell", "seed", "top-1 (%)", "eval CE"],
+                        [[c["cell"], str(c["seed"]), f"{100 * c['accuracy']:.2f}",
+                          "-" if c["ce"] is None else f"{c['ce']:.3f}"]
+                         for c in collapsed]) if collapsed else "None."), "",
         "### Table 4: every comparison", "",
         "`diff of means` = mean(a) - mean(b) (top-1 in points; KL raw); `claim predicts` is what "
         "the paper's claim says about `a - b`.", "",
@@ -961,6 +1098,7 @@ def write_report(out: str, *, setup: Mapping, machine: Mapping, records: Sequenc
         entry["accuracy"] = _stats(acc.get(key))
     result = {"setup": dict(setup), "machine": dict(machine), "seeds": list(seeds),
               "timing": dict(timing), "command": command, "cells": cells, "claims": claim_results,
+              "collapsed": collapsed,
               "curves": {f"{r['cell']}/seed{r['seed']}": r["curves"] for r in records
                          if r["cell"].startswith(("full/", "eskd_stop/"))}}
     write_json(os.path.join(out, RESULTS_JSON), result)

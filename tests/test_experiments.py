@@ -15,7 +15,6 @@ import signal
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from experiments import (common, imagenet_eskd, imagenet_fitnet, precompute_teacher_logits,
@@ -204,6 +203,7 @@ def test_teacher_assistant_chain_distils_through_the_assistant(tmp_path, teacher
     middle = imagenet_cfg.SMOKE_MODELS["resnet34"]
     assert assistant["model"] == middle and TEACHER in assistant["teacher"]
     assert student["teacher"] == f"assistant1 ({middle})" and student["chain"] == [middle]
+    assert assistant["reading"] == student["reading"] == "none"
     # The student's teacher is the trained assistant: same accuracy on the same eval split.
     assert student["final"]["teacher_accuracy"] == pytest.approx(assistant["final"]["accuracy"],
                                                                  abs=1e-9)
@@ -216,13 +216,26 @@ def test_teacher_assistant_chain_distils_through_the_assistant(tmp_path, teacher
 
 def test_precomputed_store_matches_the_teacher_and_gives_the_live_losses(tmp_path, teacher_dir,
                                                                          full_kd_dir, digits):
+    from kdjax import logit_store
+
     store = str(tmp_path / "store")
     full = cell("teacher=resnet50,mode=full", teacher_dir)
     assert precompute_teacher_logits.main([full, f"--store={store}"]) == 0
     module = models.create("cnn2d", 10, width=8)
     variables = common.load_variables(os.path.join(teacher_dir, "stages", "teacher", "final"))
-    from kdjax import logit_store
 
+    topk = str(tmp_path / "topk")
+    assert precompute_teacher_logits.main([full, "--config.teacher.store_format=topk",
+                                           "--config.teacher.store_k=3", "--splits=test",
+                                           f"--store={topk}"]) == 0
+    assert sorted(os.listdir(topk)) == ["test"]
+    logits, _ = module.apply({"params": common.load_variables(os.path.join(
+        teacher_dir, "stages", "teacher", "final"))["params"]}, digits["test"]["image"])
+    order = np.argsort(-np.asarray(logits), axis=-1, kind="stable")[:, :3]
+    got = logit_store.LogitStore.open(os.path.join(topk, "test")).lookup(np.arange(len(order)))
+    np.testing.assert_array_equal(got["teacher_topk_indices"], order)
+    np.testing.assert_allclose(got["teacher_topk_values"],
+                               np.take_along_axis(np.asarray(logits), order, -1), rtol=1e-5)
     for split in ("train", "test"):
         opened = logit_store.LogitStore.open(os.path.join(store, split))
         n = len(digits[split]["label"])
@@ -340,20 +353,33 @@ def test_torchvision_teacher_errors_name_the_fix(tmp_path):
 # ------------------------------------------------------------------------------------------------
 
 
-def test_fitnet_stage1_trains_only_up_to_the_guided_layer(tmp_path, teacher_dir):
+def test_fitnet_stage1_trains_only_up_to_the_guided_layer(tmp_path, teacher_dir, monkeypatch):
+    # Record each stage's initial parameters as fit creates them (host copies: the state is donated).
+    initial = {}
+    real_init = train.init_train_state
+
+    def recording_init(module, *args, **kwargs):
+        state, shardings = real_init(module, *args, **kwargs)
+        initial[type(module).__name__] = jax.device_get(state.params)
+        return state, shardings
+
+    merged = []
+    real_merge = loop.merge_init_params
+
+    def recording_merge(state, init_params, *args, **kwargs):
+        merged.append(jax.device_get(init_params))
+        return real_merge(state, init_params, *args, **kwargs)
+
+    monkeypatch.setattr(train, "init_train_state", recording_init)
+    monkeypatch.setattr(loop, "merge_init_params", recording_merge)
     workdir = str(tmp_path / "fitnet")
     assert imagenet_fitnet.main([f"--config={IMAGENET_FITNET}:source=checkpoint,path={teacher_dir},"
                                  "smoke", f"--workdir={workdir}"]) == 0
     config = fitnet_cfg.get_config(f"source=checkpoint,path={teacher_dir},smoke")
     assert (config.student.model, config.teacher.model) == ("cnn2d_thin_deep:width=4", TEACHER)
-    # Stage 1's initial state, rebuilt as fit builds it (same module, optimizer shape, seed).
-    bare = models.create("cnn2d_thin_deep", 10, width=4)
-    student1 = models.WithRegressor(bare, guided="stage1", hint_channels=8)
-    mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1), ("data", "fsdp"))
-    init, _ = train.init_train_state(student1, optax.sgd(0.1), np.zeros((1, 8, 8, 1), np.float32),
-                                     seed=config.seed, mesh=mesh)
+    assert sorted(initial) == ["CNN2D", "WithRegressor"]  # stage 2 runs the bare student
     stage1 = common.load_variables(os.path.join(workdir, "stages", "fitnet_stage1", "final"))
-    before, after = flat(jax.device_get(init.params)), flat(stage1["params"])
+    before, after = flat(initial["WithRegressor"]), flat(stage1["params"])
     assert sorted(before) == sorted(after)
     changed = {k.split("'")[1] for k in before if not np.array_equal(before[k], after[k])}
     # cnn2d_thin_deep: depth 6 = two stages of 3 convs; the guided tap 'stage1' is conv1..conv3.
@@ -364,6 +390,11 @@ def test_fitnet_stage1_trains_only_up_to_the_guided_layer(tmp_path, teacher_dir)
     # Stage 2: the bare student (no regressor), KD with lambda annealed 4 -> 1 (weight lambda/T^2).
     stage2 = common.load_variables(os.path.join(workdir, "stages", "fitnet_stage2", "final"))
     assert "regressor" not in stage2["params"]
+    (start2,) = merged  # stage 2 started from stage 1's weights, regressor dropped
+    expected = {k: v for k, v in after.items() if not k.startswith("['regressor']")}
+    started = flat(start2["params"])
+    assert started.keys() == expected.keys()
+    assert all(np.array_equal(started[k], expected[k]) for k in expected)
     train2 = records(workdir, "fitnet_stage2", "train")
     weights = [r["weight/kd"] for r in train2]
     assert weights[0] < 4.0 / 9.0 and weights[-1] >= 1.0 / 9.0 - 1e-6
@@ -381,6 +412,13 @@ def test_guided_modules_follow_the_architecture():
     mlp = models.create("mlp", 10, depth=3)
     variables = mlp.init(jax.random.key(0), x)
     assert common.guided_modules(mlp, variables, x, "stage1") == {"dense1"}
+    # ResNet-18 (its last BN scale of each block zero-initialised): stage2 needs the stem, stage 1
+    # and stage 2 blocks, nothing after.
+    image = np.zeros((1, 32, 32, 3), np.float32)
+    resnet = models.create("resnet18", 10, zero_init_residual=True)
+    abstract = jax.eval_shape(lambda: resnet.init(jax.random.key(0), image))
+    assert common.guided_modules(resnet, abstract, image, "stage2") == {
+        "conv1", "bn1", "layer1_0", "layer1_1", "layer2_0", "layer2_1"}
     with pytest.raises(common.ConfigError, match=r"guided_layer='stage9' is not a feature"):
         common.guided_modules(mlp, variables, x, "stage9")
 
@@ -565,6 +603,26 @@ def test_contradictory_configs_give_clear_errors(tmp_path):
     expect_config_error(tmp_path, imagenet_eskd.main, [
         f"--config={DIGITS_ESKD}:teacher=large,mode=full,smoke",
         "--config.teacher.store_format=topk"], "config.teacher.store_k is required")
+
+
+def test_train_teacher_and_precompute_errors(tmp_path):
+    expect_config_error(tmp_path, train_teacher.main, [f"--config={DIGITS_ESKD}:teacher=none,smoke"],
+                        "config.teacher.model must be a model spec")
+    with pytest.raises(common.ConfigError, match=r"precompute needs a trained teacher"):
+        precompute_teacher_logits.main([cell("teacher=resnet50,mode=full"),
+                                        f"--store={tmp_path / 's'}"])
+    with pytest.raises(common.ConfigError, match=r"--store=DIR \(or config.teacher.store\) is "
+                                                 r"required"):
+        precompute_teacher_logits.main([cell("teacher=resnet50,mode=full", str(tmp_path))])
+
+
+def test_reading_labels():
+    config = imagenet_cfg.get_config("teacher=resnet50,mode=eskd,reading=early_teacher,source=train")
+    assert common.reading_label(config, "eskd") == "early_teacher (teacher from its epoch 35)"
+    assert common.reading_label(config, "eskd", first_teacher=False).startswith("none")
+    config = imagenet_cfg.get_config("teacher=resnet50,mode=eskd")
+    assert common.reading_label(config, "eskd") == "stop_kd (KD term off from epoch 60)"
+    assert common.reading_label(config, "full") == "none"
 
 
 def test_command_line_errors(tmp_path):
