@@ -2,7 +2,7 @@
 
 Measured side by side in one process (interleaved rounds, median per variant, after warm-up):
 ResNet-18 student, ResNet-34 teacher with the CIFAR stem (3x3/1 conv, no max-pool, as CIFAR KD
-codebases use for 32x32 inputs), CIFAR-size inputs (32x32x3, 100 classes), batch 64, SGD with
+codebases use for 32x32 inputs; ``--stem imagenet`` for the 7x7/2 + max-pool stem), CIFAR-size inputs (32x32x3, 100 classes), batch 64, SGD with
 momentum; KD recipe = 0.1 CE + 0.9 KD (T = 4).
 
 * ``precomputed_overhead`` = KD step reading stored teacher logits / plain CE step (target <= 1.05)
@@ -46,12 +46,12 @@ def flops_of(jitted, *args) -> float:
     return float(cost.get("flops", 0.0)) if cost else 0.0
 
 
-def jax_variants(dtype):
+def jax_variants(dtype, stem: str):
     """Returns ({name: zero-arg callable running one step}, {name: flops per call})."""
     mesh = sharding.make_mesh()
     tx = optax.sgd(LR, momentum=0.9)
-    student = models.create("resnet18", CLASSES, stem="cifar", dtype=dtype)
-    teacher_module = models.create("resnet34", CLASSES, stem="cifar", dtype=dtype)
+    student = models.create("resnet18", CLASSES, stem=stem, dtype=dtype)
+    teacher_module = models.create("resnet34", CLASSES, stem=stem, dtype=dtype)
     t_vars = teacher_module.init(jax.random.PRNGKey(1), jnp.zeros((1, SIZE, SIZE, 3)))
     t_vars, t_sh = train.put_teacher(t_vars, mesh)
     live = teachers.from_linen(teacher_module)
@@ -84,7 +84,7 @@ def jax_variants(dtype):
     return runs, flops
 
 
-def torch_variant():
+def torch_variant(stem: str):
     """The live-KD step written plainly in PyTorch (same architectures, batch, optimizer)."""
     import torch
     import torch.nn as tnn
@@ -112,7 +112,8 @@ def torch_variant():
     class ResNet(tnn.Module):
         def __init__(self, layers, classes):
             super().__init__()
-            self.conv1 = tnn.Conv2d(3, 64, 3, 1, 1, bias=False)
+            self.conv1 = (tnn.Conv2d(3, 64, 7, 2, 3, bias=False) if stem == "imagenet"
+                          else tnn.Conv2d(3, 64, 3, 1, 1, bias=False))
             self.bn1 = tnn.BatchNorm2d(64)
             blocks, cin = [], 64
             for i, (n, cout) in enumerate(zip(layers, (64, 128, 256, 512))):
@@ -124,6 +125,8 @@ def torch_variant():
 
         def forward(self, x):
             x = F.relu(self.bn1(self.conv1(x)))
+            if stem == "imagenet":
+                x = F.max_pool2d(x, 3, 2, 1)
             return self.fc(self.blocks(x).mean((2, 3)))
 
     torch.manual_seed(0)
@@ -184,14 +187,16 @@ def main():
                         help="f32 peak of this CPU (2 cores x 2.6 GHz x 64 FLOP/cycle)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch comparison")
+    parser.add_argument("--stem", choices=("cifar", "imagenet"), default="cifar",
+                        help="ResNet stem: cifar (3x3/1, no pool) or imagenet (7x7/2 + max-pool)")
     args = parser.parse_args()
 
     dtype = jnp.dtype(args.dtype)
-    runs, flops = jax_variants(dtype)
+    runs, flops = jax_variants(dtype, args.stem)
     torch_version = None
     if not args.no_torch:
         try:
-            runs["torch_kd_live"], torch_version = torch_variant()
+            runs["torch_kd_live"], torch_version = torch_variant(args.stem)
         except ImportError:
             print("torch is not installed: skipping vs_pytorch (pip install torch==2.13.0)")
     t = measure(runs, args.rounds, args.warmup)
@@ -207,7 +212,7 @@ def main():
         "peak_gflops": peak / 1e9,
         "images_per_second": {k: BATCH / t[k] for k in t},
         "backend": backend, "devices": jax.device_count(), "jax": jax.__version__,
-        "torch": torch_version, "dtype": args.dtype, "machine": platform.processor() or platform.machine(),
+        "torch": torch_version, "dtype": args.dtype, "stem": args.stem, "machine": platform.processor() or platform.machine(),
         "xla_flags": os.environ.get("XLA_FLAGS", ""), "batch": BATCH, "rounds": args.rounds,
     }
     if "torch_kd_live" in t:
