@@ -840,13 +840,14 @@ def plot_mimic(records: Sequence[Mapping], path: str, sizes: Sequence[str] = SIZ
 
 
 def plot_fitnet_ta(acc: Mapping, path: str) -> str:
-    """Bars (mean ± std, seeds as dots): thin-deep scratch / KD only / FitNet; direct large ->
-    student / TA chain."""
+    """Bars (mean ± std, seeds as dots): thin-deep scratch / KD only / FitNet; the small student
+    from scratch, by full KD from each teacher, and through the TA chain."""
     fig, axes = _figure(2)
     groups = ((("fitnet/scratch", "scratch"), ("fitnet/kd_only", "KD only"),
                ("fitnet/hint_kd", "hints + KD")),
-              (("scratch", "scratch"), ("full/small", "direct small"),
-               ("full/large", "direct large"), ("ta/large-medium", "large->medium->")))
+              (("scratch", "scratch"), ("full/small", "direct\nsmall"),
+               ("full/medium", "direct\nmedium"), ("full/large", "direct\nlarge"),
+               ("ta/large-medium", "TA chain\nlarge->medium")))
     titles = ("thin-and-deep student (FitNet)", "small student: teacher-assistant chain")
     for ax, group, title in zip(axes, groups, titles):
         for i, (key, label) in enumerate(group):
@@ -931,6 +932,10 @@ def machine_info() -> dict:
             "jax": jax.__version__, "devices": [str(d) for d in jax.devices()]}
 
 
+def _runs(n: int) -> str:
+    return f"{n} run" if n == 1 else f"{n} runs"
+
+
 def code_versions(records: Sequence[Mapping]) -> dict[str, int]:
     """``{code version: number of runs}`` over the records."""
     out: dict[str, int] = {}
@@ -944,7 +949,7 @@ def timing_text(timing: Mapping[str, Any]) -> str:
     parts = []
     for inv in timing["invocations"]:
         parts.append(f"{inv['started']}: {inv['wall_s'] / 60:.1f} min wall, {inv['jobs']} worker "
-                     f"process(es), {inv['ran']} runs trained, {inv['reused']} reused; load "
+                     f"process(es), {_runs(inv['ran'])} trained, {inv['reused']} reused; load "
                      f"average {inv['load_start']} at the start, {inv['load_end']} at the end")
     trained = sum(inv["wall_s"] for inv in timing["invocations"] if inv["ran"])
     return (f"- Wall time: {trained / 60:.1f} min in total for the invocations that trained "
@@ -1039,7 +1044,7 @@ def write_report(out: str, *, setup: Mapping, machine: Mapping, records: Sequenc
         f"{machine['python']}, jax {machine['jax']}, devices {', '.join(machine['devices'])}.",
         timing_text(timing),
         f"- Code: the runs were trained by source version(s) "
-        f"{', '.join(f'`{v}` ({n} runs)' for v, n in code_versions(records).items())} "
+        f"{', '.join(f'`{v}` ({_runs(n)})' for v, n in code_versions(records).items())} "
         f"(SHA-256 prefix over `kdjax/` and `experiments/`, see `code_version`).", "",
         "## Verdicts", "",
         "The four claims the reproduction answers, then two supporting measurements. Evidence: "
