@@ -370,12 +370,24 @@ def run_cell(cell: Cell, dataset: str, seed: int, workdir: str, smoke: bool) -> 
     return record
 
 
+def finite_or_none(tree: Any) -> Any:
+    """``tree`` with every non-finite float (an undefined std or p-value) as None: strict JSON."""
+    if isinstance(tree, float) and not math.isfinite(tree):
+        return None
+    if isinstance(tree, Mapping):
+        return {k: finite_or_none(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return [finite_or_none(v) for v in tree]
+    return tree
+
+
 def write_json(path: str, obj: Any) -> None:
-    """Writes ``obj`` as JSON atomically (a temporary file, then a rename)."""
+    """Writes ``obj`` as strict JSON (non-finite floats as null) atomically: a temporary file,
+    then a rename."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(obj, fh, indent=1, sort_keys=True)
+        json.dump(finite_or_none(obj), fh, indent=1, sort_keys=True, allow_nan=False)
         fh.write("\n")
     os.replace(tmp, path)
 
@@ -405,7 +417,7 @@ def run_jobs(jobs: Sequence[tuple], num_workers: int, log_prefix: str) -> list[d
 
     def done(i: int, job: tuple, record: dict) -> None:
         acc = record.get("accuracy")
-        print(f"{log_prefix} [{i}/{len(jobs)}] {job[0].key} seed {job[2]}: top-1 "
+        print(f"{log_prefix} [{i}/{len(jobs)}] {job[0].key} ({job[0].label}) seed {job[2]}: top-1 "
               f"{'-' if acc is None else f'{100 * acc:.2f}'}% ({record['wall_s']:.1f} s run)",
               flush=True)
         records.append(record)

@@ -114,7 +114,8 @@ def test_smoke_run_of_every_cell(tmp_path):
     fitnet = result["cells"]["fitnet/hint_kd"]["seeds"]["0"]
     assert [s["stage"] for s in fitnet["stages"]] == ["fitnet_stage1", "fitnet_stage2"]
     assert result["cells"]["fitnet/kd_only"]["seeds"]["0"]["kd_mode"] == "kd_only"
-    assert result["cells"]["fitnet/scratch"]["seeds"]["0"]["model"] == "cnn1d_thin_deep"
+    assert result["cells"]["fitnet/scratch"]["seeds"]["0"]["model"] == (
+        small.SETTINGS["mnist1d"]["fitnet_student"])
     assert "early_teacher (teacher from its epoch 1)" == \
         result["cells"]["eskd_early/large"]["seeds"]["1"]["reading"]
     assert all(c["verdict"] != "not run" for c in result["claims"])
@@ -324,5 +325,7 @@ def test_formatting_helpers():
     assert rc.fmt_p(3.2e-5) == "3.2e-05"
     assert rc.fmt_diff(-0.0125, "accuracy") == "-1.25 points"
     assert rc.fmt_diff(0.01234, "kl") == "+0.0123"
+    assert rc.finite_or_none({"p": [math.nan, 0.5, math.inf], "s": "x", "n": 3}) == {
+        "p": [None, 0.5, None], "s": "x", "n": 3}
     table = rc.markdown_table(["a", "b"], [["1", "2"]])
     assert table == "| a | b |\n|---|---|\n| 1 | 2 |"
