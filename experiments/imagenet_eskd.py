@@ -21,23 +21,23 @@ from __future__ import annotations
 import sys
 from typing import Sequence
 
-from experiments import common
+from experiments import cli, runs, validate
 
 PROG = "python -m experiments.imagenet_eskd"
 
 
-def run(config, workdir: str) -> common.RunOutcome:
-    """Runs the KD experiment of ``config`` in ``workdir`` (see :func:`experiments.common.run_kd`)."""
-    return common.run_kd(config, workdir)
+def run(config, workdir: str) -> runs.RunOutcome:
+    """Runs the KD experiment of ``config`` in ``workdir`` (see :func:`experiments.runs.run_kd`)."""
+    return runs.run_kd(config, workdir)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry; ``argv`` excludes the program name. Returns the exit status."""
-    args = common.parse_command_line(sys.argv[1:] if argv is None else argv, prog=PROG, doc=__doc__)
-    common.validate_config(args.config, "kd")
-    common.initialize(args)
-    return common.finish(args.config, run(args.config, args.workdir))
+    args = cli.parse_command_line(sys.argv[1:] if argv is None else argv, prog=PROG, doc=__doc__)
+    validate.validate_config(args.config, "kd")
+    cli.initialize(args)
+    return cli.finish(args.config, run(args.config, args.workdir))
 
 
 if __name__ == "__main__":
-    common.run_main(main)
+    cli.run_main(main)

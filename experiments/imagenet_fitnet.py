@@ -19,23 +19,23 @@ from __future__ import annotations
 import sys
 from typing import Sequence
 
-from experiments import common
+from experiments import cli, runs, validate
 
 PROG = "python -m experiments.imagenet_fitnet"
 
 
-def run(config, workdir: str) -> common.RunOutcome:
-    """Runs FitNet's two stages (see :func:`experiments.common.run_fitnet`)."""
-    return common.run_fitnet(config, workdir)
+def run(config, workdir: str) -> runs.RunOutcome:
+    """Runs FitNet's two stages (see :func:`experiments.runs.run_fitnet`)."""
+    return runs.run_fitnet(config, workdir)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry; ``argv`` excludes the program name. Returns the exit status."""
-    args = common.parse_command_line(sys.argv[1:] if argv is None else argv, prog=PROG, doc=__doc__)
-    common.validate_config(args.config, "fitnet")
-    common.initialize(args)
-    return common.finish(args.config, run(args.config, args.workdir))
+    args = cli.parse_command_line(sys.argv[1:] if argv is None else argv, prog=PROG, doc=__doc__)
+    validate.validate_config(args.config, "fitnet")
+    cli.initialize(args)
+    return cli.finish(args.config, run(args.config, args.workdir))
 
 
 if __name__ == "__main__":
-    common.run_main(main)
+    cli.run_main(main)

@@ -23,7 +23,7 @@ import os
 import sys
 from typing import Sequence
 
-from experiments import common
+from experiments import cli, datasets, teacher_io, validate
 
 PROG = "python -m experiments.precompute_teacher_logits"
 
@@ -34,55 +34,55 @@ def precompute_teacher_logits(config, store: str, splits: Sequence[str] | None =
 
     ``splits`` default: the config's train and eval splits.
     """
-    common.validate_config(config, None)
+    validate.validate_config(config, None)
     t = config.teacher
     if t.source not in ("checkpoint", "torchvision"):
-        raise common.ConfigError(
+        raise validate.ConfigError(
             f"config.teacher.source={t.source!r}: precompute needs a trained teacher, "
             f"teacher.source='checkpoint' (a train_teacher workdir) or 'torchvision' (a file).")
     if not store:
-        raise common.ConfigError("--store=DIR (or config.teacher.store) is required: the store root, "
-                                 "one sub-directory per split.")
-    data = common.build_data(config.dataset, config.seed)
+        raise validate.ConfigError("--store=DIR (or config.teacher.store) is required: the store "
+                                   "root, one sub-directory per split.")
+    data = datasets.build_data(config.dataset, config.seed)
     splits = list(splits or dict.fromkeys((data.train_split, data.eval_split)))
     valid = sorted(data.sources)
     for split in splits:
         if split not in data.sources:
-            raise common.ConfigError(f"--splits: {split!r} is not a split of this config; valid: "
-                                     f"{', '.join(valid)} (config.dataset.train_split/eval_split).")
+            raise validate.ConfigError(f"--splits: {split!r} is not a split of this config; valid: "
+                                       f"{', '.join(valid)} (config.dataset.train_split/eval_split).")
     from kdjax import sharding
 
     mesh = sharding.make_mesh(data=config.run.mesh_data, fsdp=config.run.mesh_fsdp)
     if data.eval_batch_size % mesh.devices.size:
-        raise common.ConfigError(f"config.dataset.eval_batch_size={data.eval_batch_size} must be a "
-                                 f"multiple of the {mesh.devices.size} devices.")
-    teacher = (common.load_checkpoint_teacher(config, data) if t.source == "checkpoint"
-               else common.load_torchvision_teacher(config, data))
+        raise validate.ConfigError(f"config.dataset.eval_batch_size={data.eval_batch_size} must be a "
+                                   f"multiple of the {mesh.devices.size} devices.")
+    teacher = (teacher_io.load_checkpoint_teacher(config, data) if t.source == "checkpoint"
+               else teacher_io.load_torchvision_teacher(config, data))
     show = config.run.progress if progress is None else progress
     out = {}
     for split in splits:
-        spec = common.store_spec(config, data, split, teacher)
-        out[split] = common.compute_store(os.path.join(store, split), spec, teacher, data, mesh,
-                                          resume=resume, progress=show)
+        spec = teacher_io.store_spec(config, data, split, teacher)
+        out[split] = teacher_io.compute_store(os.path.join(store, split), spec, teacher, data, mesh,
+                                              resume=resume, progress=show)
     return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry; ``argv`` excludes the program name. Returns the exit status."""
-    args = common.parse_command_line(
+    args = cli.parse_command_line(
         sys.argv[1:] if argv is None else argv, prog=PROG, doc=__doc__, needs_workdir=False,
         extra_flags=(("store", "", "store root (default: config.teacher.store)"),
                      ("splits", "", "comma-separated splits (default: train and eval split)"),
                      ("resume", False, "continue an interrupted precompute")))
-    common.initialize(args)
+    cli.initialize(args)
     store = args.flags["store"] or args.config.teacher.store
     splits = [s for s in args.flags["splits"].split(",") if s]
     stores = precompute_teacher_logits(args.config, store, splits, resume=args.flags["resume"])
     for split, s in stores.items():
-        common.log(f"{split}: {s.path} ({s.spec.num_examples} examples, {s.spec.format}, "
-                   f"{s.spec.dtype})")
+        cli.log(f"{split}: {s.path} ({s.spec.num_examples} examples, {s.spec.format}, "
+                f"{s.spec.dtype})")
     return 0
 
 
 if __name__ == "__main__":
-    common.run_main(main)
+    cli.run_main(main)

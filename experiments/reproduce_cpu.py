@@ -187,33 +187,22 @@ def build_config(cell: Cell, dataset: str, seed: int, workdir: str, smoke: bool)
 
 def run_fitnet_kd_only(config, workdir: str):
     """FitNet's stage 2 alone: the thin-and-deep student from its random initialisation, distilled
-    with ``CE + lambda(step) * H(p_t^T, p_s^T)`` (lambda annealed from ``fitnet.weight_start`` to
-    ``weight_end``; as ``recipe.kd`` is ``T^2 KL``, its weight is ``lambda / T^2``), the same loss,
-    optimizer and epochs as :func:`experiments.common.run_fitnet`'s stage 2 but without the hint
-    stage, so the two differ only in the hints. Returns the student stage's summary."""
-    from experiments import common
-    from kdjax import recipe, schedules
+    by :func:`experiments.stages.fitnet_kd_stage` (the same loss, optimizer and epochs as
+    :func:`experiments.runs.run_fitnet`'s stage 2) but without the hint stage, so the two differ
+    only in the hints. Returns the student stage's summary."""
+    from experiments import rundir, stages, validate
 
-    common.validate_config(config, "fitnet")
-    ctx = common.make_context(config, workdir)
-    c, data, f = ctx.config, ctx.data, ctx.config.fitnet
-    teacher, _ = common.obtain_teacher(ctx)
-    module = common.build_model(c.student.model, data.num_classes, c.student.dtype)
-    steps = c.num_epochs * data.steps_per_epoch
-    t2 = float(f.temperature) ** 2
-    weight = schedules.linear(f.weight_start / t2, f.weight_end / t2, 0, max(steps, 1))
-    schedule = common.learning_rate_schedule(c.optimizer, steps_per_epoch=data.steps_per_epoch,
-                                             num_epochs=c.num_epochs, batch_size=data.batch_size)
-    stage = common.Stage(
-        name="student", role="student", model=c.student.model, module=module,
-        recipe=(recipe.ce(1.0), recipe.kd(f.temperature, weight)),
-        tx=common.make_optimizer(c.optimizer, schedule), num_epochs=c.num_epochs, teacher=teacher,
-        row={"teacher": teacher.label, "kd_mode": "kd_only", "reading": "none",
-             "temperature": f.temperature})
-    outcome = common.run_stage(stage, ctx)
+    validate.validate_config(config, "fitnet")
+    ctx = stages.make_context(config, workdir)
+    c, data = ctx.config, ctx.data
+    teacher, _ = stages.obtain_teacher(ctx)
+    module = validate.build_model(c.student.model, data.num_classes, c.student.dtype)
+    stage = stages.fitnet_kd_stage(ctx, teacher, module, name="student", role="student",
+                                   row={"kd_mode": "kd_only"})
+    outcome = stages.run_stage(stage, ctx)
     if outcome.stopped_early:
         raise RuntimeError(f"{workdir} was preempted; run the command again to resume it.")
-    outcome.summary["dir"] = os.path.join(common.STAGES_DIR, outcome.summary["stage"])
+    outcome.summary["dir"] = os.path.join(rundir.STAGES_DIR, outcome.summary["stage"])
     return outcome.summary
 
 
@@ -301,12 +290,12 @@ def stale_reason(directory: str, config, teacher_dir: str | None,
     ``experiments/configs/small.py`` changed since), or when its teacher's run finished after it
     (the teacher was retrained).
     """
-    from experiments import common
+    from experiments import rundir
 
-    stored_path = os.path.join(directory, common.CONFIG_FILE)
+    stored_path = os.path.join(directory, rundir.CONFIG_FILE)
     if not os.path.exists(stored_path):
         return None
-    stored = common.read_json(stored_path)
+    stored = rundir.read_json(stored_path)
     current = json.loads(config.to_json_best_effort())
     if stored != current:
         flat_a, flat_b = _flatten(stored), _flatten(current)
@@ -338,7 +327,7 @@ def run_cell(cell: Cell, dataset: str, seed: int, workdir: str, smoke: bool) -> 
     A finished run is reused unless :func:`stale_reason` finds it stale (then its directory is
     deleted and it runs again). A run that trains turns on the compilation cache
     ``<workdir>/jax_cache`` for the process."""
-    from experiments import common
+    from experiments import rundir
 
     directory = cell_dir(workdir, cell.key, seed)
     path = os.path.join(directory, RECORD_FILE)
@@ -350,7 +339,7 @@ def run_cell(cell: Cell, dataset: str, seed: int, workdir: str, smoke: bool) -> 
         print(f"{cell.key} seed {seed}: {reason}; rerunning it from the start.", flush=True)
         shutil.rmtree(directory)
     elif os.path.exists(path):
-        return {**common.read_json(path), "reused": True}
+        return {**rundir.read_json(path), "reused": True}
     enable_compilation_cache(os.path.join(workdir, "jax_cache"))
     start = time.perf_counter()
     if cell.kind == "fitnet_kd_only":
@@ -888,9 +877,10 @@ def plot_fitnet_ta(acc: Mapping, path: str) -> str:
 
 def count_params(spec: str, sample_input: np.ndarray, num_classes: int) -> int:
     """Parameters of a model spec (shapes only, nothing computed)."""
-    from experiments import common
+    from experiments.validate import build_model
+    from experiments.rundir import abstract_variables
 
-    variables = common.abstract_variables(common.build_model(spec, num_classes), sample_input)
+    variables = abstract_variables(build_model(spec, num_classes), sample_input)
     return int(sum(np.prod(x.shape) for x in _leaves(variables["params"])))
 
 
@@ -902,15 +892,15 @@ def _leaves(tree) -> list:
 
 def setup_info(dataset: str, smoke: bool) -> dict:
     """Dataset sizes, model parameter counts and the training settings of the grid's configs."""
-    from experiments import common
     from experiments.configs import small
+    from experiments.datasets import build_data
 
     s = small.SETTINGS[dataset]
     kd = build_config(Cell("x", "kd", "eskd", "teacher=large,mode=eskd", ""), dataset, 0, "/", smoke)
     early = build_config(Cell("x", "kd", "eskd", "teacher=large,mode=eskd,reading=early_teacher",
                               ""), dataset, 0, "/", smoke)
     fit = build_config(Cell("x", "fitnet", "fitnet", "", ""), dataset, 0, "/", smoke)
-    data = common.build_data(kd.dataset, 0)
+    data = build_data(kd.dataset, 0)
     specs = {**s["teachers"], "student": s["student"], "fitnet_teacher": s["fitnet_teacher"],
              "fitnet_student": s["fitnet_student"]}
     params = {k: count_params(v, data.sample_input, data.num_classes) for k, v in specs.items()}

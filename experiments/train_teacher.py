@@ -19,23 +19,23 @@ from __future__ import annotations
 import sys
 from typing import Sequence
 
-from experiments import common
+from experiments import cli, runs, validate
 
 PROG = "python -m experiments.train_teacher"
 
 
-def run(config, workdir: str) -> common.RunOutcome:
-    """Trains ``config.teacher.model`` (see :func:`experiments.common.run_teacher`)."""
-    return common.run_teacher(config, workdir)
+def run(config, workdir: str) -> runs.RunOutcome:
+    """Trains ``config.teacher.model`` (see :func:`experiments.runs.run_teacher`)."""
+    return runs.run_teacher(config, workdir)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry; ``argv`` excludes the program name. Returns the exit status."""
-    args = common.parse_command_line(sys.argv[1:] if argv is None else argv, prog=PROG, doc=__doc__)
-    common.validate_config(args.config, "teacher")
-    common.initialize(args)
-    return common.finish(args.config, run(args.config, args.workdir))
+    args = cli.parse_command_line(sys.argv[1:] if argv is None else argv, prog=PROG, doc=__doc__)
+    validate.validate_config(args.config, "teacher")
+    cli.initialize(args)
+    return cli.finish(args.config, run(args.config, args.workdir))
 
 
 if __name__ == "__main__":
-    common.run_main(main)
+    cli.run_main(main)

@@ -17,8 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments import (common, imagenet_eskd, imagenet_fitnet, precompute_teacher_logits,
-                         report, train_teacher)
+from experiments import (datasets, imagenet_eskd, imagenet_fitnet, precompute_teacher_logits,
+                         recipes, report, rundir, runs, teacher_io, train_teacher, validate)
 from experiments.configs import (base, digits_eskd, digits_fitnet, imagenet_eskd as imagenet_cfg,
                                  imagenet_fitnet as fitnet_cfg, mnist1d_eskd, mnist1d_fitnet)
 from kdjax import data as data_lib, loop, models, train
@@ -71,7 +71,7 @@ def digits():
 def teacher_accuracy(teacher_dir, digits, sub="final"):
     """Top-1 of the exported teacher on the digits test split, computed here with flax directly."""
     module = models.create("cnn2d", 10, width=8)
-    variables = common.load_variables(os.path.join(teacher_dir, "stages", "teacher", sub))
+    variables = rundir.load_variables(os.path.join(teacher_dir, "stages", "teacher", sub))
     logits, _ = module.apply({"params": variables["params"]}, digits["test"]["image"])
     return float(np.mean(np.argmax(np.asarray(logits), -1) == digits["test"]["label"]))
 
@@ -83,8 +83,8 @@ def teacher_accuracy(teacher_dir, digits, sub="final"):
 
 def test_train_teacher_exports_final_and_early_epoch(teacher_dir, digits):
     stage = os.path.join(teacher_dir, "stages", "teacher")
-    early = common.read_json(os.path.join(stage, "epochs", "epoch_1", "meta.json"))
-    final = common.read_json(os.path.join(stage, "final", "meta.json"))
+    early = rundir.read_json(os.path.join(stage, "epochs", "epoch_1", "meta.json"))
+    final = rundir.read_json(os.path.join(stage, "final", "meta.json"))
     assert (early["epoch"], early["step"], early["model"]) == (1, SPE, TEACHER)
     assert (final["epoch"], final["step"]) == (2, 2 * SPE)
     # The exported states are the ones the run evaluated at those steps.
@@ -144,7 +144,7 @@ def test_full_kd_from_checkpoint_teacher_and_report(full_kd_dir, teacher_dir, di
             head = f.read(8)
         assert head == b"\x89PNG\r\n\x1a\n" and os.path.getsize(os.path.join(workdir, name)) > 5000
         assert f"]({name})" in text
-    results = common.read_json(os.path.join(workdir, "results.json"))
+    results = rundir.read_json(os.path.join(workdir, "results.json"))
     assert [st["stage"] for st in results["stages"]] == ["student"]
 
 
@@ -173,8 +173,8 @@ def test_eskd_early_teacher_uses_the_teachers_early_epoch(tmp_path, teacher_dir,
     assert s["reading"] == "early_teacher (teacher from its epoch 1)"
     assert "epoch 1" in s["teacher"]
     stage = os.path.join(teacher_dir, "stages", "teacher")
-    early_params = flat(common.load_variables(os.path.join(stage, "epochs", "epoch_1"))["params"])
-    final_params = flat(common.load_variables(os.path.join(stage, "final"))["params"])
+    early_params = flat(rundir.load_variables(os.path.join(stage, "epochs", "epoch_1"))["params"])
+    final_params = flat(rundir.load_variables(os.path.join(stage, "final"))["params"])
     assert any(not np.array_equal(early_params[k], final_params[k]) for k in early_params)
     early = teacher_accuracy(teacher_dir, digits, "epochs/epoch_1")
     assert s["final"]["teacher_accuracy"] == pytest.approx(early, abs=1e-9)
@@ -222,14 +222,14 @@ def test_precomputed_store_matches_the_teacher_and_gives_the_live_losses(tmp_pat
     full = cell("teacher=resnet50,mode=full", teacher_dir)
     assert precompute_teacher_logits.main([full, f"--store={store}"]) == 0
     module = models.create("cnn2d", 10, width=8)
-    variables = common.load_variables(os.path.join(teacher_dir, "stages", "teacher", "final"))
+    variables = rundir.load_variables(os.path.join(teacher_dir, "stages", "teacher", "final"))
 
     topk = str(tmp_path / "topk")
     assert precompute_teacher_logits.main([full, "--config.teacher.store_format=topk",
                                            "--config.teacher.store_k=3", "--splits=test",
                                            f"--store={topk}"]) == 0
     assert sorted(os.listdir(topk)) == ["test"]
-    logits, _ = module.apply({"params": common.load_variables(os.path.join(
+    logits, _ = module.apply({"params": rundir.load_variables(os.path.join(
         teacher_dir, "stages", "teacher", "final"))["params"]}, digits["test"]["image"])
     order = np.argsort(-np.asarray(logits), axis=-1, kind="stable")[:, :3]
     got = logit_store.LogitStore.open(os.path.join(topk, "test")).lookup(np.arange(len(order)))
@@ -303,9 +303,9 @@ def test_torchvision_teacher_loads_the_converted_weights(tmp_path, digits):
     config = digits_eskd.get_config("teacher=large,mode=full,smoke").unlock()
     config.teacher.model, config.teacher.source, config.teacher.path = "resnet18", "torchvision", path
     config.dataset.rgb = True
-    common.validate_config(config, "kd")
-    data = common.build_data(config.dataset, config.seed)
-    teacher = common.load_torchvision_teacher(config, data)
+    validate.validate_config(config, "kd")
+    data = datasets.build_data(config.dataset, config.seed)
+    teacher = teacher_io.load_torchvision_teacher(config, data)
     assert teacher.label == "resnet18 (torchvision: resnet18.npz)"
     x = data.sources["test"][np.arange(16)]["image"]
     np.testing.assert_array_equal(x, np.repeat(digits["test"]["image"][:16], 3, axis=-1))
@@ -341,10 +341,10 @@ def test_torchvision_teacher_errors_name_the_fix(tmp_path):
     argv = [f"--config={DIGITS_ESKD}:teacher=large,mode=full,smoke",
             "--config.teacher.model=resnet18", "--config.teacher.source=torchvision",
             f"--config.teacher.path={path}", f"--workdir={tmp_path / 'w'}"]
-    with pytest.raises(common.ConfigError, match=r"7-class fc layer but digits has 10 classes"):
+    with pytest.raises(validate.ConfigError, match=r"7-class fc layer but digits has 10 classes"):
         imagenet_eskd.main(argv)
     np.savez(path, **random_torchvision_resnet18(10))
-    with pytest.raises(common.ConfigError, match=r"expects 3-channel images .* set dataset.rgb=True"):
+    with pytest.raises(validate.ConfigError, match=r"expects 3-channel images .* set dataset.rgb=True"):
         imagenet_eskd.main(argv)
 
 
@@ -378,7 +378,7 @@ def test_fitnet_stage1_trains_only_up_to_the_guided_layer(tmp_path, teacher_dir,
     config = fitnet_cfg.get_config(f"source=checkpoint,path={teacher_dir},smoke")
     assert (config.student.model, config.teacher.model) == ("cnn2d_thin_deep:width=4", TEACHER)
     assert sorted(initial) == ["CNN2D", "WithRegressor"]  # stage 2 runs the bare student
-    stage1 = common.load_variables(os.path.join(workdir, "stages", "fitnet_stage1", "final"))
+    stage1 = rundir.load_variables(os.path.join(workdir, "stages", "fitnet_stage1", "final"))
     before, after = flat(initial["WithRegressor"]), flat(stage1["params"])
     assert sorted(before) == sorted(after)
     changed = {k.split("'")[1] for k in before if not np.array_equal(before[k], after[k])}
@@ -388,7 +388,7 @@ def test_fitnet_stage1_trains_only_up_to_the_guided_layer(tmp_path, teacher_dir,
     assert s1["trained_modules"] == ["conv1", "conv2", "conv3", "regressor"]
     assert s1["final"] is None and "loss/hint/stage1_regressed" in s1["final_train"]
     # Stage 2: the bare student (no regressor), KD with lambda annealed 4 -> 1 (weight lambda/T^2).
-    stage2 = common.load_variables(os.path.join(workdir, "stages", "fitnet_stage2", "final"))
+    stage2 = rundir.load_variables(os.path.join(workdir, "stages", "fitnet_stage2", "final"))
     assert "regressor" not in stage2["params"]
     (start2,) = merged  # stage 2 started from stage 1's weights, regressor dropped
     expected = {k: v for k, v in after.items() if not k.startswith("['regressor']")}
@@ -408,25 +408,25 @@ def test_guided_modules_follow_the_architecture():
     x = np.zeros((1, 40, 1), np.float32)
     cnn = models.create("cnn1d_thin_deep", 10)  # depth 9: three stages of 3 convs
     variables = cnn.init(jax.random.key(0), x)
-    assert common.guided_modules(cnn, variables, x, "stage2") == {f"conv{i}" for i in range(1, 7)}
+    assert runs.guided_modules(cnn, variables, x, "stage2") == {f"conv{i}" for i in range(1, 7)}
     mlp = models.create("mlp", 10, depth=3)
     variables = mlp.init(jax.random.key(0), x)
-    assert common.guided_modules(mlp, variables, x, "stage1") == {"dense1"}
+    assert runs.guided_modules(mlp, variables, x, "stage1") == {"dense1"}
     # ResNet-18 (its last BN scale of each block zero-initialised): stage2 needs the stem, stage 1
     # and stage 2 blocks, nothing after.
     image = np.zeros((1, 32, 32, 3), np.float32)
     resnet = models.create("resnet18", 10, zero_init_residual=True)
     abstract = jax.eval_shape(lambda: resnet.init(jax.random.key(0), image))
-    assert common.guided_modules(resnet, abstract, image, "stage2") == {
+    assert runs.guided_modules(resnet, abstract, image, "stage2") == {
         "conv1", "bn1", "layer1_0", "layer1_1", "layer2_0", "layer2_1"}
-    with pytest.raises(common.ConfigError, match=r"guided_layer='stage9' is not a feature"):
-        common.guided_modules(mlp, variables, x, "stage9")
+    with pytest.raises(validate.ConfigError, match=r"guided_layer='stage9' is not a feature"):
+        runs.guided_modules(mlp, variables, x, "stage9")
 
 
 def test_frozen_modules_get_no_update_not_even_weight_decay():
     opt = base.kd_config().optimizer
     opt.weight_decay = 0.1
-    tx = common.make_optimizer(opt, 0.5, trainable=lambda name: name == "a")
+    tx = recipes.make_optimizer(opt, 0.5, trainable=lambda name: name == "a")
     params = {"a": {"w": jnp.ones(3)}, "b": {"w": jnp.ones(3)}}
     grads = {"a": {"w": jnp.full(3, 2.0)}, "b": {"w": jnp.full(3, 2.0)}}
     updates, _ = tx.update(grads, tx.init(params), params)
@@ -504,7 +504,7 @@ def test_imagenet_grid_cells_carry_the_paper_numbers_and_validate(tmp_path, teac
     assert (config.num_epochs, tuple(config.optimizer.decay_epochs)) == (90, (30, 60))
     assert (config.kd.temperature, config.kd.weight, config.kd.ce_weight) == (4.0, 0.9, 0.1)
     assert (config.kd.stop_epoch == 60) == (effective == "eskd")
-    common.validate_config(config, "kd")
+    validate.validate_config(config, "kd")
 
 
 def test_paper_table_values():
@@ -525,26 +525,26 @@ def test_every_config_cell_validates(tmp_path):
     for module in (mnist1d_eskd, digits_eskd):
         for teacher in ("none", "small", "medium", "large"):
             for arg in ("mode=full", "mode=eskd", "mode=eskd,reading=early_teacher", "smoke"):
-                common.validate_config(module.get_config(f"teacher={teacher},{arg}"), "kd")
+                validate.validate_config(module.get_config(f"teacher={teacher},{arg}"), "kd")
         chain = module.get_config("teacher=large,mode=eskd,ta=medium+small")
         assert len(chain.assistants) == 2
-        common.validate_config(chain, "kd")
+        validate.validate_config(chain, "kd")
     for module in (mnist1d_fitnet, digits_fitnet):
-        common.validate_config(module.get_config(), "fitnet")
-        common.validate_config(module.get_config("smoke"), "fitnet")
+        validate.validate_config(module.get_config(), "fitnet")
+        validate.validate_config(module.get_config("smoke"), "fitnet")
     for arg in ("", "student=resnet18", "smoke"):
-        common.validate_config(fitnet_cfg.get_config(f"path={npz}" + (f",{arg}" if arg else "")),
-                               "fitnet")
+        validate.validate_config(fitnet_cfg.get_config(f"path={npz}" + (f",{arg}" if arg else "")),
+                                 "fitnet")
     early = imagenet_cfg.get_config("teacher=resnet50,mode=eskd,reading=early_teacher,source=train")
     assert early.teacher.early_epoch == 35 and early.kd.stop_epoch is None
-    common.validate_config(early, "kd")
+    validate.validate_config(early, "kd")
     chain = imagenet_cfg.get_config(f"teacher=resnet50,mode=full,ta=resnet34,path={npz}")
     assert tuple(chain.assistants) == ("resnet34",) and chain.paper.student_error is None
 
 
 def expect_config_error(tmp_path, main, argv, *patterns):
     workdir = str(tmp_path / "never")
-    with pytest.raises(common.ConfigError) as info:
+    with pytest.raises(validate.ConfigError) as info:
         main(argv + [f"--workdir={workdir}"])
     for pattern in patterns:
         assert pattern in str(info.value), str(info.value)
@@ -608,33 +608,33 @@ def test_contradictory_configs_give_clear_errors(tmp_path):
 def test_train_teacher_and_precompute_errors(tmp_path):
     expect_config_error(tmp_path, train_teacher.main, [f"--config={DIGITS_ESKD}:teacher=none,smoke"],
                         "config.teacher.model must be a model spec")
-    with pytest.raises(common.ConfigError, match=r"precompute needs a trained teacher"):
+    with pytest.raises(validate.ConfigError, match=r"precompute needs a trained teacher"):
         precompute_teacher_logits.main([cell("teacher=resnet50,mode=full"),
                                         f"--store={tmp_path / 's'}"])
-    with pytest.raises(common.ConfigError, match=r"--store=DIR \(or config.teacher.store\) is "
-                                                 r"required"):
+    with pytest.raises(validate.ConfigError, match=r"--store=DIR \(or config.teacher.store\) is "
+                                                   r"required"):
         precompute_teacher_logits.main([cell("teacher=resnet50,mode=full", str(tmp_path))])
 
 
 def test_reading_labels():
     config = imagenet_cfg.get_config("teacher=resnet50,mode=eskd,reading=early_teacher,source=train")
-    assert common.reading_label(config, "eskd") == "early_teacher (teacher from its epoch 35)"
-    assert common.reading_label(config, "eskd", first_teacher=False).startswith("none")
+    assert recipes.reading_label(config, "eskd") == "early_teacher (teacher from its epoch 35)"
+    assert recipes.reading_label(config, "eskd", first_teacher=False).startswith("none")
     config = imagenet_cfg.get_config("teacher=resnet50,mode=eskd")
-    assert common.reading_label(config, "eskd") == "stop_kd (KD term off from epoch 60)"
-    assert common.reading_label(config, "full") == "none"
+    assert recipes.reading_label(config, "eskd") == "stop_kd (KD term off from epoch 60)"
+    assert recipes.reading_label(config, "full") == "none"
 
 
 def test_command_line_errors(tmp_path):
-    with pytest.raises(common.ConfigError, match=r"--config=FILE\[:ARG\] is required"):
+    with pytest.raises(validate.ConfigError, match=r"--config=FILE\[:ARG\] is required"):
         imagenet_eskd.main([f"--workdir={tmp_path}"])
-    with pytest.raises(common.ConfigError, match=r"--workdir=DIR is required"):
+    with pytest.raises(validate.ConfigError, match=r"--workdir=DIR is required"):
         imagenet_eskd.main([SMOKE])
-    with pytest.raises(common.ConfigError, match=r"config arg teacher='huge'; valid: none, small"):
+    with pytest.raises(validate.ConfigError, match=r"config arg teacher='huge'; valid: none, small"):
         imagenet_eskd.main([f"--config={DIGITS_ESKD}:teacher=huge", f"--workdir={tmp_path}"])
-    with pytest.raises(common.ConfigError, match=r"unknown config arg 'colour'.*valid args:"):
+    with pytest.raises(validate.ConfigError, match=r"unknown config arg 'colour'.*valid args:"):
         imagenet_eskd.main([f"--config={DIGITS_ESKD}:colour=red", f"--workdir={tmp_path}"])
-    with pytest.raises(common.ConfigError, match=r"Unknown command line flag 'wrokdir'"):
+    with pytest.raises(validate.ConfigError, match=r"Unknown command line flag 'wrokdir'"):
         imagenet_eskd.main([SMOKE, f"--wrokdir={tmp_path}"])
 
 
@@ -648,14 +648,14 @@ def test_parse_arg_types_and_switches():
 
 
 def test_model_specs():
-    assert common.parse_model_spec("cnn1d:width=8,depth=6", "k") == ("cnn1d", {"width": 8,
-                                                                              "depth": 6})
-    with pytest.raises(common.ConfigError, match=r"attribute 'width' must be key=value"):
-        common.parse_model_spec("cnn1d:width", "student.model")
-    with pytest.raises(common.ConfigError, match=r"config.student.model='cnn1d:colour=1'.*"
-                                                 r"unexpected keyword"):
-        common.build_model("cnn1d:colour=1", 10)
-    assert common.build_model("resnet18", 10, "bfloat16").dtype == jnp.bfloat16
+    assert validate.parse_model_spec("cnn1d:width=8,depth=6", "k") == ("cnn1d", {"width": 8,
+                                                                                "depth": 6})
+    with pytest.raises(validate.ConfigError, match=r"attribute 'width' must be key=value"):
+        validate.parse_model_spec("cnn1d:width", "student.model")
+    with pytest.raises(validate.ConfigError, match=r"config.student.model='cnn1d:colour=1'.*"
+                                                   r"unexpected keyword"):
+        validate.build_model("cnn1d:colour=1", 10)
+    assert validate.build_model("resnet18", 10, "bfloat16").dtype == jnp.bfloat16
 
 
 # ------------------------------------------------------------------------------------------------
@@ -671,51 +671,51 @@ def term_weight(term, step):
 def test_kd_recipes_per_mode():
     kd = base.kd_config().kd
     kd.stop_epoch, kd.ce_weight, kd.weight = 3, 0.1, 0.9
-    (ce,) = common.kd_recipe(kd, "scratch", 10)
+    (ce,) = recipes.kd_recipe(kd, "scratch", 10)
     assert ce.name == "ce" and term_weight(ce, 0) == 1.0
-    ce, kdt = common.kd_recipe(kd, "full", 10)
+    ce, kdt = recipes.kd_recipe(kd, "full", 10)
     assert [term_weight(ce, s) for s in (0, 100)] == [pytest.approx(0.1)] * 2
     assert [term_weight(kdt, s) for s in (0, 100)] == [pytest.approx(0.9)] * 2
-    ce, kdt = common.kd_recipe(kd, "eskd", 10)  # stop_kd: off from step 30
+    ce, kdt = recipes.kd_recipe(kd, "eskd", 10)  # stop_kd: off from step 30
     assert [term_weight(kdt, s) for s in (0, 29, 30, 99)] == pytest.approx([0.9, 0.9, 0.0, 0.0])
     assert [term_weight(ce, s) for s in (0, 29, 30, 99)] == pytest.approx([0.1, 0.1, 1.0, 1.0])
     kd.reading = "early_teacher"  # the early stopping is in the teacher: full-KD weights
-    ce, kdt = common.kd_recipe(kd, "eskd", 10)
+    ce, kdt = recipes.kd_recipe(kd, "eskd", 10)
     assert [term_weight(kdt, s) for s in (0, 99)] == pytest.approx([0.9, 0.9])
 
 
 def test_learning_rate_schedules():
     opt = base.kd_config().optimizer
     opt.lr, opt.lr_batch, opt.decay_epochs, opt.decay_factor = 0.1, 256, (3, 6), 0.1
-    step = common.learning_rate_schedule(opt, steps_per_epoch=10, num_epochs=9, batch_size=1024)
+    step = recipes.learning_rate_schedule(opt, steps_per_epoch=10, num_epochs=9, batch_size=1024)
     assert [float(step(s)) for s in (0, 29, 30, 59, 60, 89)] == pytest.approx(
         [0.4, 0.4, 0.04, 0.04, 0.004, 0.004])
     opt.warmup_epochs = 1
-    warm = common.learning_rate_schedule(opt, steps_per_epoch=10, num_epochs=9, batch_size=256)
+    warm = recipes.learning_rate_schedule(opt, steps_per_epoch=10, num_epochs=9, batch_size=256)
     assert [float(warm(s)) for s in (0, 5, 10, 29, 30, 60)] == pytest.approx(
         [0.0, 0.05, 0.1, 0.1, 0.01, 0.001])
     opt.warmup_epochs = 0
-    cosine = common.learning_rate_schedule(opt, steps_per_epoch=10, num_epochs=9, batch_size=256,
-                                           kind="cosine")
+    cosine = recipes.learning_rate_schedule(opt, steps_per_epoch=10, num_epochs=9, batch_size=256,
+                                            kind="cosine")
     assert [float(cosine(s)) for s in (0, 45, 90)] == pytest.approx([0.1, 0.05, 0.0], abs=1e-7)
 
 
 def test_checkpoint_directory_resolution(tmp_path, teacher_dir):
     stage = os.path.join(teacher_dir, "stages", "teacher")
-    assert common.resolve_checkpoint_dir(teacher_dir, None) == os.path.join(stage, "final")
-    assert common.resolve_checkpoint_dir(stage, 1) == os.path.join(stage, "epochs", "epoch_1")
+    assert rundir.resolve_checkpoint_dir(teacher_dir, None) == os.path.join(stage, "final")
+    assert rundir.resolve_checkpoint_dir(stage, 1) == os.path.join(stage, "epochs", "epoch_1")
     final = os.path.join(stage, "final")
-    assert common.resolve_checkpoint_dir(final, 2) == final  # its meta says epoch 2
-    with pytest.raises(common.ConfigError, match=r"did not keep that epoch; kept epochs: "
-                                                 r"\['epoch_1'\]"):
-        common.resolve_checkpoint_dir(teacher_dir, 5)
-    with pytest.raises(common.ConfigError, match=r"holds one exported state \(epoch 2\)"):
-        common.resolve_checkpoint_dir(final, 1)
-    with pytest.raises(common.ConfigError, match=r"is neither a train_teacher workdir"):
-        common.resolve_checkpoint_dir(str(tmp_path), None)
+    assert rundir.resolve_checkpoint_dir(final, 2) == final  # its meta says epoch 2
+    with pytest.raises(validate.ConfigError, match=r"did not keep that epoch; kept epochs: "
+                                                   r"\['epoch_1'\]"):
+        rundir.resolve_checkpoint_dir(teacher_dir, 5)
+    with pytest.raises(validate.ConfigError, match=r"holds one exported state \(epoch 2\)"):
+        rundir.resolve_checkpoint_dir(final, 1)
+    with pytest.raises(validate.ConfigError, match=r"is neither a train_teacher workdir"):
+        rundir.resolve_checkpoint_dir(str(tmp_path), None)
     wrong = models.create("cnn2d", 10, width=32)
     with pytest.raises(ValueError, match=r"do not fit the model"):
-        common.load_variables(final, common.abstract_variables(wrong, np.zeros((1, 8, 8, 1),
+        rundir.load_variables(final, rundir.abstract_variables(wrong, np.zeros((1, 8, 8, 1),
                                                                                np.float32)))
 
 

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from experiments import common, reproduce_cpu as rc
+from experiments import reproduce_cpu as rc, rundir
 from experiments.configs import small
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -159,7 +159,7 @@ def test_stale_runs_are_found_by_config_and_teacher_age(tmp_path):
     teacher_dir = rc.cell_dir(work, "teacher/large", 0)
     config = rc.build_config(by_key["full/large"], "mnist1d", 0, work, smoke=True)
     assert rc.stale_reason(student_dir, config, teacher_dir) is None        # never ran
-    rc.write_json(os.path.join(student_dir, common.CONFIG_FILE),
+    rc.write_json(os.path.join(student_dir, rundir.CONFIG_FILE),
                   json.loads(config.to_json_best_effort()))
     assert rc.stale_reason(student_dir, config, teacher_dir) is None        # same config
     changed = rc.build_config(by_key["full/large"], "mnist1d", 0, work, smoke=True)

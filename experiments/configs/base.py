@@ -7,7 +7,7 @@ boolean switches (``...:teacher=resnet50,smoke``). Individual keys are then over
 command line with ``--config.key=value`` (unknown keys are an error).
 
 All configs share one schema (built by :func:`kd_config`), so every key below exists in every
-config and can be overridden; :func:`experiments.common.validate_config` checks the values.
+config and can be overridden; :func:`experiments.validate.validate_config` checks the values.
 
 Model specs are strings ``"name"`` or ``"name:key=value,key=value"`` with the model attributes
 of :func:`kdjax.models.create` (e.g. ``"cnn1d:width=64"``, ``"resnet50"``).

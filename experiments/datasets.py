@@ -1,0 +1,95 @@
+"""The dataset of an experiment config: random-access sources, transforms and iterators."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import ml_collections
+import numpy as np
+
+
+@dataclasses.dataclass
+class Data:
+    """One dataset's sources and iterators.
+
+    ``sources[split]`` is a random-access source (ids are record indices); ``sample_input`` is
+    one eval example ``[1, ...]`` as the model sees it. Train batches come from
+    :func:`kdjax.data.make_train_iterator` (shuffled, augmented for ImageNet; batch dicts carry
+    ``epoch``), eval batches from :func:`kdjax.data.make_eval_iterator` (padded, masked).
+    """
+    name: str
+    train_split: str
+    eval_split: str
+    sources: dict[str, Any]
+    num_classes: int
+    batch_size: int
+    eval_batch_size: int
+    seed: int
+    train_transform: Any
+    eval_transform: Any
+    num_threads: int
+    prefetch: int
+    preprocessing: str
+    sample_input: np.ndarray
+
+    def num_examples(self, split: str) -> int:
+        return len(self.sources[split])
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """``len(train) // batch_size`` (at least 1): the steps one epoch is counted as."""
+        return max(1, self.num_examples(self.train_split) // self.batch_size)
+
+    def train_iter(self):
+        from kdjax import data
+
+        return data.make_train_iterator(
+            self.sources[self.train_split], global_batch_size=self.batch_size, seed=self.seed,
+            transform=self.train_transform, num_threads=self.num_threads,
+            prefetch_buffer_size=self.prefetch)
+
+    def eval_iter(self, split: str | None = None):
+        """One padded pass over ``split`` (default the eval split) with the eval transform."""
+        from kdjax import data
+
+        return data.make_eval_iterator(
+            self.sources[split or self.eval_split], global_batch_size=self.eval_batch_size,
+            transform=self.eval_transform, num_threads=self.num_threads,
+            prefetch_buffer_size=self.prefetch)
+
+
+def build_data(dataset: ml_collections.ConfigDict, seed: int) -> Data:
+    """Opens the dataset named by ``config.dataset`` (sources, transforms, sample input)."""
+    import functools
+
+    from kdjax import data
+
+    splits = (dataset.train_split, dataset.eval_split)
+    if dataset.name == "imagenet2012":
+        sources = {s: data.imagenet_source(s, dataset.data_dir) for s in dict.fromkeys(splits)}
+        train_tf = functools.partial(data.imagenet_train_transform, image_size=dataset.image_size)
+        eval_tf = functools.partial(data.imagenet_eval_transform, image_size=dataset.image_size,
+                                    resize_size=dataset.resize_size)
+        source = sources[dataset.train_split]
+        num_classes = int(source.dataset_info.features["label"].num_classes)
+        sample = eval_tf(sources[dataset.eval_split][0])["image"][None]
+        preprocessing = (f"resize{dataset.resize_size}-center{dataset.image_size}-"
+                         f"imagenet-mean-std")
+    else:
+        if dataset.name == "mnist1d":
+            arrays = data.mnist1d_arrays(num_samples=dataset.num_samples)
+        else:
+            arrays = data.digits_arrays()
+        if dataset.rgb:
+            arrays = {s: {**a, "image": np.repeat(a["image"], 3, axis=-1)} for s, a in arrays.items()}
+        sources = {s: data.ArraySource(arrays[s]) for s in dict.fromkeys(splits)}
+        train_tf = eval_tf = None
+        num_classes = int(max(a["label"].max() for a in arrays.values())) + 1
+        sample = arrays[dataset.eval_split]["image"][:1]
+        preprocessing = f"{dataset.name}-standardised" + ("-rgb" if dataset.rgb else "")
+    return Data(name=dataset.name, train_split=dataset.train_split, eval_split=dataset.eval_split,
+                sources=sources, num_classes=num_classes, batch_size=dataset.batch_size,
+                eval_batch_size=dataset.eval_batch_size, seed=seed, train_transform=train_tf,
+                eval_transform=eval_tf, num_threads=dataset.num_threads, prefetch=dataset.prefetch,
+                preprocessing=preprocessing, sample_input=np.asarray(sample))

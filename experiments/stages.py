@@ -1,0 +1,329 @@
+"""Stages: one :func:`kdjax.loop.fit` run each, the building blocks of every experiment.
+
+An experiment is a list of *stages*; each stage is one ``loop.fit`` run with its own directory
+``<workdir>/stages/<name>/`` (``checkpoints/``, ``metrics.jsonl``, ``tb/``), and leaves
+
+* ``final/`` - the trained variables (``variables/``, an orbax checkpoint of
+  ``{'params', 'batch_stats'}``) and ``meta.json`` (model spec, epoch, step, last eval);
+* ``epochs/epoch_<E>/`` - the same, at the end of epoch ``E`` for every requested epoch (the
+  early-epoch teacher of ESKD's second reading, ``run.save_epochs``);
+* ``summary.json`` - the stage's result row, written last: a stage with it is complete and is
+  skipped when the run is started again (the next stage resumes from its own checkpoints).
+
+Besides :func:`run_stage`, the stage builders every experiment shares live here: the teacher
+(:func:`teacher_stage`, :func:`obtain_teacher`), KD (:func:`kd_stage`) and FitNet's annealed KD
+(:func:`fitnet_kd_stage`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Mapping, Sequence
+
+import jax
+import ml_collections
+import optax
+
+from experiments.cli import log
+from experiments.datasets import Data, build_data
+from experiments.recipes import kd_recipe, learning_rate_schedule, make_optimizer, reading_label
+from experiments.teacher_io import (TeacherModel, compute_store, load_checkpoint_teacher,
+                                    load_torchvision_teacher, store_batch_transform, store_spec)
+from experiments.validate import ConfigError, build_model, teacher_epoch, teacher_epochs
+from experiments.rundir import (CONFIG_FILE, EPOCHS_DIR, FINAL_DIR, META_FILE, RESULTS_FILE,
+                                STAGES_DIR, SUMMARY_FILE, TEACHER_STAGE, abstract_variables,
+                                load_variables, read_json, save_variables, write_json)
+from kdjax import recipe as recipe_lib, schedules, sharding, teachers
+
+
+@dataclasses.dataclass
+class Context:
+    """What every stage of a run shares: config, workdir, data, mesh."""
+    config: ml_collections.ConfigDict
+    workdir: str
+    data: Data
+    mesh: Any
+
+    def stage_dir(self, name: str) -> str:
+        return os.path.join(self.workdir, STAGES_DIR, name)
+
+
+def make_context(config: ml_collections.ConfigDict, workdir: str) -> Context:
+    """Opens the data, builds the mesh, checks the batch sizes and records the config."""
+    workdir = os.path.abspath(workdir)
+    data = build_data(config.dataset, config.seed)
+    mesh = sharding.make_mesh(data=config.run.mesh_data, fsdp=config.run.mesh_fsdp)
+    devices = mesh.devices.size
+    for key in ("batch_size", "eval_batch_size"):
+        value = config.dataset[key]
+        if value % devices or value % jax.process_count():
+            raise ConfigError(f"config.dataset.{key}={value} must be a multiple of the {devices} "
+                              f"devices (and {jax.process_count()} processes).")
+    _record_config(config, workdir)
+    return Context(config=config, workdir=workdir, data=data, mesh=mesh)
+
+
+def _record_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """Writes ``config.json``; on a resume, warns about keys that changed since the first start."""
+    path = os.path.join(workdir, CONFIG_FILE)
+    now = json.loads(config.to_json_best_effort())
+    if os.path.exists(path):
+        before = read_json(path)
+        changed = sorted(k for k in set(_flatten(before)) | set(_flatten(now))
+                         if _flatten(before).get(k) != _flatten(now).get(k))
+        if changed:
+            log(f"WARNING: resuming {workdir} with a changed config ({', '.join(changed)}); "
+                f"completed stages are not rerun.")
+    write_json(path, now)
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+@dataclasses.dataclass
+class Stage:
+    """One ``loop.fit`` run of a model (see the module docstring for the directory it writes).
+
+    ``export_epochs``: epochs whose variables are kept under ``epochs/epoch_<E>/``.
+    ``row``: fields copied into the stage's summary (teacher label, KD mode, reading, paper numbers).
+    """
+    name: str
+    role: str
+    model: str
+    module: Any
+    recipe: tuple
+    tx: optax.GradientTransformation
+    num_epochs: int
+    teacher: TeacherModel | None = None
+    stores: tuple | None = None
+    init_params: Mapping[str, Any] | None = None
+    export_epochs: tuple[int, ...] = ()
+    evaluate: bool = True
+    row: dict = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class StageOutcome:
+    """A finished (``summary`` set) or preempted (``stopped_early``) stage."""
+    name: str
+    directory: str
+    summary: dict | None
+    stopped_early: bool
+
+    def variables(self, module, sample_input, epoch: int | None = None) -> dict:
+        """The stage's final (or epoch ``epoch``) variables, read back from its export."""
+        sub = FINAL_DIR if epoch is None else os.path.join(EPOCHS_DIR, f"epoch_{epoch}")
+        return load_variables(os.path.join(self.directory, sub),
+                              abstract_variables(module, sample_input))
+
+
+def _state_variables(state) -> dict:
+    return {"params": state.params, "batch_stats": state.batch_stats}
+
+
+def run_stage(stage: Stage, ctx: Context) -> StageOutcome:
+    """Runs (or resumes, or skips if complete) one stage; exports its variables and summary.
+
+    With ``export_epochs`` the stage is trained in segments (``fit`` to the end of each listed
+    epoch, export, then on: ``fit`` resumes from its own checkpoint), so the snapshot is exactly
+    the state after that epoch.
+    """
+    from kdjax import loop
+
+    c, data = ctx.config, ctx.data
+    directory = ctx.stage_dir(stage.name)
+    summary_path = os.path.join(directory, SUMMARY_FILE)
+    if os.path.exists(summary_path):
+        log(f"[{stage.name}] complete, skipped (delete {directory} to rerun it).")
+        return StageOutcome(stage.name, directory, read_json(summary_path), False)
+    spe = data.steps_per_epoch
+    num_steps = stage.num_epochs * spe
+    teacher_fn, teacher_vars, transform = None, None, None
+    if stage.stores is not None:
+        teacher_fn, transform = teachers.precomputed(), store_batch_transform(*stage.stores)
+    elif stage.teacher is not None:
+        teacher_fn, teacher_vars = stage.teacher.live(), stage.teacher.variables
+    evaluate = stage.evaluate
+    kwargs = dict(
+        workdir=directory, student=stage.module, tx=stage.tx, recipe=stage.recipe,
+        teacher=teacher_fn, teacher_variables=teacher_vars,
+        eval_iter_fn=data.eval_iter if evaluate else None, sample_input=data.sample_input,
+        seed=c.seed, mesh=ctx.mesh, param_mode=c.run.param_mode, teacher_mode=c.run.teacher_mode,
+        eval_every=c.run.eval_every_epochs * spe if evaluate else 0,
+        checkpoint_every=c.run.checkpoint_every_epochs * spe, log_every=c.run.log_every_steps,
+        keep=c.run.keep, best_metric=(c.run.best_metric if evaluate and (
+            teacher_fn is not None or c.run.best_metric in ("accuracy", "ce")) else None),
+        nonfinite=c.run.nonfinite, batch_transform=transform, init_params=stage.init_params,
+        progress=c.run.progress, name=stage.name)
+    epochs = sorted({e for e in stage.export_epochs if 0 < e < stage.num_epochs})
+    log(f"[{stage.name}] {stage.model}: {stage.num_epochs} epochs x {spe} steps"
+        + (f", teacher {stage.teacher.label}" if stage.teacher is not None else "")
+        + (" (precomputed logits)" if stage.stores is not None else "")
+        + (f", keeping epochs {epochs}" if epochs else ""))
+    result = None
+    for end_epoch in epochs + [stage.num_epochs]:
+        export = (os.path.join(directory, FINAL_DIR) if end_epoch == stage.num_epochs
+                  else os.path.join(directory, EPOCHS_DIR, f"epoch_{end_epoch}"))
+        if end_epoch != stage.num_epochs and os.path.exists(os.path.join(export, META_FILE)):
+            continue
+        end = end_epoch * spe
+        result = loop.fit(num_steps=end, train_iter=data.train_iter(), **kwargs)
+        if result.stopped_early:
+            log(f"[{stage.name}] preempted: checkpoint written; start the same command again to "
+                f"resume.")
+            return StageOutcome(stage.name, directory, None, True)
+        step = int(jax.device_get(result.state.step))
+        if step != end:
+            raise RuntimeError(f"[{stage.name}] the checkpoint in {directory} is at step {step}, past "
+                               f"the end of epoch {end_epoch} (step {end}), so that epoch cannot be "
+                               f"exported; delete {directory} to retrain the stage.")
+        last_eval = result.eval_history[-1] if result.eval_history else None
+        save_variables(export, _state_variables(result.state),
+                       {"model": stage.model, "epoch": end_epoch, "step": end, "eval": last_eval,
+                        "stage": stage.name, "role": stage.role})
+    summary = dict(stage.row)
+    summary.update(
+        stage=stage.name, role=stage.role, model=stage.model, epochs=stage.num_epochs,
+        steps=num_steps, steps_per_epoch=spe,
+        final=result.eval_history[-1] if result.eval_history else None,
+        final_train=result.history[-1] if result.history else None,
+        best=result.best, skipped_steps=result.skipped_steps,
+        exported_epochs=epochs)
+    write_json(summary_path, summary)
+    return StageOutcome(stage.name, directory, summary, False)
+
+
+@dataclasses.dataclass
+class RunOutcome:
+    """What an experiment function returns: the completed stages' summaries in order, and
+    whether a preemption stopped it (then ``summaries`` holds only the stages finished so far)."""
+    workdir: str
+    summaries: list[dict]
+    stopped_early: bool
+
+
+def stage_tx(config, data: Data, num_epochs: int, trainable=None, kind: str | None = None,
+             lr: float | None = None) -> optax.GradientTransformation:
+    """``config.optimizer`` over a stage of ``num_epochs`` (:func:`make_optimizer` with
+    :func:`learning_rate_schedule`); ``trainable``, ``kind`` and ``lr`` override the module filter,
+    the schedule kind and the base learning rate (FitNet's stage 1)."""
+    opt = config.optimizer
+    if lr is not None:
+        opt = ml_collections.ConfigDict(opt.to_dict())
+        opt.lr = float(lr)
+    schedule = learning_rate_schedule(opt, steps_per_epoch=data.steps_per_epoch,
+                                      num_epochs=num_epochs, batch_size=data.batch_size, kind=kind)
+    return make_optimizer(opt, schedule, trainable)
+
+
+def teacher_stage(ctx: Context) -> Stage:
+    """The stage that trains ``config.teacher.model`` on labels (CE) for ``teacher_epochs``,
+    keeping the epochs ``teacher.early_epoch`` and ``run.save_epochs``."""
+    c = ctx.config
+    epochs = teacher_epochs(c)
+    module = build_model(c.teacher.model, ctx.data.num_classes, c.teacher.dtype, key="teacher.model")
+    keep = set(c.run.save_epochs)
+    if c.teacher.early_epoch is not None:
+        keep.add(c.teacher.early_epoch)
+    return Stage(name=TEACHER_STAGE, role="teacher", model=c.teacher.model, module=module,
+                 recipe=(recipe_lib.ce(1.0),), tx=stage_tx(c, ctx.data, epochs), num_epochs=epochs,
+                 export_epochs=tuple(sorted(keep)),
+                 row={"teacher": None, "kd_mode": "scratch", "reading": "none",
+                      "paper_error": c.paper.teacher_error, "paper_source": c.paper.source})
+
+
+def obtain_teacher(ctx: Context) -> tuple[TeacherModel | None, list[StageOutcome]]:
+    """The run's teacher from ``teacher.source``; trains it first for ``'train'``.
+
+    Returns ``(teacher, outcomes)``; ``teacher`` is None when the teacher stage was preempted.
+    """
+    c, data = ctx.config, ctx.data
+    if c.teacher.source == "checkpoint":
+        return load_checkpoint_teacher(c, data), []
+    if c.teacher.source == "torchvision":
+        return load_torchvision_teacher(c, data), []
+    stage = teacher_stage(ctx)
+    outcome = run_stage(stage, ctx)
+    if outcome.stopped_early:
+        return None, [outcome]
+    epoch = teacher_epoch(c)
+    variables = outcome.variables(stage.module, data.sample_input, epoch)
+    label = f"{c.teacher.model} (trained here, " + (f"epoch {epoch})" if epoch else "final)")
+    return TeacherModel(label=label, spec=c.teacher.model, module=stage.module, variables=variables,
+                        source="train", epoch=epoch), [outcome]
+
+
+def teacher_stores(ctx: Context, teacher: TeacherModel) -> tuple:
+    """``(train_store, eval_store)`` of ``teacher`` under ``teacher.store``, computed if missing."""
+    c, data = ctx.config, ctx.data
+    stores = []
+    for split in (data.train_split, data.eval_split):
+        spec = store_spec(c, data, split, teacher)
+        stores.append(compute_store(os.path.join(c.teacher.store, split), spec, teacher, data,
+                                    ctx.mesh, resume=True, progress=c.run.progress))
+    return tuple(stores)
+
+
+def kd_stage(ctx: Context, *, name: str, role: str, spec: str, teacher: TeacherModel | None,
+             mode: str, stores: tuple | None = None, row: Mapping[str, Any] | None = None) -> Stage:
+    """A stage distilling ``teacher`` into ``spec`` with the config's KD mode (or from scratch)."""
+    c, data = ctx.config, ctx.data
+    module = build_model(spec, data.num_classes, c.student.dtype, key=f"{role}.model")
+    terms = kd_recipe(c.kd, mode, data.steps_per_epoch)
+    info = {"teacher": teacher.label if teacher is not None else None, "kd_mode": mode,
+            "reading": reading_label(c, mode, teacher is None or teacher.source != "chain"),
+            "temperature": c.kd.temperature if mode != "scratch" else None,
+            "precomputed": stores is not None,
+            "kd_stop_step": (c.kd.stop_epoch * data.steps_per_epoch
+                             if mode == "eskd" and c.kd.reading == "stop_kd" else None)}
+    info.update(row or {})
+    return Stage(name=name, role=role, model=spec, module=module, recipe=terms,
+                 tx=stage_tx(c, data, c.num_epochs), num_epochs=c.num_epochs, teacher=teacher,
+                 stores=stores, export_epochs=tuple(c.run.save_epochs), row=info)
+
+
+def fitnet_kd_stage(ctx: Context, teacher: TeacherModel, module, *, name: str, role: str,
+                    init_params: Mapping[str, Any] | None = None,
+                    export_epochs: Sequence[int] = (),
+                    row: Mapping[str, Any] | None = None) -> Stage:
+    """FitNet's KD stage: ``module`` (the bare student) distilled from ``teacher`` for
+    ``num_epochs`` with the config's optimizer.
+
+    Loss ``CE + lambda(step) * H(p_t^T, p_s^T)`` with lambda annealed linearly from
+    ``fitnet.weight_start`` to ``fitnet.weight_end`` over the stage; as ``recipe.kd`` is
+    ``T^2 KL`` (same gradient as the cross-entropy ``H``, times ``T^2``), its weight is
+    ``lambda / T^2``. ``init_params``: the starting variables (None: a random initialisation).
+    ``row`` is added to ``{teacher, reading: 'none', temperature}`` (it sets ``kd_mode``).
+    """
+    c, data, f = ctx.config, ctx.data, ctx.config.fitnet
+    steps = c.num_epochs * data.steps_per_epoch
+    t2 = float(f.temperature) ** 2
+    weight = schedules.linear(f.weight_start / t2, f.weight_end / t2, 0, max(steps, 1))
+    info = {"teacher": teacher.label, "reading": "none", "temperature": f.temperature}
+    info.update(row or {})
+    return Stage(name=name, role=role, model=c.student.model, module=module,
+                 recipe=(recipe_lib.ce(1.0), recipe_lib.kd(f.temperature, weight)),
+                 tx=stage_tx(c, data, c.num_epochs), num_epochs=c.num_epochs, teacher=teacher,
+                 init_params=init_params, export_epochs=tuple(export_epochs), row=info)
+
+
+def run_outcome(ctx: Context, outcomes: Sequence[StageOutcome]) -> RunOutcome:
+    """The run's outcome from its stages (in order); a run that no preemption stopped also writes
+    ``results.json`` (config name and every stage summary, each with its ``dir``)."""
+    stopped = any(o.stopped_early for o in outcomes)
+    summaries = [o.summary for o in outcomes if o.summary is not None]
+    for s in summaries:
+        s["dir"] = os.path.join(STAGES_DIR, s["stage"])
+    if not stopped:
+        write_json(os.path.join(ctx.workdir, RESULTS_FILE),
+                   {"name": ctx.config.name, "stages": summaries})
+    return RunOutcome(workdir=ctx.workdir, summaries=summaries, stopped_early=stopped)

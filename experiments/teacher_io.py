@@ -1,0 +1,144 @@
+"""Teachers from outside the run and their precomputed logit stores.
+
+A :class:`TeacherModel` is a frozen module with its variables: from a kdjax run's export
+(``teacher.source='checkpoint'``), a torchvision ResNet file (``'torchvision'``), or trained in
+the run (:func:`experiments.stages.obtain_teacher`). :func:`compute_store` runs one over a split
+into a :mod:`kdjax.logit_store` store; :func:`store_batch_transform` serves it to training.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Callable, Mapping
+
+import jax
+
+from experiments.cli import log
+from experiments.datasets import Data
+from experiments.validate import ConfigError, build_model, parse_model_spec, teacher_epoch
+from experiments.rundir import (META_FILE, abstract_variables, load_variables, read_json,
+                                resolve_checkpoint_dir)
+from kdjax import sharding, teachers
+
+
+@dataclasses.dataclass
+class TeacherModel:
+    """A frozen teacher: its module, variables and a label saying where it came from."""
+    label: str
+    spec: str
+    module: Any
+    variables: dict
+    source: str
+    epoch: int | None = None
+
+    def live(self) -> teachers.Teacher:
+        return teachers.from_linen(self.module)
+
+
+def load_checkpoint_teacher(config, data: Data) -> TeacherModel:
+    """``teacher.source='checkpoint'``: variables exported by a kdjax run (the layout is in
+    :mod:`experiments.rundir`)."""
+    t = config.teacher
+    directory = resolve_checkpoint_dir(t.path, teacher_epoch(config))
+    module = build_model(t.model, data.num_classes, t.dtype, key="teacher.model")
+    meta = read_json(os.path.join(directory, META_FILE))
+    if meta.get("model") not in (None, t.model):
+        raise ConfigError(f"config.teacher.model={t.model!r} but {directory} holds a "
+                          f"{meta['model']!r} (set teacher.model to it).")
+    variables = load_variables(directory, abstract_variables(module, data.sample_input))
+    epoch = meta.get("epoch")
+    return TeacherModel(label=f"{t.model} (checkpoint, epoch {epoch})", spec=t.model, module=module,
+                        variables=variables, source="checkpoint", epoch=teacher_epoch(config))
+
+
+def load_torchvision_teacher(config, data: Data) -> TeacherModel:
+    """``teacher.source='torchvision'``: a torchvision ResNet ``state_dict`` file, converted."""
+    from kdjax import convert
+
+    t = config.teacher
+    name, kwargs = parse_model_spec(t.model, "teacher.model")
+    variables = convert.load_torchvision_resnet(t.path, int(name[len("resnet"):]))
+    classes = variables["params"]["fc"]["kernel"].shape[1]
+    if classes != data.num_classes:
+        raise ConfigError(f"config.teacher.path={t.path!r} has a {classes}-class fc layer but "
+                          f"{data.name} has {data.num_classes} classes; teacher and student must "
+                          f"share the label space.")
+    channels = variables["params"]["conv1"]["kernel"].shape[2]
+    if data.sample_input.shape[-1] != channels:
+        raise ConfigError(f"config.teacher.path={t.path!r} expects {channels}-channel images but "
+                          f"{data.name} inputs have {data.sample_input.shape[-1]} channel(s)"
+                          + ("; set dataset.rgb=True." if data.name != "imagenet2012" else "."))
+    module = build_model(t.model, data.num_classes, t.dtype, key="teacher.model")
+    return TeacherModel(label=f"{t.model} (torchvision: {os.path.basename(t.path)})", spec=t.model,
+                        module=module, variables=variables, source="torchvision")
+
+
+# ------------------------------------------------------------------------------------------------
+# Logit stores (precomputed teacher).
+# ------------------------------------------------------------------------------------------------
+
+
+def store_spec(config, data: Data, split: str, teacher: TeacherModel):
+    """The :class:`kdjax.logit_store.StoreSpec` of ``teacher`` on ``split`` under ``config``."""
+    from kdjax import logit_store
+
+    t = config.teacher
+    return logit_store.StoreSpec(
+        dataset=data.name, split=split, num_examples=data.num_examples(split),
+        num_classes=data.num_classes, teacher=teacher.label, preprocessing=data.preprocessing,
+        format=t.store_format, k=t.store_k if t.store_format == "topk" else None,
+        dtype=t.store_dtype)
+
+
+def compute_store(path: str, spec, teacher: TeacherModel, data: Data, mesh, *, resume: bool = True,
+                  progress: bool = True):
+    """Runs ``teacher`` over ``spec.split`` (eval transform, unaugmented) into a store at ``path``.
+
+    Every process writes its own shard of the rows its eval iterator yields; process 0 finalizes
+    after all writers closed. A complete store is opened without recomputing. Returns the open
+    :class:`kdjax.logit_store.LogitStore`.
+    """
+    from jax.experimental import multihost_utils
+
+    from kdjax import data as data_lib, logit_store, train
+
+    if logit_store.is_complete(path):
+        return open_store(path, spec)
+    writer = logit_store.LogitStoreWriter(path, spec, process_index=jax.process_index(),
+                                          process_count=jax.process_count(), resume=resume)
+    batch_sharding = sharding.batch_sharding(mesh)
+    variables, _ = train.put_teacher(teacher.variables, mesh)
+    total = data_lib.eval_num_batches(spec.num_examples, data.eval_batch_size)
+    with writer:
+        stats = logit_store.precompute(teacher.live(), variables, data.eval_iter(spec.split), writer,
+                                       sharding=batch_sharding, show_progress=progress, total=total)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(f"logit store {path} written")
+    if jax.process_index() == 0:
+        logit_store.finalize(path, jax.process_count())
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(f"logit store {path} finalized")
+    log(f"logit store {path}: {stats}")
+    return open_store(path, spec)
+
+
+def open_store(path: str, spec):
+    """Opens a complete store, checking that it holds what ``spec`` describes."""
+    from kdjax import logit_store
+
+    return logit_store.LogitStore.open(
+        path, dataset=spec.dataset, split=spec.split, num_examples=spec.num_examples,
+        num_classes=spec.num_classes, teacher=spec.teacher, format=spec.format,
+        preprocessing=spec.preprocessing)
+
+
+def store_batch_transform(train_store, eval_store) -> Callable[[Mapping[str, Any]], dict]:
+    """Adds the precomputed teacher outputs to a host batch.
+
+    Train batches (they carry ``epoch``, see :func:`kdjax.data.make_train_iterator`) read the
+    train-split store, eval batches the eval-split store: the ids of each split index its own store.
+    """
+    def add(batch):
+        return (train_store if "epoch" in batch else eval_store).add_to_batch(batch)
+    return add
