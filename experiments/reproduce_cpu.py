@@ -298,7 +298,7 @@ def stale_reason(directory: str, config, teacher_dir: str | None,
     stored = rundir.read_json(stored_path)
     current = json.loads(config.to_json_best_effort())
     if stored != current:
-        flat_a, flat_b = _flatten(stored), _flatten(current)
+        flat_a, flat_b = rundir.flatten_record(stored), rundir.flatten_record(current)
         keys = sorted(k for k in set(flat_a) | set(flat_b)
                       if flat_a.get(k) != flat_b.get(k) and not k.startswith(tuple(ignore)))
         if keys:
@@ -309,16 +309,6 @@ def stale_reason(directory: str, config, teacher_dir: str | None,
             and os.path.getmtime(teacher_record) > os.path.getmtime(record)):
         return "its teacher was retrained after it ran"
     return None
-
-
-def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def run_cell(cell: Cell, dataset: str, seed: int, workdir: str, smoke: bool) -> dict:

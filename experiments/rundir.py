@@ -152,3 +152,14 @@ def resolve_checkpoint_dir(path: str, early_epoch: int | None) -> str:
                           f"not finished, or did not keep that epoch; kept epochs: {kept or 'none'}). "
                           f"Train the teacher with teacher.early_epoch / run.save_epochs listing it.")
     return target
+
+
+def flatten_record(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{'a': {'b': 1}} -> {'a.b': 1}``: nested config/summary dicts as dotted keys, to diff them."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            out.update(flatten_record(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out

@@ -34,7 +34,8 @@ from experiments.teacher_io import (TeacherModel, compute_store, load_checkpoint
 from experiments.validate import ConfigError, build_model, teacher_epoch, teacher_epochs
 from experiments.rundir import (CONFIG_FILE, EPOCHS_DIR, FINAL_DIR, META_FILE, RESULTS_FILE,
                                 STAGES_DIR, SUMMARY_FILE, TEACHER_STAGE, abstract_variables,
-                                load_variables, read_json, save_variables, write_json)
+                                flatten_record, load_variables, read_json, save_variables,
+                                write_json)
 from kdjax import recipe as recipe_lib, schedules, sharding, teachers
 
 
@@ -71,22 +72,12 @@ def _record_config(config: ml_collections.ConfigDict, workdir: str) -> None:
     now = json.loads(config.to_json_best_effort())
     if os.path.exists(path):
         before = read_json(path)
-        changed = sorted(k for k in set(_flatten(before)) | set(_flatten(now))
-                         if _flatten(before).get(k) != _flatten(now).get(k))
+        changed = sorted(k for k in set(flatten_record(before)) | set(flatten_record(now))
+                         if flatten_record(before).get(k) != flatten_record(now).get(k))
         if changed:
             log(f"WARNING: resuming {workdir} with a changed config ({', '.join(changed)}); "
                 f"completed stages are not rerun.")
     write_json(path, now)
-
-
-def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 @dataclasses.dataclass

@@ -206,3 +206,30 @@ def kd_config() -> ml_collections.ConfigDict:
     c.paper.teacher_error = config_dict.placeholder(float)
     c.paper.note = ""
     return c
+
+
+def imagenet_protocol(c: ml_collections.ConfigDict) -> None:
+    """The ImageNet data and optimizer settings every ImageNet config shares (set in place).
+
+    TFDS imagenet2012 train / validation at 224 (eval: resize 256, centre crop 224), global batch
+    256; torchvision's reference recipe: SGD momentum 0.9, lr 0.1 per 256 examples, weight decay
+    1e-4, 90 epochs, lr / 10 at epochs 30 and 60.
+    """
+    c.num_epochs = 90
+    c.dataset.name = "imagenet2012"
+    c.dataset.train_split = "train"
+    c.dataset.eval_split = "validation"
+    c.dataset.image_size = 224
+    c.dataset.resize_size = 256
+    c.dataset.batch_size = 256
+    c.dataset.eval_batch_size = 1024
+    c.dataset.num_threads = 16
+    c.dataset.prefetch = 256
+    c.optimizer.name = "sgd"
+    c.optimizer.lr = 0.1
+    c.optimizer.lr_batch = 256
+    c.optimizer.momentum = 0.9
+    c.optimizer.weight_decay = 1e-4
+    c.optimizer.schedule = "step"
+    c.optimizer.decay_epochs = (30, 60)
+    c.optimizer.decay_factor = 0.1

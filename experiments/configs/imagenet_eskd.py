@@ -94,26 +94,7 @@ def get_config(arg=None):
     c = base.kd_config()
     c.experiment = "kd"
     c.seed = 0
-    c.num_epochs = 90
-
-    c.dataset.name = "imagenet2012"
-    c.dataset.train_split = "train"
-    c.dataset.eval_split = "validation"
-    c.dataset.image_size = 224
-    c.dataset.resize_size = 256
-    c.dataset.batch_size = 256
-    c.dataset.eval_batch_size = 1024
-    c.dataset.num_threads = 16
-    c.dataset.prefetch = 256
-
-    c.optimizer.name = "sgd"
-    c.optimizer.lr = 0.1
-    c.optimizer.lr_batch = 256
-    c.optimizer.momentum = 0.9
-    c.optimizer.weight_decay = 1e-4
-    c.optimizer.schedule = "step"
-    c.optimizer.decay_epochs = (30, 60)
-    c.optimizer.decay_factor = 0.1
+    base.imagenet_protocol(c)
 
     c.student.model = "resnet18"
     c.teacher.model = "" if a.teacher == "none" else a.teacher
