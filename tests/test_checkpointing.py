@@ -882,8 +882,10 @@ def test_crash_at_each_save_phase_leaves_last_good_step(tmp_path, mesh, monkeypa
     with pytest.raises(CheckpointSaveError, match="simulated crash"):
         ckpt.save(3, make_state(mesh, seed=3), data_iterator=_iterator())
     monkeypatch.undo()
+    # Steps 1 and 2 intact, step 3 never committed; whether orbax's tmp dir of step 3 is still there
+    # depends on how far its concurrent item writers got, so it may or may not remain.
     leftovers = sorted(p.name for p in directory.iterdir())
-    assert leftovers == ["1", "2", "3.orbax-checkpoint-tmp"]
+    assert leftovers in (["1", "2"], ["1", "2", "3.orbax-checkpoint-tmp"]), leftovers
     # A restarted run (new Checkpointer) sees step 2 as the newest and loads it exactly.
     restarted = Checkpointer(directory)
     restored, step = restarted.restore(abstract_state(states[2]))
