@@ -21,16 +21,7 @@ from kdjax.checkpointing import CheckpointDiskFullError, CheckpointSaveError
 STEPS = 40
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compile_cache(tmp_path_factory):
-    directory = str(tmp_path_factory.getbasetemp() / "jax_compilation_cache")
-    with fit_worker.compilation_cache(directory):
-        yield directory
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return data.digits_arrays()
+pytestmark = pytest.mark.usefixtures("compile_cache")   # conftest.py
 
 
 @pytest.fixture(scope="module")

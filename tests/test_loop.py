@@ -23,17 +23,7 @@ REPO = os.path.dirname(HERE)
 STEPS = 40
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compile_cache(tmp_path_factory):
-    """One persistent compilation cache for this session's fit() calls (see fit_worker)."""
-    directory = str(tmp_path_factory.getbasetemp() / "jax_compilation_cache")
-    with fit_worker.compilation_cache(directory):
-        yield directory
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return data.digits_arrays()
+pytestmark = pytest.mark.usefixtures("compile_cache")   # conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -23,13 +23,6 @@ STEPS = 30
 TIMEOUT_S = 240
 
 
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    directory = str(tmp_path_factory.getbasetemp() / "jax_compilation_cache")
-    with fit_worker.compilation_cache(directory):
-        yield directory
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -62,8 +55,8 @@ def _run_two_processes(workdir, cache_dir):
 
 
 @pytest.mark.slow
-def test_two_processes_match_one_process_and_only_process_0_logs(tmp_path, cache_dir):
-    outputs = _run_two_processes(tmp_path / "multi", cache_dir)
+def test_two_processes_match_one_process_and_only_process_0_logs(tmp_path, compile_cache):
+    outputs = _run_two_processes(tmp_path / "multi", compile_cache)
     assert f"FIT_DONE step={STEPS} stopped_early=False" in outputs[0]
     assert "FIT_DONE" not in outputs[1]  # process 1 prints nothing: process 0 reports
 
