@@ -22,6 +22,7 @@ from experiments import (datasets, imagenet_eskd, imagenet_fitnet, precompute_te
 from experiments.configs import (base, digits_eskd, digits_fitnet, imagenet_eskd as imagenet_cfg,
                                  imagenet_fitnet as fitnet_cfg, mnist1d_eskd, mnist1d_fitnet)
 from kdjax import data as data_lib, loop, models, train
+from test_convert import random_state_dict   # a random torchvision-layout state_dict
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIGITS_ESKD = os.path.join(REPO, "experiments", "configs", "digits_eskd.py")
@@ -258,48 +259,11 @@ def test_precomputed_store_matches_the_teacher_and_gives_the_live_losses(tmp_pat
             summary(live, "student")["final"][key], rel=1e-4, abs=1e-6)
 
 
-def random_torchvision_resnet18(num_classes, seed=0):
-    """A torchvision-layout ResNet-18 state_dict with random values (He-scaled convs)."""
-    rng = np.random.default_rng(seed)
-    sd = {}
-
-    def conv(name, cout, cin, k):
-        sd[f"{name}.weight"] = (rng.standard_normal((cout, cin, k, k)) * np.sqrt(2.0 / (cin * k * k))
-                                ).astype(np.float32)
-
-    def bn(name, c):
-        sd[f"{name}.weight"] = rng.uniform(0.5, 1.5, c).astype(np.float32)
-        sd[f"{name}.bias"] = (0.1 * rng.standard_normal(c)).astype(np.float32)
-        sd[f"{name}.running_mean"] = (0.1 * rng.standard_normal(c)).astype(np.float32)
-        sd[f"{name}.running_var"] = rng.uniform(0.5, 1.5, c).astype(np.float32)
-        sd[f"{name}.num_batches_tracked"] = np.array(3, np.int64)
-
-    conv("conv1", 64, 3, 7)
-    bn("bn1", 64)
-    cin = 64
-    for i in range(4):
-        width = 64 * 2 ** i
-        for j in range(2):
-            p = f"layer{i + 1}.{j}"
-            stride = 2 if i > 0 and j == 0 else 1
-            conv(f"{p}.conv1", width, cin, 3)
-            bn(f"{p}.bn1", width)
-            conv(f"{p}.conv2", width, width, 3)
-            bn(f"{p}.bn2", width)
-            if stride != 1 or cin != width:
-                conv(f"{p}.downsample.0", width, cin, 1)
-                bn(f"{p}.downsample.1", width)
-            cin = width
-    sd["fc.weight"] = rng.uniform(-0.05, 0.05, (num_classes, cin)).astype(np.float32)
-    sd["fc.bias"] = rng.uniform(-0.05, 0.05, num_classes).astype(np.float32)
-    return sd
-
-
 def test_torchvision_teacher_loads_the_converted_weights(tmp_path, digits):
     from kdjax import convert
 
     path = str(tmp_path / "resnet18.npz")
-    np.savez(path, **random_torchvision_resnet18(10))
+    np.savez(path, **random_state_dict(18, 10))
     config = digits_eskd.get_config("teacher=large,mode=full,smoke").unlock()
     config.teacher.model, config.teacher.source, config.teacher.path = "resnet18", "torchvision", path
     config.dataset.rgb = True
@@ -319,7 +283,7 @@ def test_torchvision_teacher_from_a_random_npz(tmp_path, digits):
     from kdjax import convert
 
     path = str(tmp_path / "resnet18.npz")
-    np.savez(path, **random_torchvision_resnet18(10))
+    np.savez(path, **random_state_dict(18, 10))
     workdir = str(tmp_path / "tv")
     assert imagenet_eskd.main([f"--config={DIGITS_ESKD}:teacher=large,mode=full,smoke",
                                "--config.teacher.model=resnet18",
@@ -337,13 +301,13 @@ def test_torchvision_teacher_from_a_random_npz(tmp_path, digits):
 
 def test_torchvision_teacher_errors_name_the_fix(tmp_path):
     path = str(tmp_path / "resnet18.npz")
-    np.savez(path, **random_torchvision_resnet18(7))
+    np.savez(path, **random_state_dict(18, 7))
     argv = [f"--config={DIGITS_ESKD}:teacher=large,mode=full,smoke",
             "--config.teacher.model=resnet18", "--config.teacher.source=torchvision",
             f"--config.teacher.path={path}", f"--workdir={tmp_path / 'w'}"]
     with pytest.raises(validate.ConfigError, match=r"7-class fc layer but digits has 10 classes"):
         imagenet_eskd.main(argv)
-    np.savez(path, **random_torchvision_resnet18(10))
+    np.savez(path, **random_state_dict(18, 10))
     with pytest.raises(validate.ConfigError, match=r"expects 3-channel images .* set dataset.rgb=True"):
         imagenet_eskd.main(argv)
 
@@ -781,7 +745,7 @@ def test_imagenet_eskd_on_a_tiny_tfds_imagenet(tmp_path):
     write_fake_ilsvrc(str(manual))
     imagenet.main(["--manual_dir", str(manual), "--data_dir", str(data_dir)])
     npz = str(tmp_path / "resnet18.npz")
-    np.savez(npz, **random_torchvision_resnet18(1000))
+    np.savez(npz, **random_state_dict(18, 1000))
     workdir = str(tmp_path / "run")
     assert imagenet_eskd.main([
         f"--config={IMAGENET_ESKD}:teacher=resnet18,mode=eskd,path={npz}",
