@@ -18,6 +18,9 @@ Key mapping (the kdjax module names mirror torchvision's, ``.`` inside a module 
 * ``fc.weight`` [C, D] -> ``params['fc']['kernel']`` [D, C] (transposed); ``fc.bias`` -> ``['bias']``.
 
 ``*.num_batches_tracked`` entries are ignored. The number of classes is read from ``fc.weight``.
+torchvision's ResNets have width 64 (``conv1`` has 64 output channels), so the result fits
+``ResNet(width=64)`` (the default) only; a state_dict of another width is rejected with a message
+that names the width it has.
 """
 
 from __future__ import annotations
@@ -36,11 +39,13 @@ _LEAF_TO_TORCH = {("params", "kernel"): "weight", ("params", "scale"): "weight",
                   ("params", "bias"): "bias", ("batch_stats", "mean"): "running_mean",
                   ("batch_stats", "var"): "running_var"}
 _MAX_LISTED = 8
+#: Stem channels of every torchvision ResNet (``ResNet.width`` of the converted model).
+TORCHVISION_WIDTH = 64
 
 
 def _template(depth: int, num_classes: int) -> dict[str, Any]:
-    """Shapes/dtypes of ``ResNet(depth, num_classes)``'s variables (no computation)."""
-    model = ResNet(depth=depth, num_classes=num_classes)
+    """Shapes/dtypes of ``ResNet(depth, num_classes, width=64)``'s variables (no computation)."""
+    model = ResNet(depth=depth, num_classes=num_classes, width=TORCHVISION_WIDTH)
     return jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))))
 
 
@@ -84,6 +89,12 @@ def _guess_depth(keys) -> int | None:
     return None
 
 
+def _stem_width(arrays: Mapping[str, np.ndarray]) -> int | None:
+    """Output channels of ``conv1.weight`` [O, I, kh, kw] (the ResNet's ``width``), or None if absent."""
+    conv1 = arrays.get("conv1.weight")
+    return conv1.shape[0] if conv1 is not None and conv1.ndim == 4 else None
+
+
 def _listed(keys) -> str:
     keys = sorted(keys)
     more = f" ... and {len(keys) - _MAX_LISTED} more" if len(keys) > _MAX_LISTED else ""
@@ -101,11 +112,12 @@ def torchvision_resnet_to_flax(state_dict: Mapping[str, Any], depth: int,
 
     Returns:
       Nested dicts of NumPy arrays, ``{'params': ..., 'batch_stats': ...}``, matching
-      ``ResNet(depth, num_classes)`` with ``num_classes = state_dict['fc.weight'].shape[0]``.
+      ``ResNet(depth, num_classes)`` (width 64) with ``num_classes = state_dict['fc.weight'].shape[0]``.
 
     Raises:
-      ValueError: unsupported ``depth``; missing or unexpected keys; shape mismatches. The message
-        names the keys and shapes, and the depth the keys look like when it differs from ``depth``.
+      ValueError: unsupported ``depth``; missing or unexpected keys; shape mismatches (the first
+        8 listed). The message names the keys and shapes, the depth the keys look like when it
+        differs from ``depth``, and the width when ``conv1.weight`` does not have 64 channels.
     """
     if depth not in STAGE_SIZES:
         raise ValueError(f"depth must be one of {sorted(STAGE_SIZES)}; got depth={depth!r}.")
@@ -126,16 +138,25 @@ def torchvision_resnet_to_flax(state_dict: Mapping[str, Any], depth: int,
         problems.append(f"missing keys: {_listed(missing)}")
     if unexpected:
         problems.append(f"unexpected keys: {_listed(unexpected)}")
+    mismatches = []
     for key in sorted(set(expected) & set(arrays)):
         want = _to_torch_shape(expected[key][2])
         if arrays[key].shape != want:
-            problems.append(f"shape mismatch for {key!r}: got {arrays[key].shape}, ResNet-{depth} "
-                            f"expects {want}")
+            mismatches.append(f"shape mismatch for {key!r}: got {arrays[key].shape}, ResNet-{depth} "
+                              f"expects {want}")
+    problems += mismatches[:_MAX_LISTED]
+    if len(mismatches) > _MAX_LISTED:
+        problems.append(f"... and {len(mismatches) - _MAX_LISTED} more shape mismatches")
     if problems:
         hints = []
         guess = _guess_depth(arrays)
         if guess is not None and guess != depth:
             hints.append(f"the keys look like a ResNet-{guess} state_dict; pass depth={guess}")
+        width = _stem_width(arrays)
+        if width not in (None, TORCHVISION_WIDTH):
+            hints.append(f"conv1.weight has {width} output channels, so this is a width-{width} ResNet, "
+                         f"but kdjax.convert maps torchvision's width-{TORCHVISION_WIDTH} ResNets only "
+                         f"(ResNet(width={TORCHVISION_WIDTH}))")
         if any(k.startswith("module.") for k in arrays):
             hints.append("strip the 'module.' prefix that DataParallel adds to every key")
         hint = f" Hint: {'; '.join(hints)}." if hints else ""

@@ -5,6 +5,8 @@ torchvision's ResNet (NCHW, OIHW weights, eval-mode BN, MaxPool2d(3, 2, padding=
 weights with torchvision's key names and shapes, compared with kdjax on the converted variables.
 """
 
+import re
+
 import numpy as np
 import pytest
 import jax
@@ -17,8 +19,9 @@ ARCH = {18: ((2, 2, 2, 2), False), 34: ((3, 4, 6, 3), False), 50: ((3, 4, 6, 3),
 EPS = 1e-5
 
 
-def random_state_dict(depth, num_classes=10, seed=0):
-    """A torchvision-layout ResNet state_dict (including num_batches_tracked) with random values."""
+def random_state_dict(depth, num_classes=10, seed=0, width=64):
+    """A torchvision-layout ResNet state_dict (including num_batches_tracked) with random values;
+    ``width`` is the stem's channels (torchvision: 64), the stages have ``width * 2**i``."""
     rng = np.random.default_rng(seed)
     sd = {}
 
@@ -35,25 +38,25 @@ def random_state_dict(depth, num_classes=10, seed=0):
 
     sizes, bottleneck = ARCH[depth]
     expansion = 4 if bottleneck else 1
-    conv("conv1", 64, 3, 7)
-    bn("bn1", 64)
-    cin = 64
+    conv("conv1", width, 3, 7)
+    bn("bn1", width)
+    cin = width
     for i, n in enumerate(sizes):
-        width = 64 * 2 ** i
+        w = width * 2 ** i
         for j in range(n):
             p = f"layer{i + 1}.{j}"
             stride = 2 if (i > 0 and j == 0) else 1
             if bottleneck:
-                conv(f"{p}.conv1", width, cin, 1); bn(f"{p}.bn1", width)
-                conv(f"{p}.conv2", width, width, 3); bn(f"{p}.bn2", width)
-                conv(f"{p}.conv3", width * 4, width, 1); bn(f"{p}.bn3", width * 4)
+                conv(f"{p}.conv1", w, cin, 1); bn(f"{p}.bn1", w)
+                conv(f"{p}.conv2", w, w, 3); bn(f"{p}.bn2", w)
+                conv(f"{p}.conv3", w * 4, w, 1); bn(f"{p}.bn3", w * 4)
             else:
-                conv(f"{p}.conv1", width, cin, 3); bn(f"{p}.bn1", width)
-                conv(f"{p}.conv2", width, width, 3); bn(f"{p}.bn2", width)
-            if stride != 1 or cin != width * expansion:
-                conv(f"{p}.downsample.0", width * expansion, cin, 1)
-                bn(f"{p}.downsample.1", width * expansion)
-            cin = width * expansion
+                conv(f"{p}.conv1", w, cin, 3); bn(f"{p}.bn1", w)
+                conv(f"{p}.conv2", w, w, 3); bn(f"{p}.bn2", w)
+            if stride != 1 or cin != w * expansion:
+                conv(f"{p}.downsample.0", w * expansion, cin, 1)
+                bn(f"{p}.downsample.1", w * expansion)
+            cin = w * expansion
     bound = 1.0 / np.sqrt(cin)
     sd["fc.weight"] = rng.uniform(-bound, bound, (num_classes, cin)).astype(np.float32)
     sd["fc.bias"] = rng.uniform(-bound, bound, num_classes).astype(np.float32)
@@ -226,3 +229,28 @@ def test_long_key_lists_are_truncated():
     sd = {k: v for k, v in random_state_dict(18).items() if not k.startswith("layer4")}
     with pytest.raises(ValueError, match=r"missing keys: (layer4\.\S+, ){7}layer4\.\S+ \.\.\. and \d+ more"):
         convert.torchvision_resnet_to_flax(sd, 18)
+
+
+@pytest.mark.parametrize("depth", [18, 50])
+def test_error_non_torchvision_width_names_the_width(depth):
+    # A width-32 state_dict (e.g. exported from a thin ResNet) has every key but no shape right:
+    # the message names the width, lists 8 mismatches and counts the rest.
+    sd = random_state_dict(depth, width=32)
+    n_mismatched = sum(1 for k in sd if not k.endswith("num_batches_tracked") and k != "fc.bias")
+    with pytest.raises(ValueError) as info:
+        convert.torchvision_resnet_to_flax(sd, depth)
+    message = str(info.value)
+    assert re.search(rf"shape mismatch for 'bn1\.bias': got \(32,\), ResNet-{depth} expects \(64,\)", message)
+    assert message.count("shape mismatch for") == 8
+    assert f"... and {n_mismatched - 8} more shape mismatches." in message
+    assert ("Hint: conv1.weight has 32 output channels, so this is a width-32 ResNet, but kdjax.convert "
+            "maps torchvision's width-64 ResNets only (ResNet(width=64)).") in message
+    assert "missing keys" not in message and "look like" not in message
+
+
+def test_width_hint_only_for_a_non_64_stem():
+    sd = random_state_dict(18)
+    sd["layer1.0.conv2.weight"] = np.zeros((64, 64, 5, 5), np.float32)
+    with pytest.raises(ValueError) as info:
+        convert.torchvision_resnet_to_flax(sd, 18)
+    assert "output channels" not in str(info.value) and "more shape mismatches" not in str(info.value)

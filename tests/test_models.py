@@ -1,6 +1,7 @@
 """kdjax.models: registry, shapes/dtypes/feature taps, parameter counts, BatchNorm modes, adapters."""
 
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -50,9 +51,9 @@ def test_generic_depth_and_width_names():
 @pytest.mark.parametrize("name, kwargs, exc, pattern", [
     ("resnet18", {"num_classes": 0}, ValueError, r"create\('resnet18'\): num_classes must be an integer >= 1; got 0"),
     ("resnet18", {"num_classes": 2.0}, ValueError, r"num_classes must be an integer >= 1; got 2\.0"),
-    ("resnet18", {"num_classes": 10, "width": 3}, TypeError,
-     r"create\('resnet18'\): unexpected keyword argument\(s\) \['width'\]; ResNet accepts "
-     r"\['dtype', 'param_dtype', 'stem', 'zero_init_residual'\]"),
+    ("resnet18", {"num_classes": 10, "widen_factor": 3}, TypeError,
+     r"create\('resnet18'\): unexpected keyword argument\(s\) \['widen_factor'\]; ResNet accepts "
+     r"\['dtype', 'param_dtype', 'stem', 'width', 'zero_init_residual'\]"),
     ("resnet18", {"num_classes": 10, "depth": 50}, TypeError, r"unexpected keyword argument\(s\) \['depth'\]"),
     ("wrn_16_2", {"num_classes": 10, "widen_factor": 4}, TypeError, r"\['widen_factor'\]"),
     ("cifar_resnet21", {"num_classes": 10}, ValueError, r"depth must be 6n \+ 2 .*got depth=21"),
@@ -66,6 +67,14 @@ def test_generic_depth_and_width_names():
 def test_create_errors(name, kwargs, exc, pattern):
     with pytest.raises(exc, match=pattern):
         models.create(name, **kwargs)
+
+
+@pytest.mark.parametrize("width", [0, -8, 2.5, True, "32"])
+def test_resnet_rejects_bad_width(width):
+    with pytest.raises(ValueError, match=r"ResNet width \(stem channels; stages get width \* \(1, 2, 4, 8\)\) "
+                                         r"must be an integer >= 1, e.g\. 64 \(torchvision\) or 32 .*"
+                                         rf"got width={re.escape(repr(width))}\."):
+        models.create("resnet18", 10, width=width)
 
 
 def test_resnet_rejects_bad_depth():
@@ -156,6 +165,100 @@ def test_param_dtype_bf16():
                                          ("resnet152", 60_192_808)])
 def test_resnet_param_counts_equal_torchvision(name, count):
     assert n_params(abstract_init(models.create(name, 1000), (1, 32, 32, 3))["params"]) == count
+
+
+def resnet_param_shapes(depth, width, num_classes, stem="imagenet"):
+    """torchvision's ResNet parameters (``state_dict`` minus running stats) at any stem width, as
+    ``{kdjax param path: kdjax shape}``, enumerated from the architecture (He et al. Table 1)."""
+    sizes = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}[depth]
+    e = 4 if depth >= 50 else 1
+    shapes = {}
+
+    def conv(path, k, cin, cout):
+        shapes[path + ("kernel",)] = (k, k, cin, cout)
+
+    def bn(path, c):
+        shapes[path + ("scale",)] = shapes[path + ("bias",)] = (c,)
+
+    conv(("conv1",), 7 if stem == "imagenet" else 3, 3, width)
+    bn(("bn1",), width)
+    cin = width
+    for i, n in enumerate(sizes):
+        c = width * 2 ** i
+        for j in range(n):
+            b = (f"layer{i + 1}_{j}",)
+            convs = ([(1, cin, c), (3, c, c), (1, c, 4 * c)] if e == 4 else [(3, cin, c), (3, c, c)])
+            for m, (k, ci, co) in enumerate(convs, 1):
+                conv(b + (f"conv{m}",), k, ci, co)
+                bn(b + (f"bn{m}",), co)
+            if (i > 0 and j == 0) or cin != c * e:
+                conv(b + ("downsample_0",), 1, cin, c * e)
+                bn(b + ("downsample_1",), c * e)
+            cin = c * e
+    shapes[("fc", "kernel")] = (cin, num_classes)
+    shapes[("fc", "bias")] = (num_classes,)
+    return shapes
+
+
+def param_shapes(tree):
+    return {tuple(k.key for k in path): tuple(leaf.shape)
+            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+@pytest.mark.parametrize("depth, count", [(18, 11_689_512), (50, 25_557_032), (101, 44_549_160)])
+def test_resnet_shape_table_reproduces_torchvision_counts(depth, count):
+    # Validates the independent enumeration used below against torchvision's published sizes.
+    assert sum(math.prod(s) for s in resnet_param_shapes(depth, 64, 1000).values()) == count
+
+
+@pytest.mark.parametrize("depth", [18, 50])
+@pytest.mark.parametrize("width", [16, 64])
+def test_resnet_width_param_tree(depth, width):
+    kwargs = {} if width == 64 else {"width": width}  # the default is width 64
+    model = models.create(f"resnet{depth}", 10, stem="cifar", **kwargs)
+    got = param_shapes(abstract_init(model, (2, 16, 16, 3))["params"])
+    assert got == resnet_param_shapes(depth, width, 10, stem="cifar")
+
+
+def test_resnet_width16_hand_counted_size():
+    # ResNet-18, width 16, CIFAR stem, 10 classes, counted by hand (kernels + BN scale/bias + fc):
+    #   stem 3*3*3*16 + 2*16 = 464; stage1 2 blocks * 2 * (9*16*16 + 32) = 9_344;
+    #   stage2 (9*16*32 + 9*32*32 + 128 + 16*32 + 64) + (2 * 9*32*32 + 128) = 14_528 + 18_560 = 33_088;
+    #   stage3 (9*32*64 + 9*64*64 + 256 + 32*64 + 128) + (2 * 9*64*64 + 256) = 57_728 + 73_984 = 131_712;
+    #   stage4 (9*64*128 + 9*128*128 + 512 + 64*128 + 256) + (2 * 9*128*128 + 512) = 230_144 + 295_424
+    #   = 525_568; fc 128*10 + 10 = 1_290. Total 701_466.
+    model = models.create("resnet18", 10, stem="cifar", width=16)
+    assert n_params(abstract_init(model, (2, 16, 16, 3))["params"]) == 701_466
+
+
+@pytest.mark.parametrize("depth, e", [(18, 1), (50, 4)])
+def test_resnet_width_feature_taps(depth, e):
+    model = models.create(f"resnet{depth}", 10, stem="cifar", width=16)
+    x = jnp.zeros((2, 32, 32, 3))
+    (logits, feats), variables = jax.eval_shape(lambda: model.init_with_output(KEY, x))
+    assert logits.shape == (2, 10) and logits.dtype == jnp.float32
+    assert {k: v.shape for k, v in feats.items()} == {
+        "stem": (2, 32, 32, 16), "stage1": (2, 32, 32, 16 * e), "stage2": (2, 16, 16, 32 * e),
+        "stage3": (2, 8, 8, 64 * e), "stage4": (2, 4, 4, 128 * e), "pre_logits": (2, 128 * e)}
+    assert param_shapes(variables["batch_stats"]) == {
+        k[:-1] + (s,): v for k, v in resnet_param_shapes(depth, 16, 10, "cifar").items()
+        if k[0] != "fc" and k[-1] == "scale" for s in ("mean", "var")}
+
+
+def test_thin_deep_resnet_builds_from_a_config_model_spec():
+    from experiments import validate
+    model = validate.build_model("resnet101:width=32", 1000)
+    assert isinstance(model, models.ResNet) and (model.depth, model.width) == (101, 32)
+    assert model == models.create("resnet101", 1000, width=32)
+    x = jnp.zeros((1, 32, 32, 3))
+    variables = abstract_init(model, x.shape)
+    assert param_shapes(variables["params"]) == resnet_param_shapes(101, 32, 1000)
+    _, feats = jax.eval_shape(model.apply, variables, x)
+    assert feats["stem"].shape == (1, 8, 8, 32) and feats["stage2"].shape == (1, 4, 4, 256)
+    assert feats["pre_logits"].shape == (1, 1024)
+    with pytest.raises(validate.ConfigError, match=r"config\.student\.model='resnet50:width=0': "
+                                                   r"ResNet width .* got width=0\."):
+        validate.build_model("resnet50:width=0", 1000)
 
 
 def cifar_resnet_count(depth, c):
@@ -379,6 +482,32 @@ def test_small_models_jit_and_finite_grads(name, shape):
     value, grads = jax.jit(jax.value_and_grad(loss))(v["params"])
     assert np.isfinite(value)
     assert all(np.isfinite(g).all() and np.abs(g).max() > 0 for g in jax.tree.leaves(grads))
+
+
+def np_conv2d(x, w, b, stride):
+    """x [B, H, W, Cin], w [3, 3, Cin, Cout] (Flax layout), zero padding 1 on each side."""
+    x = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    win = np.lib.stride_tricks.sliding_window_view(x, (3, 3), axis=(1, 2))[:, ::stride, ::stride]
+    return np.einsum("bhwcij,ijco->bhwo", win, w) + b
+
+
+def test_cnn2d_matches_numpy():
+    # depth 4: stage 1 = conv1, conv2 (width, stride 1); stage 2 = conv3 (2 * width, stride 2), conv4.
+    model = models.create("cnn2d", 10, width=3, depth=4)
+    x = np.random.default_rng(2).standard_normal((2, 8, 8, 1)).astype(np.float32)
+    v = random_variables(model, x.shape)
+    p = f64(v["params"])
+    h = x.astype(np.float64)
+    for i, stride in zip((1, 2, 3, 4), (1, 1, 2, 1)):
+        h = np.maximum(np_conv2d(h, p[f"conv{i}"]["kernel"], p[f"conv{i}"]["bias"], stride), 0)
+        if i == 2:
+            stage1 = h
+    pooled = h.mean(axis=(1, 2))
+    logits, feats = jax.jit(model.apply)(v, x)
+    assert p["conv3"]["kernel"].shape == (3, 3, 3, 6) and feats["stage2"].shape == (2, 4, 4, 6)
+    np.testing.assert_allclose(feats["stage1"], stage1, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(feats["pre_logits"], pooled, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(logits, pooled @ p["head"]["kernel"] + p["head"]["bias"], rtol=1e-5, atol=1e-5)
 
 
 def test_cnn2d_accepts_both_input_ranks():

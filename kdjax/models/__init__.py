@@ -7,7 +7,11 @@ All accept ``dtype`` (compute dtype, e.g. ``jnp.bfloat16``) and ``param_dtype``.
 Names (input shape; feature taps):
 
 * ``resnet18``, ``resnet34``, ``resnet50``, ``resnet101``, ``resnet152``: ``[B, H, W, 3]``;
-  ``stem``, ``stage1`` .. ``stage4``, ``pre_logits`` (:mod:`kdjax.models.resnet`).
+  ``stem``, ``stage1`` .. ``stage4``, ``pre_logits`` (:mod:`kdjax.models.resnet`). ``width``
+  (default 64, torchvision's) sets the stem channels and the stage widths ``width * (1, 2, 4, 8)``
+  (times 4 at a Bottleneck's output): ``create('resnet101', 1000, width=32)`` is a thinner, deeper
+  FitNet student for a ResNet-50 teacher (model spec ``"resnet101:width=32"`` in the experiment
+  configs).
 * ``cifar_resnet{6n+2}`` (20, 32, 44, 56, 110 listed; any such depth builds) and
   ``wrn_{6n+4}_{k}`` (16_1, 16_2, 16_4, 28_10, 40_1, 40_2, 40_4 listed; any such pair builds):
   ``[B, 32, 32, 3]``; ``stem``, ``stage1`` .. ``stage3``, ``pre_logits`` (:mod:`kdjax.models.cifar`).
@@ -17,8 +21,8 @@ Names (input shape; feature taps):
   ``pre_logits`` (:mod:`kdjax.models.small`).
 
 ``create(name, num_classes, **kwargs)`` builds one; kwargs are the class's attributes (e.g.
-``width``, ``depth`` of the small models, ``dropout_rate`` of a WRN, ``zero_init_residual``,
-``dtype``), except those the name fixes (a ResNet's ``depth``, a WRN's ``widen_factor``).
+``width`` of a ResNet or a small model, ``depth`` of the small models, ``dropout_rate`` of a WRN,
+``zero_init_residual``, ``dtype``), except those the name fixes (a ResNet's ``depth``, a WRN's ``widen_factor``).
 The ``*_thin_deep`` names are FitNet-style students: more layers, fewer channels than the defaults.
 See :mod:`kdjax.models.adapters` for the FitNet regressor / adaptation layer.
 """

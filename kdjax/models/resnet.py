@@ -7,7 +7,9 @@ of a down-sampling Bottleneck on its 3x3 conv (torchvision v1.5). Every padding 
 symmetric, so output sizes equal PyTorch's ``floor((n + 2p - k) / s) + 1`` for odd sizes too (Flax's
 ``'SAME'`` would pad asymmetrically when striding). ``stem='cifar'`` replaces the stem with the 3x3/1
 conv and no max-pool that CIFAR KD codebases use for 32x32 inputs (strides 1, 2, 4, 8 for the stages);
-torchvision weights then do not apply to ``conv1``.
+torchvision weights then do not apply to ``conv1``. ``width`` (default 64, torchvision's) scales
+every layer: the stem has ``width`` channels and the stages' blocks ``width * (1, 2, 4, 8)``, so
+``width=32`` gives FitNet-style thinner students of any depth (torchvision weights fit width 64 only).
 
 Module names mirror torchvision's ``state_dict`` keys with ``.`` replaced by ``_`` inside a name:
 ``conv1``, ``bn1``, ``layer1_0/{conv1,bn1,conv2,bn2[,conv3,bn3][,downsample_0,downsample_1]}``, ...,
@@ -15,10 +17,10 @@ Module names mirror torchvision's ``state_dict`` keys with ``.`` replaced by ``_
 ``batch_stats['layer2_0']['downsample_1']['var']``).
 
 ``__call__(x [B, H, W, 3], train=False) -> (logits [B, num_classes] float32, features)`` with
-features ``stem`` (after the max-pool, [B, H/4, W/4, 64]), ``stage1`` .. ``stage4`` (stage outputs,
-strides 4, 8, 16, 32; channels 64..512 times the block expansion, 1 or 4) and ``pre_logits``
-(global average pool, [B, 512 * expansion], float32). Features other than ``pre_logits`` are in the
-compute ``dtype``; pooling and the ``fc`` layer run in float32.
+features ``stem`` (after the max-pool, [B, H/4, W/4, width]), ``stage1`` .. ``stage4`` (stage
+outputs, strides 4, 8, 16, 32; channels ``width * (1, 2, 4, 8) * expansion``, expansion 1 or 4) and
+``pre_logits`` (global average pool, [B, 8 * width * expansion], float32). Features other than
+``pre_logits`` are in the compute ``dtype``; pooling and the ``fc`` layer run in float32.
 
 BatchNorm: momentum 0.9 (running = 0.9 * running + 0.1 * batch), epsilon 1e-5 (torchvision). One
 difference from PyTorch: Flax updates the running variance with the biased batch variance, PyTorch
@@ -69,11 +71,13 @@ def batch_norm(train: bool, dtype: Dtype, param_dtype: Dtype, name: str,
                         name=name)
 
 
-class BasicBlock(nn.Module):
-    """``relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x))``; 3x3 convs, stride on ``conv1``.
+class ResidualBlock(nn.Module):
+    """``relu(residual(x) + shortcut(x))``: the attributes and output shared by :class:`BasicBlock`
+    and :class:`Bottleneck`, which define ``expansion`` and ``residual(x, conv, norm)``.
 
     ``shortcut`` is the identity, or ``downsample_1(downsample_0(x))`` (1x1 conv with the block's
-    stride, then BN) when ``downsample``. Output channels: ``features`` (expansion 1).
+    stride to ``features * expansion`` channels, then BN) when ``downsample``. The last BN of
+    ``residual`` gets scale 0 at init if ``zero_init_residual``.
     """
     features: int
     strides: int = 1
@@ -81,48 +85,46 @@ class BasicBlock(nn.Module):
     zero_init_residual: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    expansion: ClassVar[int]
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        conv = functools.partial(conv_layer, dtype=self.dtype, param_dtype=self.param_dtype)
+        norm = functools.partial(batch_norm, train, self.dtype, self.param_dtype)
+        y = self.residual(x, conv, norm)
+        if self.downsample:
+            x = conv(self.features * self.expansion, 1, self.strides, name="downsample_0")(x)
+            x = norm("downsample_1")(x)
+        return nn.relu(x + y)
+
+
+class BasicBlock(ResidualBlock):
+    """``residual = bn2(conv2(relu(bn1(conv1(x)))))``; 3x3 convs, stride on ``conv1``.
+
+    Output channels: ``features`` (expansion 1).
+    """
     expansion: ClassVar[int] = 1
 
-    @nn.compact
-    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        conv = functools.partial(conv_layer, dtype=self.dtype, param_dtype=self.param_dtype)
-        norm = functools.partial(batch_norm, train, self.dtype, self.param_dtype)
-        y = conv(self.features, 3, self.strides, name="conv1")(x)
-        y = nn.relu(norm("bn1")(y))
-        y = conv(self.features, 3, 1, name="conv2")(y)
-        y = norm("bn2", zero_scale=self.zero_init_residual)(y)
-        if self.downsample:
-            x = conv(self.features, 1, self.strides, name="downsample_0")(x)
-            x = norm("downsample_1")(x)
-        return nn.relu(x + y)
+    def residual(self, x: jax.Array, conv: Callable[..., nn.Conv],
+                 norm: Callable[..., nn.BatchNorm]) -> jax.Array:
+        y = nn.relu(norm("bn1")(conv(self.features, 3, self.strides, name="conv1")(x)))
+        return norm("bn2", zero_scale=self.zero_init_residual)(conv(self.features, 3, 1, name="conv2")(y))
 
 
-class Bottleneck(nn.Module):
-    """``relu(bn3(conv3(relu(bn2(conv2(relu(bn1(conv1(x)))))))) + shortcut(x))`` (torchvision v1.5).
+class Bottleneck(ResidualBlock):
+    """``residual = bn3(conv3(relu(bn2(conv2(relu(bn1(conv1(x))))))))`` (torchvision v1.5).
 
     ``conv1`` 1x1 to ``features``, ``conv2`` 3x3 with the block's stride, ``conv3`` 1x1 to
-    ``4 * features``; ``shortcut`` as in :class:`BasicBlock`.
+    ``4 * features`` (expansion 4).
     """
-    features: int
-    strides: int = 1
-    downsample: bool = False
-    zero_init_residual: bool = False
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
     expansion: ClassVar[int] = 4
 
-    @nn.compact
-    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        conv = functools.partial(conv_layer, dtype=self.dtype, param_dtype=self.param_dtype)
-        norm = functools.partial(batch_norm, train, self.dtype, self.param_dtype)
-        out = self.features * self.expansion
+    def residual(self, x: jax.Array, conv: Callable[..., nn.Conv],
+                 norm: Callable[..., nn.BatchNorm]) -> jax.Array:
         y = nn.relu(norm("bn1")(conv(self.features, 1, 1, name="conv1")(x)))
         y = nn.relu(norm("bn2")(conv(self.features, 3, self.strides, name="conv2")(y)))
-        y = norm("bn3", zero_scale=self.zero_init_residual)(conv(out, 1, 1, name="conv3")(y))
-        if self.downsample:
-            x = conv(out, 1, self.strides, name="downsample_0")(x)
-            x = norm("downsample_1")(x)
-        return nn.relu(x + y)
+        out = self.features * self.expansion
+        return norm("bn3", zero_scale=self.zero_init_residual)(conv(out, 1, 1, name="conv3")(y))
 
 
 def run_stages(x: jax.Array, train: bool, block_cls: Callable[..., nn.Module],
@@ -159,8 +161,11 @@ class ResNet(nn.Module):
       depth: one of :data:`STAGE_SIZES`.
       num_classes: width of the ``fc`` layer.
       zero_init_residual: init the last BN scale of every block to 0 (each block starts as identity).
+      stem: ``'imagenet'`` (7x7/2 conv + 3x3/2 max-pool) or ``'cifar'`` (3x3/1 conv, no pool).
       dtype: compute dtype of convs and BN (e.g. ``jnp.bfloat16``); logits are float32 regardless.
       param_dtype: dtype of the parameters.
+      width: stem channels, an integer >= 1; stage ``i`` (1-based) has blocks of ``width * 2**(i-1)``
+        channels (times the expansion at a Bottleneck's output). 64 is torchvision's ResNet.
     """
     depth: int
     num_classes: int = 1000
@@ -168,6 +173,7 @@ class ResNet(nn.Module):
     stem: str = "imagenet"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    width: int = 64
 
     def __post_init__(self):
         if self.depth not in STAGE_SIZES:
@@ -175,6 +181,10 @@ class ResNet(nn.Module):
         if self.stem not in ("imagenet", "cifar"):
             raise ValueError(f"ResNet stem must be 'imagenet' (7x7/2 conv + 3x3/2 max-pool) or 'cifar' "
                              f"(3x3/1 conv, no pool, for 32x32 inputs); got stem={self.stem!r}.")
+        if isinstance(self.width, bool) or not isinstance(self.width, int) or self.width < 1:
+            raise ValueError(f"ResNet width (stem channels; stages get width * (1, 2, 4, 8)) must be an "
+                             f"integer >= 1, e.g. 64 (torchvision) or 32 (2x thinner); "
+                             f"got width={self.width!r}.")
         super().__post_init__()
 
     @nn.compact
@@ -182,15 +192,16 @@ class ResNet(nn.Module):
         check_input(x, (4,), "[B, H, W, C] (NHWC)", f"ResNet-{self.depth}")
         features: dict[str, jax.Array] = {}
         imagenet_stem = self.stem == "imagenet"
-        x = conv_layer(64, 7 if imagenet_stem else 3, 2 if imagenet_stem else 1, self.dtype,
+        x = conv_layer(self.width, 7 if imagenet_stem else 3, 2 if imagenet_stem else 1, self.dtype,
                        self.param_dtype, name="conv1")(x)
         x = nn.relu(batch_norm(train, self.dtype, self.param_dtype, name="bn1")(x))
         if imagenet_stem:
             x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         features["stem"] = x
         block_cls = Bottleneck if BOTTLENECK[self.depth] else BasicBlock
-        x = run_stages(x, train, block_cls, STAGE_SIZES[self.depth], (64, 128, 256, 512), (1, 2, 2, 2),
-                       64, features, zero_init_residual=self.zero_init_residual, dtype=self.dtype,
+        widths = tuple(self.width * 2 ** i for i in range(4))
+        x = run_stages(x, train, block_cls, STAGE_SIZES[self.depth], widths, (1, 2, 2, 2), self.width,
+                       features, zero_init_residual=self.zero_init_residual, dtype=self.dtype,
                        param_dtype=self.param_dtype)
         x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
         features["pre_logits"] = x

@@ -74,6 +74,44 @@ class MLP(nn.Module):
         return _head(x, self.num_classes, self.param_dtype), features
 
 
+def _check_stages(model: str, depth: int, stages: int) -> None:
+    if depth % stages:
+        raise ValueError(f"{model}: depth (total conv layers, {stages} stages) must be a multiple of "
+                         f"{stages}; got depth={depth}.")
+
+
+def _channels_last(x: jax.Array, spatial: int, layout: str, model: str) -> jax.Array:
+    """``x [B, *S]`` or ``[B, *S, C]`` with ``len(S) == spatial`` -> ``[B, *S, C]`` (``C = 1`` added).
+
+    Raises ValueError (naming ``layout``) for any other rank.
+    """
+    check_input(x, (spatial + 1, spatial + 2), layout, model)
+    return x[..., None] if x.ndim == spatial + 1 else x
+
+
+def conv_stages(x: jax.Array, widths: tuple[int, ...], strides: tuple[int, ...], per_stage: int,
+                first_kernel: int, dtype: Dtype, param_dtype: Dtype,
+                features: dict[str, jax.Array]) -> jax.Array:
+    """Stages of conv + ReLU layers ``conv1`` .. over the ``x.ndim - 2`` spatial axes of ``x [B, *S, C]``.
+
+    Stage ``s`` has ``per_stage`` convs of ``widths[s]`` channels, the first with stride
+    ``strides[s]`` on every spatial axis, the others stride 1. Kernels are 3 wide on every axis
+    (``first_kernel`` for the very first conv), padding 1 on each side, so a stride-``t`` conv of
+    kernel ``k`` maps a size ``n`` to ``floor((n + 2 - k) / t) + 1``. Writes ``features[f'stage{s+1}']``.
+    Must be called from inside a compact ``__call__`` (the convs are auto-parented there).
+    """
+    spatial = x.ndim - 2
+    for s, (width, stride) in enumerate(zip(widths, strides)):
+        for j in range(per_stage):
+            index = s * per_stage + j
+            kernel = first_kernel if index == 0 else 3
+            x = nn.relu(nn.Conv(width, (kernel,) * spatial, strides=(stride if j == 0 else 1,) * spatial,
+                                padding=((1, 1),) * spatial, kernel_init=he_init, dtype=dtype,
+                                param_dtype=param_dtype, name=f"conv{index + 1}")(x))
+        features[f"stage{s + 1}"] = x
+    return x
+
+
 class CNN1D(nn.Module):
     """Three-stage 1-D CNN, ``depth`` conv layers of ``width`` channels (see module docstring)."""
     num_classes: int = 10
@@ -84,26 +122,15 @@ class CNN1D(nn.Module):
 
     def __post_init__(self):
         _check_size("CNN1D", width=self.width, depth=self.depth)
-        if self.depth % 3:
-            raise ValueError(f"CNN1D: depth (total conv layers, 3 stages) must be a multiple of 3; "
-                             f"got depth={self.depth}.")
+        _check_stages("CNN1D", self.depth, 3)
         super().__post_init__()
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
-        check_input(x, (2, 3), "[B, L] or [B, L, C]", "CNN1D")
-        if x.ndim == 2:
-            x = x[..., None]
+        x = _channels_last(x, 1, "[B, L] or [B, L, C]", "CNN1D")
         features: dict[str, jax.Array] = {}
-        per_stage = self.depth // 3
-        for s in range(3):
-            for j in range(per_stage):
-                index = s * per_stage + j
-                kernel = 5 if index == 0 else 3
-                x = nn.relu(nn.Conv(self.width, (kernel,), strides=(2 if j == 0 else 1,),
-                                    padding=((1, 1),), kernel_init=he_init, dtype=self.dtype,
-                                    param_dtype=self.param_dtype, name=f"conv{index + 1}")(x))
-            features[f"stage{s + 1}"] = x
+        x = conv_stages(x, (self.width,) * 3, (2, 2, 2), self.depth // 3, 5, self.dtype,
+                        self.param_dtype, features)
         x = x.reshape(x.shape[0], -1).astype(jnp.float32)
         features["pre_logits"] = x
         return _head(x, self.num_classes, self.param_dtype), features
@@ -119,26 +146,15 @@ class CNN2D(nn.Module):
 
     def __post_init__(self):
         _check_size("CNN2D", width=self.width, depth=self.depth)
-        if self.depth % 2:
-            raise ValueError(f"CNN2D: depth (total conv layers, 2 stages) must be a multiple of 2; "
-                             f"got depth={self.depth}.")
+        _check_stages("CNN2D", self.depth, 2)
         super().__post_init__()
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
-        check_input(x, (3, 4), "[B, H, W] or [B, H, W, C]", "CNN2D")
-        if x.ndim == 3:
-            x = x[..., None]
+        x = _channels_last(x, 2, "[B, H, W] or [B, H, W, C]", "CNN2D")
         features: dict[str, jax.Array] = {}
-        per_stage = self.depth // 2
-        for s in range(2):
-            for j in range(per_stage):
-                stride = 2 if (s == 1 and j == 0) else 1
-                x = nn.relu(nn.Conv(self.width * 2 ** s, (3, 3), strides=(stride, stride),
-                                    padding=((1, 1), (1, 1)), kernel_init=he_init, dtype=self.dtype,
-                                    param_dtype=self.param_dtype,
-                                    name=f"conv{s * per_stage + j + 1}")(x))
-            features[f"stage{s + 1}"] = x
+        x = conv_stages(x, (self.width, 2 * self.width), (1, 2), self.depth // 2, 3, self.dtype,
+                        self.param_dtype, features)
         x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
         features["pre_logits"] = x
         return _head(x, self.num_classes, self.param_dtype), features
