@@ -272,10 +272,13 @@ def _validate_teacher(p: list, c, experiment: str) -> None:
                     "file")
             p.append(f"config.teacher.path is required for teacher.source={t.source!r} ({what}).")
         elif t.source == "torchvision":
-            name = t.model.partition(":")[0].strip() if isinstance(t.model, str) else ""
+            name, kwargs = parse_model_spec(t.model, "teacher.model")
             if not re.fullmatch(r"resnet(18|34|50|101|152)", name):
                 p.append(f"config.teacher.model={t.model!r}: teacher.source='torchvision' loads "
                          f"torchvision ResNets only (resnet18/34/50/101/152).")
+            elif kwargs.get("width", 64) != 64:
+                p.append(f"config.teacher.model={t.model!r}: torchvision's ResNets are 64 wide; "
+                         f"teacher.source='torchvision' needs width=64 (drop ':width=...').")
             if os.path.splitext(t.path)[1].lower() not in (".npz", ".safetensors"):
                 p.append(f"config.teacher.path={t.path!r} must be a .npz or .safetensors file for "
                          f"teacher.source='torchvision'.")

@@ -310,6 +310,9 @@ def test_torchvision_teacher_errors_name_the_fix(tmp_path):
     np.savez(path, **random_state_dict(18, 10))
     with pytest.raises(validate.ConfigError, match=r"expects 3-channel images .* set dataset.rgb=True"):
         imagenet_eskd.main(argv)
+    thin = [a.replace("model=resnet18", "model=resnet18:width=32") for a in argv]
+    with pytest.raises(validate.ConfigError, match=r"64 wide; .* needs width=64 \(drop ':width=...'\)"):
+        imagenet_eskd.main(thin)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -496,7 +499,7 @@ def test_every_config_cell_validates(tmp_path):
     for module in (mnist1d_fitnet, digits_fitnet):
         validate.validate_config(module.get_config(), "fitnet")
         validate.validate_config(module.get_config("smoke"), "fitnet")
-    for arg in ("", "student=resnet18", "smoke"):
+    for arg in ("", "student=resnet34", "smoke"):
         validate.validate_config(fitnet_cfg.get_config(f"path={npz}" + (f",{arg}" if arg else "")),
                                  "fitnet")
     early = imagenet_cfg.get_config("teacher=resnet50,mode=eskd,reading=early_teacher,source=train")
@@ -504,6 +507,30 @@ def test_every_config_cell_validates(tmp_path):
     validate.validate_config(early, "kd")
     chain = imagenet_cfg.get_config(f"teacher=resnet50,mode=full,ta=resnet34,path={npz}")
     assert tuple(chain.assistants) == ("resnet34",) and chain.paper.student_error is None
+
+
+def test_imagenet_fitnet_student_is_thinner_and_deeper_than_its_teacher():
+    """The paper's FitNets are thinner (fewer channels at the hint) and deeper (more layers) than
+    their teachers, and r ends in the hint layer's non-linearity (post-ReLU stage outputs)."""
+    config = fitnet_cfg.get_config()
+    x = jnp.zeros((1, 64, 64, 3))
+
+    def shapes(spec):
+        module = validate.build_model(spec, 1000)
+        variables = jax.eval_shape(module.init, jax.random.PRNGKey(0), x)
+        _, feats = jax.eval_shape(module.apply, variables, x)
+        kernels = [k for p, k in jax.tree_util.tree_flatten_with_path(variables["params"])[0]
+                   if p[-1].key == "kernel"]
+        return sum(k.size for k in jax.tree.leaves(variables["params"])), len(kernels), feats
+
+    t_params, t_layers, t_feats = shapes(config.teacher.model)
+    s_params, s_layers, s_feats = shapes(config.student.model)
+    assert config.student.model == "resnet101:width=32" and config.teacher.model == "resnet50"
+    assert s_layers > t_layers and s_params < t_params / 2
+    hint, guided = t_feats[config.fitnet.hint_layer], s_feats[config.fitnet.guided_layer]
+    assert guided.shape[1:3] == hint.shape[1:3] and guided.shape[-1] * 2 == hint.shape[-1]
+    assert config.fitnet.regressor_relu and (config.fitnet.temperature, config.fitnet.weight_start,
+                                              config.fitnet.weight_end) == (3.0, 4.0, 1.0)
 
 
 def expect_config_error(tmp_path, main, argv, *patterns):

@@ -39,7 +39,7 @@ Schema (``placeholder`` keys may be None):
   ``teacher.early_epoch``), ``temperature``, ``weight`` (KD weight), ``ce_weight``, ``stop_epoch``.
 * ``assistants``: model specs of the teacher-assistant chain, largest first (empty: no chain).
 * ``fitnet``: ``hint_layer`` (teacher feature), ``guided_layer`` (student feature),
-  ``regressor_kind`` / ``regressor_kernel`` / ``regressor_padding`` / ``regressor_relu`` (end
+  ``regressor_kind`` / ``regressor_kernel`` / ``regressor_padding`` / ``regressor_relu`` (default True: end
   ``r`` in a ReLU, as the paper asks when the hint is a post-ReLU map), ``stage1_epochs``,
   ``stage1_schedule`` (learning-rate schedule of stage 1: ``cosine`` | ``constant`` | ``step``),
   ``stage1_lr`` (stage 1's peak learning rate at batch ``optimizer.lr_batch``; None: ``optimizer.lr``),
@@ -177,7 +177,7 @@ def kd_config() -> ml_collections.ConfigDict:
     c.fitnet.regressor_kind = "conv"
     c.fitnet.regressor_kernel = 1
     c.fitnet.regressor_padding = "SAME"
-    c.fitnet.regressor_relu = False
+    c.fitnet.regressor_relu = True
     c.fitnet.stage1_epochs = 1
     c.fitnet.stage1_schedule = "cosine"
     c.fitnet.hint_normalize = True
