@@ -11,7 +11,8 @@ momentum; KD recipe = 0.1 CE + 0.9 KD (T = 4).
 * ``fraction_of_peak``: XLA's ``cost_analysis()`` flops of each step / its time / the peak
   (``--peak-gflops``: 333 for this 2-core AVX-512 CPU; on a GPU the script measures a matmul peak).
 
-Usage: ``python benchmarks/step_overhead.py --json results/step_overhead.json``
+Usage: ``python benchmarks/step_overhead.py --json results/step_overhead.json [--profile DIR]``
+(``--profile`` writes a trace with one span per XLA op of each step, to see where the time goes).
 XLA:CPU flags matter; set them in the environment (``XLA_FLAGS=...``) - the JSON records them.
 """
 
@@ -189,6 +190,9 @@ def main():
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch comparison")
     parser.add_argument("--stem", choices=("cifar", "imagenet"), default="cifar",
                         help="ResNet stem: cifar (3x3/1, no pool) or imagenet (7x7/2 + max-pool)")
+    parser.add_argument("--profile", metavar="DIR",
+                        help="after timing, write a jax.profiler trace of one call of each JAX "
+                             "variant to DIR (TensorBoard's profile plugin or ui.perfetto.dev)")
     args = parser.parse_args()
 
     dtype = jnp.dtype(args.dtype)
@@ -200,6 +204,11 @@ def main():
         except ImportError:
             print("torch is not installed: skipping vs_pytorch (pip install torch==2.13.0)")
     t = measure(runs, args.rounds, args.warmup)
+    if args.profile:
+        with jax.profiler.trace(args.profile, create_perfetto_trace=True):
+            for name in flops:
+                with jax.profiler.TraceAnnotation(name):
+                    runs[name]()
 
     backend = jax.default_backend()
     peak = (gpu_matmul_peak(dtype) if backend == "gpu" else args.peak_gflops * 1e9)

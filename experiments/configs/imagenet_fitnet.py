@@ -64,18 +64,9 @@ def get_config(arg=None):
     if a.path:
         c.teacher.path = a.path
 
-    c.fitnet.hint_layer = "stage2"
-    c.fitnet.guided_layer = "stage2"
-    c.fitnet.regressor_kind = "conv"
-    c.fitnet.regressor_kernel = 1
-    c.fitnet.regressor_padding = "SAME"
-    c.fitnet.regressor_relu = True
+    # Hint / guided layer stage2, 1x1 conv regressor ending in a ReLU, mean hint loss, tau 3,
+    # lambda 4 -> 1, cosine stage 1: base.kd_config's FitNet defaults (the paper's, see above).
     c.fitnet.stage1_epochs = 10
-    c.fitnet.stage1_schedule = "cosine"
-    c.fitnet.hint_normalize = True
-    c.fitnet.temperature = 3.0
-    c.fitnet.weight_start = 4.0
-    c.fitnet.weight_end = 1.0
 
     c.run.eval_every_epochs = 1
     c.run.checkpoint_every_epochs = 1

@@ -147,14 +147,8 @@ def fitnet_config(dataset: str, arg=None):
         c.teacher.path = a.path
     c.fitnet.hint_layer = s["fitnet_layer"]
     c.fitnet.guided_layer = s["fitnet_layer"]
-    c.fitnet.regressor_kind = "conv"
-    c.fitnet.regressor_kernel = 1
-    c.fitnet.regressor_padding = "SAME"
     c.fitnet.stage1_epochs = s["stage1_epochs"]
-    c.fitnet.stage1_schedule = "cosine"
-    c.fitnet.temperature = 3.0
-    c.fitnet.weight_start = 4.0
-    c.fitnet.weight_end = 1.0
+    # Regressor, hint loss, tau and lambda: base.kd_config's FitNet defaults (the paper's).
     c.name = f"{dataset}_fitnet"
     if a.smoke:
         _smoke(c)
