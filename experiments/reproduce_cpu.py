@@ -910,6 +910,7 @@ def setup_info(dataset: str, smoke: bool) -> dict:
         "fitnet": {"lr": fit.optimizer.lr, "stage1_epochs": fit.fitnet.stage1_epochs,
                    "stage1_schedule": fit.fitnet.stage1_schedule,
                    "hint_layer": fit.fitnet.hint_layer, "guided_layer": fit.fitnet.guided_layer,
+                   "regressor_relu": fit.fitnet.regressor_relu,
                    "temperature": fit.fitnet.temperature,
                    "weight_start": fit.fitnet.weight_start, "weight_end": fit.fitnet.weight_end},
     }
@@ -1017,7 +1018,8 @@ def write_report(out: str, *, setup: Mapping, machine: Mapping, records: Sequenc
         f"- FitNet: teacher `{settings['fitnet_teacher']}` ({p['fitnet_teacher']:,}), thin-and-deep "
         f"student `{settings['fitnet_student']}` ({p['fitnet_student']:,}); stage 1 "
         f"{f['stage1_epochs']} epochs ({f['stage1_schedule']} schedule) on the hint loss between "
-        f"the teacher's `{f['hint_layer']}` and a 1x1-conv regressor on the student's "
+        f"the teacher's `{f['hint_layer']}` and a 1x1-conv regressor"
+        f"{' ending in a ReLU' if f.get('regressor_relu') else ''} on the student's "
         f"`{f['guided_layer']}` (only the layers up to it trained); stage 2 {setup['epochs']} "
         f"epochs of `CE + lambda H(p_t^T, p_s^T)`, T = {f['temperature']}, lambda "
         f"{f['weight_start']} -> {f['weight_end']}; learning rate {f['lr']} x batch / "
