@@ -1146,10 +1146,11 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 def record_invocation(workdir: str, entry: Mapping[str, Any]) -> list[dict]:
     """Appends ``entry`` to ``<workdir>/invocations.json`` and returns the whole history, so a
-    report regenerated from reused runs still states when and how long they were measured."""
+    report regenerated from reused runs still states when and how long they were measured.
+    An invocation that reused no run trained every run of the report: it starts a new history."""
     path = os.path.join(workdir, "invocations.json")
     history = []
-    if os.path.exists(path):
+    if os.path.exists(path) and entry["reused"]:
         with open(path, encoding="utf-8") as fh:
             history = json.load(fh)
     history.append(dict(entry))

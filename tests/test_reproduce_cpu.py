@@ -329,3 +329,16 @@ def test_formatting_helpers():
         "p": [None, 0.5, None], "s": "x", "n": 3}
     table = rc.markdown_table(["a", "b"], [["1", "2"]])
     assert table == "| a | b |\n|---|---|\n| 1 | 2 |"
+
+
+def test_invocation_history_restarts_when_every_run_was_retrained(tmp_path):
+    entry = {"started": "t0", "wall_s": 60.0, "ran": 4, "reused": 0}
+    assert rc.record_invocation(str(tmp_path), entry) == [entry]
+    again = dict(entry, started="t1", ran=0, reused=4)      # report regenerated from reused runs
+    assert rc.record_invocation(str(tmp_path), again) == [entry, again]
+    partial = dict(entry, started="t2", ran=1, reused=3)    # one stale run retrained
+    assert [h["started"] for h in rc.record_invocation(str(tmp_path), partial)] == ["t0", "t1", "t2"]
+    fresh = dict(entry, started="t3")                        # every run retrained: old ones are gone
+    assert rc.record_invocation(str(tmp_path), fresh) == [fresh]
+    with open(tmp_path / "invocations.json", encoding="utf-8") as fh:
+        assert json.load(fh) == [fresh]
