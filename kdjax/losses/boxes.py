@@ -1,0 +1,52 @@
+"""Box-regression losses on ``[..., D]`` boxes: :func:`teacher_bounded_l2` (Chen et al., 2017)."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kdjax.losses._validation import _compute_dtype, _finish, _float_array, _keep_rows, _scalar, _where
+
+
+def teacher_bounded_l2(student_boxes, teacher_boxes, target_boxes, margin=0.0, where=None) -> jax.Array:
+    """Chen et al. (2017) teacher-bounded regression loss, per box.
+
+    With ``d_s = ||R_s - y||_2^2`` and ``d_t = ||R_t - y||_2^2`` over the last axis::
+
+        loss = d_s   if d_s + m > d_t
+               0     otherwise
+
+    The student is penalised only while it is not better than the teacher by at least the margin ``m``;
+    in the paper it is added (weight ``nu``) to the usual smooth-L1 regression loss on the positive boxes.
+
+    Args:
+      student_boxes: ``[..., D]`` float regression outputs, one row per box (``D = 4`` box coordinates
+        or deltas), e.g. ``[num_rois, 4]`` or ``[B, num_rois, 4]``.
+      teacher_boxes: ``[..., D]`` float, same shape.
+      target_boxes: ``[..., D]`` float, the ground-truth regression targets ``y``, same shape.
+      margin: scalar ``m`` (0 in the simplest form; any finite value).
+      where: optional bool, broadcastable to ``[...]`` (one flag per box, e.g. positives only).
+
+    Returns:
+      ``[...]`` per-box loss.
+    """
+    s = _float_array(student_boxes, "student_boxes")
+    t = _float_array(teacher_boxes, "teacher_boxes")
+    y = _float_array(target_boxes, "target_boxes")
+    if s.ndim < 1:
+        raise ValueError(f"boxes must have the coordinate axis last, shape [..., D]; got shape {s.shape}")
+    if not s.shape == t.shape == y.shape:
+        raise ValueError(
+            f"student_boxes {s.shape}, teacher_boxes {t.shape} and target_boxes {y.shape} must have the "
+            "same shape [..., D] (one row per box, D = 4 coordinates); select the same boxes for all three"
+        )
+    margin_arr, margin_value = _scalar(margin, "margin")
+    if margin_value is not None and not np.isfinite(margin_value):
+        raise ValueError(f"margin must be finite, got {margin_value}")
+    where = _where(where, s.shape[:-1], f"boxes of shape {s.shape}, one value per box")
+    dtype = _compute_dtype(s, t, y)
+    s, t, y = (_keep_rows(a.astype(dtype), where) for a in (s, t, y))
+    d_s = jnp.sum((s - y) ** 2, axis=-1)
+    d_t = jnp.sum((t - y) ** 2, axis=-1)
+    loss = jnp.where(d_s + margin_arr.astype(dtype) > d_t, d_s, 0.0)
+    return _finish(loss, where)

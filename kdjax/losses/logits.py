@@ -1,0 +1,243 @@
+"""Logit losses on dense ``[..., C]`` teacher and student logits.
+
+Soft-target KD (:func:`kd_kl`, :func:`soft_cross_entropy`, :func:`hinton_kd`,
+:func:`class_weighted_soft_cross_entropy`, :func:`dkd`), the label loss :func:`cross_entropy` and logit
+regression (:func:`logit_mse`).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kdjax.losses._log_space import _cross_entropy_from_log_probs, _gather_class, _kl_from_log_probs
+from kdjax.losses._validation import (
+    _CLASS_MASK_HINT,
+    _compute_dtype,
+    _concrete,
+    _finish,
+    _float_array,
+    _keep_rows,
+    _labels,
+    _logit_pair,
+    _scalar,
+    _temperature,
+    _where,
+)
+
+
+def _tempered_log_probs(student_logits, teacher_logits, temperature, where):
+    """Shared front end of the soft-target losses: validates, masks, returns (log p_s, log p_t, T, where)."""
+    s, t = _logit_pair(student_logits, teacher_logits)
+    temp = _temperature(temperature)
+    where = _where(where, s.shape[:-1], f"logits of shape {s.shape}", _CLASS_MASK_HINT)
+    dtype = _compute_dtype(s, t)
+    temp = temp.astype(dtype)
+    s = _keep_rows(s.astype(dtype), where)
+    t = _keep_rows(t.astype(dtype), where)
+    return jax.nn.log_softmax(s / temp, axis=-1), jax.nn.log_softmax(t / temp, axis=-1), temp, where
+
+
+def kd_kl(student_logits, teacher_logits, temperature=1.0, where=None) -> jax.Array:
+    """Hinton et al. (2015) distillation loss: temperature-scaled KL(teacher || student).
+
+    ``loss = T^2 * sum_c p_t,c (log p_t,c - log p_s,c)`` with ``p_t = softmax(t / T)``,
+    ``p_s = softmax(s / T)``. The ``T^2`` factor keeps the gradient magnitude independent of ``T``:
+    ``d loss / d s = T * (p_s - p_t)``.
+
+    Args:
+      student_logits: ``[..., C]`` float.
+      teacher_logits: ``[..., C]`` float (same shape; pass it through ``jax.lax.stop_gradient`` if it
+        comes from a live model whose parameters you differentiate).
+      temperature: scalar ``T > 0`` (may be traced; checked only when concrete).
+      where: optional bool, broadcastable to ``[...]``; masked examples give 0.
+
+    Returns:
+      ``[...]`` per-example loss, >= 0, float32 for f32/bf16/f16 inputs.
+    """
+    log_ps, log_pt, temp, where = _tempered_log_probs(student_logits, teacher_logits, temperature, where)
+    return _finish(temp**2 * _kl_from_log_probs(log_pt, log_ps), where)
+
+
+def soft_cross_entropy(student_logits, teacher_logits, temperature=1.0, where=None) -> jax.Array:
+    """Cross-entropy of the student against the teacher's soft targets, scaled by ``T^2``.
+
+    ``loss = -T^2 * sum_c p_t,c log p_s,c`` with ``p = softmax(logits / T)``. It equals
+    ``kd_kl + T^2 * H(p_t)``: the same gradient in the student as :func:`kd_kl`, plus the teacher's
+    entropy (a constant in the student), so its minimum is ``T^2 H(p_t)``, not 0.
+
+    Args:
+      student_logits, teacher_logits: ``[..., C]`` float, same shape.
+      temperature: scalar ``T > 0``.
+      where: optional bool, broadcastable to ``[...]``; masked examples give 0.
+
+    Returns:
+      ``[...]`` per-example loss.
+    """
+    log_ps, log_pt, temp, where = _tempered_log_probs(student_logits, teacher_logits, temperature, where)
+    return _finish(temp**2 * _cross_entropy_from_log_probs(log_pt, log_ps), where)
+
+
+def cross_entropy(logits, labels, where=None) -> jax.Array:
+    """Cross-entropy with integer labels: ``loss = -log softmax(logits)_y``.
+
+    Args:
+      logits: ``[..., C]`` float.
+      labels: ``[...]`` integer class indices in ``[0, C)``. Checked when concrete; under jit an
+        out-of-range label gives NaN for its example. Masked examples' labels are never read.
+      where: optional bool, broadcastable to ``[...]``; masked examples give 0.
+
+    Returns:
+      ``[...]`` per-example loss.
+    """
+    z = _float_array(logits, "logits")
+    if z.ndim < 1:
+        raise ValueError(f"logits must have the class axis last, shape [..., C]; got shape {z.shape}")
+    where = _where(where, z.shape[:-1], f"logits of shape {z.shape}", _CLASS_MASK_HINT)
+    labels = _labels(labels, z.shape[:-1], z.shape[-1], where)
+    z = _keep_rows(z.astype(_compute_dtype(z)), where)
+    labels = _keep_rows(labels, where)
+    log_p = jax.nn.log_softmax(z, axis=-1)
+    return _finish(-_gather_class(log_p, labels, z.shape[-1]), where)
+
+
+def hinton_kd(student_logits, teacher_logits, labels, temperature, alpha, where=None) -> jax.Array:
+    """Hinton et al. (2015) objective: soft-target KD plus hard-label cross-entropy.
+
+    ``loss = alpha * kd_kl(s, t, T) + (1 - alpha) * cross_entropy(s, y)``; the cross-entropy uses
+    ``T = 1``. ``alpha = 0`` is plain supervised training (e.g. after the ESKD stop step).
+
+    Args:
+      student_logits, teacher_logits: ``[..., C]`` float, same shape.
+      labels: ``[...]`` integer class indices in ``[0, C)``.
+      temperature: scalar ``T > 0``.
+      alpha: scalar weight of the KD term in ``[0, 1]`` (may be traced, e.g. from a schedule; checked
+        only when concrete).
+      where: optional bool, broadcastable to ``[...]``; masked examples give 0.
+
+    Returns:
+      ``[...]`` per-example loss.
+    """
+    alpha_arr, alpha_value = _scalar(alpha, "alpha")
+    if alpha_value is not None and not 0.0 <= alpha_value <= 1.0:
+        raise ValueError(
+            f"alpha must lie in [0, 1] (the weight of the KD term; 1 - alpha weights the label loss), "
+            f"got {alpha_value}"
+        )
+    kd = kd_kl(student_logits, teacher_logits, temperature, where)
+    ce = cross_entropy(student_logits, labels, where)
+    alpha_arr = alpha_arr.astype(kd.dtype)
+    return alpha_arr * kd + (1 - alpha_arr) * ce
+
+
+def class_weighted_soft_cross_entropy(
+    student_logits, teacher_logits, class_weights, temperature=1.0, where=None
+) -> jax.Array:
+    """Chen et al. (2017) weighted soft cross-entropy for detection KD.
+
+    ``loss = -T^2 * sum_c w_c p_t,c log p_s,c`` with ``p = softmax(logits / T)``. Chen et al. weight the
+    background class more heavily than the foreground ones (1.5 vs 1), because the teacher is often
+    confidently background. With all ``w_c = 1`` this is :func:`soft_cross_entropy`.
+
+    Args:
+      student_logits, teacher_logits: ``[..., C]`` float, same shape (e.g. ``[num_rois, C]``).
+      class_weights: ``[C]``, finite and >= 0 (checked when concrete).
+      temperature: scalar ``T > 0``.
+      where: optional bool, broadcastable to ``[...]``; masked examples give 0.
+
+    Returns:
+      ``[...]`` per-example loss.
+    """
+    log_ps, log_pt, temp, where = _tempered_log_probs(student_logits, teacher_logits, temperature, where)
+    num_classes = log_ps.shape[-1]
+    weights = jnp.asarray(class_weights)
+    if not (jnp.issubdtype(weights.dtype, jnp.floating) or jnp.issubdtype(weights.dtype, jnp.integer)):
+        raise TypeError(f"class_weights must be real numbers, got dtype {weights.dtype}")
+    if weights.shape != (num_classes,):
+        raise ValueError(
+            f"class_weights has shape {weights.shape} but the logits have {num_classes} classes; pass one "
+            f"weight per class, shape ({num_classes},) (Chen et al. use 1.5 for background, 1 elsewhere)"
+        )
+    concrete = _concrete(class_weights)
+    if concrete is not None and not (np.all(np.isfinite(concrete)) and np.all(concrete >= 0)):
+        raise ValueError(f"class_weights must be finite and >= 0, got {concrete.tolist()}")
+    weights = weights.astype(log_ps.dtype)
+    return _finish(temp**2 * _cross_entropy_from_log_probs(log_pt, log_ps, weights), where)
+
+
+def logit_mse(student_logits, teacher_logits, where=None) -> jax.Array:
+    """Ba & Caruana (2014) logit regression: ``loss = 1/2 * sum_c (s_c - t_c)^2``.
+
+    Args:
+      student_logits, teacher_logits: ``[..., C]`` float, same shape.
+      where: optional bool, broadcastable to ``[...]``; masked examples give 0.
+
+    Returns:
+      ``[...]`` per-example loss.
+    """
+    s, t = _logit_pair(student_logits, teacher_logits)
+    where = _where(where, s.shape[:-1], f"logits of shape {s.shape}", _CLASS_MASK_HINT)
+    dtype = _compute_dtype(s, t)
+    diff = _keep_rows(s.astype(dtype), where) - _keep_rows(t.astype(dtype), where)
+    return _finish(0.5 * jnp.sum(diff**2, axis=-1), where)
+
+
+def dkd(student_logits, teacher_logits, labels, alpha=1.0, beta=8.0, temperature=4.0, where=None) -> jax.Array:
+    """Decoupled KD (Zhao et al., CVPR 2022): ``loss = T^2 * (alpha * TCKD + beta * NCKD)``.
+
+    With ``p = softmax(logits / T)`` and the target class ``y``:
+
+    - TCKD ``= KL(b_t || b_s)`` on the binary distributions ``b = [p_y, 1 - p_y]``;
+    - NCKD ``= KL(q_t || q_s)`` on the non-target distributions ``q_c = p_c / (1 - p_y)``, ``c != y``
+      (the softmax of the non-target logits alone).
+
+    As in the authors' code (mdistiller) both terms are scaled by ``T^2``. Their linear warm-up of the
+    whole loss over the first epochs is a weight schedule (``kdjax.schedules.linear``), not part of this
+    function. Computed in log space (``log(1 - p_y)`` as a logsumexp over the non-target logits).
+
+    Args:
+      student_logits, teacher_logits: ``[..., C]`` float, same shape, ``C >= 2``.
+      labels: ``[...]`` integer class indices in ``[0, C)``.
+      alpha: scalar weight of TCKD, >= 0.
+      beta: scalar weight of NCKD, >= 0.
+      temperature: scalar ``T > 0``.
+      (The defaults are the authors' CIFAR-100 setting; their ImageNet ResNet-34 -> ResNet-18 config,
+      mdistiller ``configs/imagenet/r34_r18/dkd.yaml``, uses ``alpha=1, beta=0.5, T=1``.)
+      where: optional bool, broadcastable to ``[...]``; masked examples give 0.
+
+    Returns:
+      ``[...]`` per-example loss.
+    """
+    s, t = _logit_pair(student_logits, teacher_logits)
+    num_classes = s.shape[-1]
+    if num_classes < 2:
+        raise ValueError(f"dkd needs at least 2 classes (a target and a non-target), got logits of shape {s.shape}")
+    temp = _temperature(temperature)
+    alpha_arr, alpha_value = _scalar(alpha, "alpha")
+    beta_arr, beta_value = _scalar(beta, "beta")
+    for name, value in (("alpha", alpha_value), ("beta", beta_value)):
+        if value is not None and not (np.isfinite(value) and value >= 0):
+            raise ValueError(f"{name} must be a finite weight >= 0, got {value}")
+    where = _where(where, s.shape[:-1], f"logits of shape {s.shape}", _CLASS_MASK_HINT)
+    labels = _labels(labels, s.shape[:-1], num_classes, where)
+    dtype = _compute_dtype(s, t)
+    temp = temp.astype(dtype)
+    s = _keep_rows(s.astype(dtype), where) / temp
+    t = _keep_rows(t.astype(dtype), where) / temp
+    labels = _keep_rows(labels, where)
+    is_target = jnp.arange(num_classes) == labels[..., None]
+
+    def split(z):
+        # log p_y, log(1 - p_y), and the non-target log-distribution (-inf at the target class).
+        lse_all = jax.nn.logsumexp(z, axis=-1)
+        z_other = jnp.where(is_target, -jnp.inf, z)
+        lse_other = jax.nn.logsumexp(z_other, axis=-1)
+        log_target = _gather_class(z, labels, num_classes) - lse_all
+        return jnp.stack([log_target, lse_other - lse_all], axis=-1), z_other - lse_other[..., None]
+
+    binary_s, other_s = split(s)
+    binary_t, other_t = split(t)
+    tckd = _kl_from_log_probs(binary_t, binary_s)
+    nckd = _kl_from_log_probs(other_t, other_s)
+    loss = temp**2 * (alpha_arr.astype(dtype) * tckd + beta_arr.astype(dtype) * nckd)
+    return _finish(loss, where)
