@@ -1,0 +1,160 @@
+"""The reader: :class:`LogitStore` opens a complete store, checks it against the run, looks up ids."""
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from kdjax.logit_store.files import _read_json
+from kdjax.logit_store.layout import (_INDEX, _METADATA, _SHARDS_DIR, _describe_partial, _read_spec_any,
+                                      _shard_files, is_complete)
+from kdjax.logit_store.rows import _as_ids, _as_mask, _check_id_range
+from kdjax.logit_store.spec import StoreSpec
+
+PRECOMPUTE_COMMAND = "python -m experiments.precompute_teacher_logits"
+
+
+def _check_expectations(path: str, spec: StoreSpec, expect: Mapping[str, Any]) -> None:
+    """Raise a ValueError naming the first field of ``spec`` that differs from the run's ``expect``."""
+    hint = (f"precompute the teacher logits for the run's dataset/split with `{PRECOMPUTE_COMMAND}` "
+            f"or point the run at the matching store")
+    reads = {"dataset": "the run reads dataset", "split": "the run reads split",
+             "num_examples": "the run's split has num_examples =",
+             "num_classes": "the student predicts num_classes =",
+             "teacher": "the run expects teacher", "format": "the run's loss expects format",
+             "preprocessing": "the run expects preprocessing"}
+    for name, value in expect.items():
+        if value is None:
+            continue
+        have = getattr(spec, name)
+        if have != value:
+            raise ValueError(f"logit store at {path} was written for {name} {have!r} but {reads[name]} "
+                             f"{value!r} (store: dataset {spec.dataset!r}, split {spec.split!r}, "
+                             f"{spec.num_examples} examples, {spec.num_classes} classes, teacher "
+                             f"{spec.teacher!r}); {hint}")
+
+
+class LogitStore:
+    """Read-only random access to a complete store by example id, from any process.
+
+    Open with ``LogitStore.open``. Arrays are memory-mapped lazily per process; the object pickles
+    by path (so it can be shipped to data-loader workers). ``lookup`` returns, for ``ids [B]``:
+    'full' -> ``{'teacher_logits': [B, C]}``; 'topk' -> ``{'teacher_topk_values': [B, k],
+    'teacher_topk_indices': [B, k] int32}``; values in the stored dtype.
+    """
+
+    def __init__(self, path: str, spec: StoreSpec, layout: list[dict[str, Any]]):
+        self.path = path
+        self.spec = spec
+        self._layout = layout
+        self._arrays: list[dict[str, np.ndarray] | None] | None = None
+        self._index: np.ndarray | None = None
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, *, dataset: str | None = None, split: str | None = None,
+             num_examples: int | None = None, num_classes: int | None = None,
+             teacher: str | None = None, format: str | None = None,
+             preprocessing: str | None = None) -> "LogitStore":
+        """Open the store at ``path``, checking it against what the run expects.
+
+        Every keyword that is not None must equal the store's spec field, else ValueError naming
+        the field, both values and the precompute command. A store without its COMPLETE marker
+        (half-written or never finalized) is refused with its shards' states.
+        """
+        path = os.fspath(path)
+        if not os.path.isdir(path):
+            raise ValueError(f"no logit store at {path}; precompute one with `{PRECOMPUTE_COMMAND}`")
+        spec = _read_spec_any(path)
+        if spec is None:
+            raise ValueError(f"{path} is not a logit store (no metadata.json and no shards); precompute "
+                             f"one with `{PRECOMPUTE_COMMAND}`")
+        _check_expectations(path, spec, {
+            "dataset": dataset, "split": split, "num_examples": num_examples,
+            "num_classes": num_classes, "teacher": teacher, "format": format,
+            "preprocessing": preprocessing})
+        if not is_complete(path):
+            raise ValueError(
+                f"logit store at {path} is incomplete (half-written or not finalized): "
+                f"{_describe_partial(path)}; resume the precompute (LogitStoreWriter(..., resume=True), "
+                f"the resume option of `{PRECOMPUTE_COMMAND}`) and finalize it, or delete the directory")
+        meta = _read_json(os.path.join(path, _METADATA))
+        store = cls(path, spec, meta["shards"])
+        store._check_files()
+        return store
+
+    def _check_files(self) -> None:
+        """Check that every shard file has the size its metadata promises."""
+        for entry in self._layout:
+            for name, (dtype, width) in _shard_files(self.spec).items():
+                file = os.path.join(self.path, _SHARDS_DIR, entry["name"], f"{name}.bin")
+                need = entry["rows"] * width * dtype.itemsize
+                have = os.path.getsize(file) if os.path.exists(file) else -1
+                if have != need:
+                    raise ValueError(f"logit store at {self.path} is corrupt: {entry['name']}/{name}.bin has "
+                                     f"{have} bytes, metadata expects {need}; precompute it again")
+
+    def _load(self) -> None:
+        self._index = np.load(os.path.join(self.path, _INDEX), mmap_mode="r")
+        arrays = []
+        for entry in self._layout:
+            if entry["rows"] == 0:
+                arrays.append(None)
+                continue
+            arrays.append({
+                name: np.memmap(os.path.join(self.path, _SHARDS_DIR, entry["name"], f"{name}.bin"),
+                                dtype=dtype, mode="r", shape=(entry["rows"], width))
+                for name, (dtype, width) in _shard_files(self.spec).items() if name != "ids"})
+        self._arrays = arrays
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"path": self.path, "spec": self.spec, "layout": self._layout}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["path"], state["spec"], state["layout"])
+
+    @property
+    def batch_keys(self) -> tuple[str, ...]:
+        """Batch keys that ``lookup``/``add_to_batch`` produce."""
+        if self.spec.format == "full":
+            return ("teacher_logits",)
+        return ("teacher_topk_values", "teacher_topk_indices")
+
+    def lookup(self, ids: Any) -> dict[str, np.ndarray]:
+        """Teacher outputs for example ``ids [B]`` (any order, repeats allowed); see the class doc."""
+        ids = _as_ids(ids)
+        _check_id_range(ids, self.spec.num_examples, f"LogitStore.lookup ({self.path})")
+        if self._arrays is None:
+            self._load()
+        loc = np.asarray(self._index[ids])
+        files = {"values": self.batch_keys[0]}
+        if self.spec.format == "topk":
+            files["indices"] = "teacher_topk_indices"
+        out = {key: np.empty((ids.size, self.spec.width), dtype=_shard_files(self.spec)[name][0])
+               for name, key in files.items()}
+        for s in np.unique(loc[:, 0]):
+            sel = loc[:, 0] == s
+            rows = loc[sel, 1]
+            for name, key in files.items():
+                out[key][sel] = self._arrays[s][name][rows]
+        return out
+
+    def add_to_batch(self, batch: Mapping[str, Any]) -> dict[str, Any]:
+        """Return ``batch`` plus the teacher keys for its ``'id'`` rows.
+
+        Rows with ``batch['mask']`` False (padding) get zeros and their ids are not looked up (they
+        may hold any value). Without a ``'mask'`` key every row is real. The input is not modified.
+        """
+        if "id" not in batch:
+            raise ValueError(f"batch needs an 'id' key (int64 [B] example ids) to look up teacher outputs, "
+                             f"got keys {sorted(batch)}")
+        ids = _as_ids(batch["id"], "batch['id']")
+        mask = _as_mask(batch.get("mask"), ids.size)
+        found = self.lookup(ids[mask])
+        out = dict(batch)
+        for key, val in found.items():
+            full = np.zeros((ids.size, self.spec.width), dtype=val.dtype)
+            full[mask] = val
+            out[key] = full
+        return out
