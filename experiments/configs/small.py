@@ -12,8 +12,9 @@ T = 4, KD weight 0.9, CE weight 0.1 as in the ImageNet configs.
 
 FitNet: stage 1 for 1/3 of the student's epochs, stage 2 with the ImageNet FitNet config's KD
 (tau = 3, lambda 4 -> 1). At the ESKD learning rates the thin-and-deep CNNs (no BatchNorm) lost
-all their ReLUs in stage 2 in our runs, so the FitNet configs use half of that rate (MNIST-1D) or a
-quarter (digits); the MNIST-1D student is 16 channels wide because with 8 channels x 9 layers
+all their ReLUs in stage 2 in our runs, so the MNIST-1D FitNet config uses half of that rate. Digits
+uses 0.1 for every run: at 0.4 (its first setting) the KD students stalled (full KD from the small
+teacher: 31% test top-1 after 60 epochs against 90% from scratch, seed 0). The MNIST-1D student is 16 channels wide because with 8 channels x 9 layers
 FitNet stayed below the same student trained from scratch at every rate we tried.
 
 All of these are kdjax's choices for small data, not numbers from the papers (which have no
@@ -36,7 +37,7 @@ SETTINGS = {
     "digits": dict(
         student="cnn2d:width=4",
         teachers={"small": "cnn2d:width=8", "medium": "cnn2d:width=16", "large": "cnn2d:width=32"},
-        epochs=60, decay=(20, 40), stop=40, early=23, lr=0.4, batch=128, eval_batch=384,
+        epochs=60, decay=(20, 40), stop=40, early=23, lr=0.1, batch=128, eval_batch=384,
         fitnet_teacher="cnn2d:width=32", fitnet_student="cnn2d_thin_deep", fitnet_layer="stage1",
         stage1_epochs=20, fitnet_lr=0.1),
 }
