@@ -3,7 +3,7 @@ r"""The measured CPU-scale reproduction of the ESKD and FitNet claims (MNIST-1D 
 One command trains the whole grid, seeds x cells, and writes ``<out>/README.md`` (setup, tables,
 per-claim verdicts with numbers), three PNG plots and ``<out>/results.json`` (every per-seed number)::
 
-    python -m experiments.reproduce_cpu --out results [--seeds 5] [--dataset mnist1d] [--jobs 2] \
+    python -m experiments.reproduce_cpu --out results [--seeds 10] [--dataset mnist1d] [--jobs 2] \
         [--workdir workdirs/reproduce_cpu/mnist1d] [--cells scratch,full/large] [--smoke]
 
 Every run goes through the experiment modules with the configs of ``experiments/configs/small.py``
@@ -1115,7 +1115,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--out", required=True, help="where README.md, plots, results.json go")
     parser.add_argument("--dataset", default="mnist1d", choices=DATASETS)
     parser.add_argument("--seeds", type=int, default=None,
-                        help="seeds per cell (default 5; 2 with --smoke)")
+                        help="seeds per cell (default 10; 2 with --smoke)")
     parser.add_argument("--jobs", type=int, default=1, help="worker processes (default 1)")
     parser.add_argument("--workdir", default=None, help="run directories (default "
                         "workdirs/reproduce_cpu/<dataset>[_smoke]); reusing it resumes")
@@ -1126,7 +1126,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                              "'scratch,full/large'; the teachers they need are added")
     args = parser.parse_args(argv)
     if args.seeds is None:
-        args.seeds = 2 if args.smoke else 5
+        args.seeds = 2 if args.smoke else 10
     if args.seeds < 2:
         parser.error(f"--seeds={args.seeds}: need at least 2 seeds for a standard deviation and a "
                      f"t-test.")

@@ -201,7 +201,7 @@ def test_command_line_errors(capsys):
     args = rc.parse_args(["--out", "x", "--smoke"])
     assert args.seeds == 2 and args.workdir == os.path.join("workdirs", "reproduce_cpu",
                                                             "mnist1d_smoke")
-    assert rc.parse_args(["--out", "x"]).seeds == 5
+    assert rc.parse_args(["--out", "x"]).seeds == 10
 
 
 # ------------------------------------------------------------------------------------------------
