@@ -39,7 +39,7 @@ SETTINGS = {
         teachers={"small": "cnn2d:width=8", "medium": "cnn2d:width=16", "large": "cnn2d:width=32"},
         epochs=60, decay=(20, 40), stop=40, early=23, lr=0.1, batch=128, eval_batch=384,
         fitnet_teacher="cnn2d:width=32", fitnet_student="cnn2d_thin_deep", fitnet_layer="stage1",
-        stage1_epochs=20, fitnet_lr=0.1),
+        stage1_epochs=20, fitnet_lr=0.05),
 }
 TEACHER_NAMES = ("none", "small", "medium", "large")
 
