@@ -217,8 +217,9 @@ def stage_tx(config, data: Data, num_epochs: int, trainable=None, kind: str | No
 
 
 def teacher_stage(ctx: Context) -> Stage:
-    """The stage that trains ``config.teacher.model`` on labels (CE) for ``teacher_epochs``,
-    keeping the epochs ``teacher.early_epoch`` and ``run.save_epochs``."""
+    """The stage that trains ``config.teacher.model`` on labels (CE) for ``teacher_epochs`` at
+    ``teacher.lr`` (None: ``optimizer.lr``), keeping the epochs ``teacher.early_epoch`` and
+    ``run.save_epochs``."""
     c = ctx.config
     epochs = teacher_epochs(c)
     module = build_model(c.teacher.model, ctx.data.num_classes, c.teacher.dtype, key="teacher.model")
@@ -226,7 +227,8 @@ def teacher_stage(ctx: Context) -> Stage:
     if c.teacher.early_epoch is not None:
         keep.add(c.teacher.early_epoch)
     return Stage(name=TEACHER_STAGE, role="teacher", model=c.teacher.model, module=module,
-                 recipe=(recipe_lib.ce(1.0),), tx=stage_tx(c, ctx.data, epochs), num_epochs=epochs,
+                 recipe=(recipe_lib.ce(1.0),), tx=stage_tx(c, ctx.data, epochs, lr=c.teacher.lr),
+                 num_epochs=epochs,
                  export_epochs=tuple(sorted(keep)),
                  row={"teacher": None, "kd_mode": "scratch", "reading": "none",
                       "paper_error": c.paper.teacher_error, "paper_source": c.paper.source})

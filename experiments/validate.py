@@ -233,6 +233,8 @@ def _validate_teacher(p: list, c, experiment: str) -> None:
             p.append("config.assistants (a teacher-assistant chain) needs kd.mode='full' or 'eskd'.")
         for i, spec in enumerate(c.assistants):
             _model_ok(p, f"assistants[{i}]", spec)
+    if t.lr is not None:
+        _positive(p, "teacher.lr", t.lr)
     if experiment == "teacher":
         if _model_ok(p, "teacher.model", t.model):
             _choice(p, "teacher.dtype", t.dtype, DTYPES)

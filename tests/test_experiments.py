@@ -786,3 +786,28 @@ def test_imagenet_eskd_on_a_tiny_tfds_imagenet(tmp_path):
     assert s["paper_error"] == 29.01 and s["paper_teacher_error"] == 30.24
     text = open(os.path.join(workdir, "report.md")).read()
     assert "| 29.01 |" in text and "stop_kd (KD term off from epoch 1)" in text
+
+
+def test_teacher_lr_sets_the_teacher_stage_learning_rate(tmp_path):
+    """``teacher.lr`` replaces ``optimizer.lr`` for the teacher's own training only: the first SGD
+    update (momentum buffer empty, schedule at its peak) is -lr * batch / lr_batch * grad."""
+    from experiments import stages
+
+    def first_update(teacher_lr):
+        config = digits_fitnet.get_config("smoke").unlock()
+        config.optimizer.schedule, config.optimizer.weight_decay = "constant", 0.0
+        config.teacher.lr = teacher_lr
+        ctx = stages.make_context(config, str(tmp_path / f"w{teacher_lr}"))
+        tx = stages.teacher_stage(ctx).tx
+        grads = {"w": jnp.ones((3,))}
+        updates, _ = tx.update(grads, tx.init(grads), grads)
+        return float(updates["w"][0])
+
+    scale = 128 / 256   # smoke batch / optimizer.lr_batch
+    for lr in (0.3, 0.05):
+        np.testing.assert_allclose(first_update(lr), -lr * scale, rtol=1e-6)
+    assert digits_fitnet.get_config().teacher.lr == digits_eskd.get_config("teacher=large").optimizer.lr
+    config = digits_fitnet.get_config("smoke").unlock()
+    config.teacher.lr = -1.0
+    with pytest.raises(validate.ConfigError, match=r"config.teacher.lr=-1.0 must be a positive number"):
+        validate.validate_config(config, "fitnet")

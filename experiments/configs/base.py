@@ -32,7 +32,7 @@ Schema (``placeholder`` keys may be None):
   Teacher only: ``source`` (``none`` | ``train`` | ``checkpoint`` | ``torchvision``), ``path`` (a
   checkpoint directory or a torchvision ``.npz`` / ``.safetensors`` file), ``early_epoch`` (take the
   teacher from this epoch of its own training), ``num_epochs`` (teacher training length when
-  ``source='train'``; None: ``num_epochs``), ``precomputed`` / ``store`` / ``store_format`` /
+  ``source='train'``; None: ``num_epochs``), ``lr`` (its peak learning rate; None: ``optimizer.lr``), ``precomputed`` / ``store`` / ``store_format`` /
   ``store_k`` / ``store_dtype`` (read the teacher's logits from a logit store instead of running it).
 * ``kd``: ``mode`` (``scratch`` | ``full`` | ``eskd``), ``reading`` of early stopping for ``eskd``
   (``stop_kd``: KD weight 0 from ``stop_epoch`` on; ``early_teacher``: the teacher from
@@ -155,6 +155,7 @@ def kd_config() -> ml_collections.ConfigDict:
     c.teacher.path = config_dict.placeholder(str)
     c.teacher.early_epoch = config_dict.placeholder(int)
     c.teacher.num_epochs = config_dict.placeholder(int)
+    c.teacher.lr = config_dict.placeholder(float)
     c.teacher.precomputed = False
     c.teacher.store = config_dict.placeholder(str)
     c.teacher.store_format = "full"

@@ -144,6 +144,7 @@ def fitnet_config(dataset: str, arg=None):
     c.student.model = s["fitnet_student"]
     c.teacher.model = s["fitnet_teacher"]
     c.teacher.source = a.source
+    c.teacher.lr = s["lr"]  # the teacher trains like the ESKD teachers; the FitNet rate is the student's
     if a.path:
         c.teacher.path = a.path
     c.fitnet.hint_layer = s["fitnet_layer"]
