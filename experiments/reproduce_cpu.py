@@ -907,7 +907,8 @@ def setup_info(dataset: str, smoke: bool) -> dict:
                       "decay_epochs": list(kd.optimizer.decay_epochs)},
         "temperature": kd.kd.temperature, "kd_weight": kd.kd.weight, "ce_weight": kd.kd.ce_weight,
         "stop_epoch": kd.kd.stop_epoch, "early_teacher_epoch": early.teacher.early_epoch,
-        "fitnet": {"lr": fit.optimizer.lr, "stage1_epochs": fit.fitnet.stage1_epochs,
+        "fitnet": {"lr": fit.optimizer.lr, "teacher_lr": fit.teacher.lr or fit.optimizer.lr,
+                   "stage1_epochs": fit.fitnet.stage1_epochs,
                    "stage1_schedule": fit.fitnet.stage1_schedule,
                    "hint_layer": fit.fitnet.hint_layer, "guided_layer": fit.fitnet.guided_layer,
                    "regressor_relu": fit.fitnet.regressor_relu,
@@ -1015,7 +1016,8 @@ def write_report(out: str, *, setup: Mapping, machine: Mapping, records: Sequenc
         f"teacher's epoch-{setup['early_teacher_epoch']} snapshot.",
         f"- Teacher-assistant chain: the medium-size model distilled from the large teacher "
         f"(full KD), then the student distilled from it; both links with the settings above.",
-        f"- FitNet: teacher `{settings['fitnet_teacher']}` ({p['fitnet_teacher']:,}), thin-and-deep "
+        f"- FitNet: teacher `{settings['fitnet_teacher']}` ({p['fitnet_teacher']:,}; trained at "
+        f"learning rate {f['teacher_lr']} x batch / {o['lr_batch']}), thin-and-deep "
         f"student `{settings['fitnet_student']}` ({p['fitnet_student']:,}); stage 1 "
         f"{f['stage1_epochs']} epochs ({f['stage1_schedule']} schedule) on the hint loss between "
         f"the teacher's `{f['hint_layer']}` and a 1x1-conv regressor"
