@@ -1021,7 +1021,7 @@ def write_report(out: str, *, setup: Mapping, machine: Mapping, records: Sequenc
         f"student `{settings['fitnet_student']}` ({p['fitnet_student']:,}); stage 1 "
         f"{f['stage1_epochs']} epochs ({f['stage1_schedule']} schedule) on the hint loss between "
         f"the teacher's `{f['hint_layer']}` and a 1x1-conv regressor"
-        f"{' ending in a ReLU' if f.get('regressor_relu') else ''} on the student's "
+        f"{' ending in a ReLU' if f['regressor_relu'] else ''} on the student's "
         f"`{f['guided_layer']}` (only the layers up to it trained); stage 2 {setup['epochs']} "
         f"epochs of `CE + lambda H(p_t^T, p_s^T)`, T = {f['temperature']}, lambda "
         f"{f['weight_start']} -> {f['weight_end']}; learning rate {f['lr']} x batch / "

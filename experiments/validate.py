@@ -17,6 +17,7 @@ import ml_collections
 import numpy as np
 
 from kdjax import models
+from kdjax.convert import TORCHVISION_WIDTH
 
 EXPERIMENTS = ("kd", "fitnet", "teacher")
 DATASETS = ("imagenet2012", "mnist1d", "digits")
@@ -278,9 +279,10 @@ def _validate_teacher(p: list, c, experiment: str) -> None:
             if not re.fullmatch(r"resnet(18|34|50|101|152)", name):
                 p.append(f"config.teacher.model={t.model!r}: teacher.source='torchvision' loads "
                          f"torchvision ResNets only (resnet18/34/50/101/152).")
-            elif kwargs.get("width", 64) != 64:
-                p.append(f"config.teacher.model={t.model!r}: torchvision's ResNets are 64 wide; "
-                         f"teacher.source='torchvision' needs width=64 (drop ':width=...').")
+            elif kwargs.get("width", TORCHVISION_WIDTH) != TORCHVISION_WIDTH:
+                p.append(f"config.teacher.model={t.model!r}: torchvision's ResNets are "
+                         f"{TORCHVISION_WIDTH} wide; teacher.source='torchvision' needs "
+                         f"width={TORCHVISION_WIDTH} (drop ':width=...').")
             if os.path.splitext(t.path)[1].lower() not in (".npz", ".safetensors"):
                 p.append(f"config.teacher.path={t.path!r} must be a .npz or .safetensors file for "
                          f"teacher.source='torchvision'.")

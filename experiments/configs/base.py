@@ -32,15 +32,16 @@ Schema (``placeholder`` keys may be None):
   Teacher only: ``source`` (``none`` | ``train`` | ``checkpoint`` | ``torchvision``), ``path`` (a
   checkpoint directory or a torchvision ``.npz`` / ``.safetensors`` file), ``early_epoch`` (take the
   teacher from this epoch of its own training), ``num_epochs`` (teacher training length when
-  ``source='train'``; None: ``num_epochs``), ``lr`` (its peak learning rate; None: ``optimizer.lr``), ``precomputed`` / ``store`` / ``store_format`` /
-  ``store_k`` / ``store_dtype`` (read the teacher's logits from a logit store instead of running it).
+  ``source='train'``; None: ``num_epochs``), ``lr`` (its own peak learning rate when trained in the
+  run; None: ``optimizer.lr``), ``precomputed`` / ``store`` / ``store_format`` / ``store_k`` /
+  ``store_dtype`` (read the teacher's logits from a logit store instead of running it).
 * ``kd``: ``mode`` (``scratch`` | ``full`` | ``eskd``), ``reading`` of early stopping for ``eskd``
   (``stop_kd``: KD weight 0 from ``stop_epoch`` on; ``early_teacher``: the teacher from
   ``teacher.early_epoch``), ``temperature``, ``weight`` (KD weight), ``ce_weight``, ``stop_epoch``.
 * ``assistants``: model specs of the teacher-assistant chain, largest first (empty: no chain).
 * ``fitnet``: ``hint_layer`` (teacher feature), ``guided_layer`` (student feature),
-  ``regressor_kind`` / ``regressor_kernel`` / ``regressor_padding`` / ``regressor_relu`` (default True: end
-  ``r`` in a ReLU, as the paper asks when the hint is a post-ReLU map), ``stage1_epochs``,
+  ``regressor_kind`` / ``regressor_kernel`` / ``regressor_padding`` / ``regressor_relu`` (default
+  True: end ``r`` in a ReLU, as the paper asks when the hint is a post-ReLU map), ``stage1_epochs``,
   ``stage1_schedule`` (learning-rate schedule of stage 1: ``cosine`` | ``constant`` | ``step``),
   ``stage1_lr`` (stage 1's peak learning rate at batch ``optimizer.lr_batch``; None: ``optimizer.lr``),
   ``hint_normalize`` (hint loss as the mean over feature elements instead of the paper's sum: the
@@ -234,3 +235,23 @@ def imagenet_protocol(c: ml_collections.ConfigDict) -> None:
     c.optimizer.schedule = "step"
     c.optimizer.decay_epochs = (30, 60)
     c.optimizer.decay_factor = 0.1
+
+
+def smoke_on_digits(c: ml_collections.ConfigDict, source: str) -> None:
+    """An ImageNet config's ``smoke`` mode (set in place): the same cell for two short epochs on
+    scikit-learn digits on a CPU (CI), with the teacher (if any) trained in the run instead of
+    loaded from torchvision weights. The caller swaps in its tiny models."""
+    c.name += "/smoke"
+    c.num_epochs = 2
+    c.dataset.name = "digits"
+    c.dataset.train_split = "train"
+    c.dataset.eval_split = "test"
+    c.dataset.batch_size = 128
+    c.dataset.eval_batch_size = 384
+    c.dataset.num_threads = 0
+    c.optimizer.decay_epochs = (1,)
+    if c.teacher.model:
+        c.teacher.source = "train" if source == "torchvision" else source
+        c.teacher.num_epochs = 2
+    c.run.log_every_steps = 5
+    c.run.progress = False

@@ -140,28 +140,16 @@ def get_config(arg=None):
 
 def _smoke(c, a) -> None:
     """The same cell on scikit-learn digits with tiny CNNs: a few steps on a CPU (CI)."""
-    c.name += "/smoke"
-    c.num_epochs = 2
-    c.dataset.name = "digits"
-    c.dataset.train_split = "train"
-    c.dataset.eval_split = "test"
-    c.dataset.batch_size = 128
-    c.dataset.eval_batch_size = 384
-    c.dataset.num_threads = 0
+    base.smoke_on_digits(c, a.source)
     c.optimizer.lr = 0.05
     c.optimizer.lr_batch = 128
-    c.optimizer.decay_epochs = (1,)
     c.student.model = SMOKE_MODELS["resnet18"]
     if c.teacher.model:
         c.teacher.model = SMOKE_MODELS[c.teacher.model]
-        c.teacher.source = "train" if a.source == "torchvision" else a.source
-        c.teacher.num_epochs = 2
     c.assistants = tuple(SMOKE_MODELS.get(m, m) for m in c.assistants)
     if c.kd.stop_epoch is not None:
         c.kd.stop_epoch = 1
     if c.teacher.early_epoch is not None:
         c.teacher.early_epoch = 1
-    c.run.log_every_steps = 5
-    c.run.progress = False
     c.paper.student_error = None
     c.paper.teacher_error = None

@@ -73,21 +73,10 @@ def get_config(arg=None):
     c.run.log_every_steps = 100
     c.paper.source = "Romero et al., ICLR 2015 (no ImageNet result)"
     if a.smoke:
-        c.name += "/smoke"
-        c.num_epochs = 2
-        c.dataset.name = "digits"
-        c.dataset.eval_split = "test"
-        c.dataset.batch_size = 128
-        c.dataset.eval_batch_size = 384
-        c.dataset.num_threads = 0
-        c.optimizer.decay_epochs = (1,)
+        base.smoke_on_digits(c, a.source)
         c.student.model = SMOKE["student"]
         c.teacher.model = SMOKE["teacher"]
-        c.teacher.source = "train" if a.source == "torchvision" else a.source
-        c.teacher.num_epochs = 2
         c.fitnet.hint_layer = "stage1"
         c.fitnet.guided_layer = "stage1"
         c.fitnet.stage1_epochs = 1
-        c.run.log_every_steps = 5
-        c.run.progress = False
     return c.lock()
