@@ -8,6 +8,8 @@ momentum; KD recipe = 0.1 CE + 0.9 KD (T = 4).
 * ``precomputed_overhead`` = KD step reading stored teacher logits / plain CE step (target <= 1.05)
 * ``live_overhead`` = KD step with the live teacher inside it / (CE step + teacher forward) (<= 1.00)
 * ``vs_pytorch`` = kdjax live-KD step / the same step written plainly in PyTorch (<= 1.0)
+* ``onednn_speedup`` = live-KD step with XLA's convolutions / with oneDNN's (``--conv``: on CPU the
+  models use :mod:`kdjax.kernels.onednn` when it is built, as PyTorch uses oneDNN)
 * ``fraction_of_peak``: XLA's ``cost_analysis()`` flops of each step / its time / the peak
   (``--peak-gflops``: 333 for this 2-core AVX-512 CPU; on a GPU the script measures a matmul peak).
 
@@ -31,6 +33,7 @@ import numpy as np
 import optax
 
 from kdjax import models, recipe, sharding, teachers, train
+from kdjax.kernels import onednn
 
 BATCH, SIZE, CLASSES, TEMPERATURE, ALPHA, LR = 64, 32, 100, 4.0, 0.9, 0.1
 
@@ -47,12 +50,16 @@ def flops_of(jitted, *args) -> float:
     return float(cost.get("flops", 0.0)) if cost else 0.0
 
 
-def jax_variants(dtype, stem: str):
-    """Returns ({name: zero-arg callable running one step}, {name: flops per call})."""
+def jax_variants(dtype, stem: str, conv: str):
+    """Returns ({name: zero-arg callable running one step}, {name: flops per call}).
+
+    ``conv`` is the models' convolution (``'xla'`` or ``'onednn'``); XLA's ``cost_analysis()`` does
+    not see inside oneDNN's custom calls, so flops are only meaningful for ``conv='xla'``.
+    """
     mesh = sharding.make_mesh()
     tx = optax.sgd(LR, momentum=0.9)
-    student = models.create("resnet18", CLASSES, stem=stem, dtype=dtype)
-    teacher_module = models.create("resnet34", CLASSES, stem=stem, dtype=dtype)
+    student = models.create("resnet18", CLASSES, stem=stem, dtype=dtype, conv=conv)
+    teacher_module = models.create("resnet34", CLASSES, stem=stem, dtype=dtype, conv=conv)
     t_vars = teacher_module.init(jax.random.PRNGKey(1), jnp.zeros((1, SIZE, SIZE, 3)))
     t_vars, t_sh = train.put_teacher(t_vars, mesh)
     live = teachers.from_linen(teacher_module)
@@ -190,13 +197,22 @@ def main():
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch comparison")
     parser.add_argument("--stem", choices=("cifar", "imagenet"), default="cifar",
                         help="ResNet stem: cifar (3x3/1, no pool) or imagenet (7x7/2 + max-pool)")
+    parser.add_argument("--conv", choices=("auto", "xla", "onednn"), default="auto",
+                        help="the models' convolution; auto: oneDNN on CPU when built "
+                             "(python -m kdjax.kernels.build), else XLA's")
     parser.add_argument("--profile", metavar="DIR",
                         help="after timing, write a jax.profiler trace of one call of each JAX "
                              "variant to DIR (TensorBoard's profile plugin or ui.perfetto.dev)")
     args = parser.parse_args()
 
     dtype = jnp.dtype(args.dtype)
-    runs, flops = jax_variants(dtype, args.stem)
+    conv = args.conv
+    if conv == "auto":
+        conv = "onednn" if jax.default_backend() == "cpu" and onednn.available() else "xla"
+    runs, flops = jax_variants(dtype, args.stem, "xla")
+    if conv == "onednn":  # same math, so XLA's flop counts carry over; keep XLA's live step beside it
+        runs = dict(jax_variants(dtype, args.stem, "onednn")[0], kd_live_xla_conv=runs["kd_live"])
+        flops["kd_live_xla_conv"] = flops["kd_live"]
     torch_version = None
     if not args.no_torch:
         try:
@@ -215,6 +231,7 @@ def main():
     result = {
         "precomputed_overhead": t["kd_precomputed"] / t["ce"],
         "live_overhead": t["kd_live"] / (t["ce"] + t["teacher_forward"]),
+        "conv": conv,
         "seconds": t,
         "gflops_per_step": {k: v / 1e9 for k, v in flops.items()},
         "fraction_of_peak": {k: flops[k] / t[k] / peak for k in flops},
@@ -224,9 +241,12 @@ def main():
         "torch": torch_version, "dtype": args.dtype, "stem": args.stem, "machine": platform.processor() or platform.machine(),
         "xla_flags": os.environ.get("XLA_FLAGS", ""), "batch": BATCH, "rounds": args.rounds,
     }
+    if "kd_live_xla_conv" in t:
+        result["onednn_speedup"] = t["kd_live_xla_conv"] / t["kd_live"]
     if "torch_kd_live" in t:
         result["vs_pytorch"] = t["kd_live"] / t["torch_kd_live"]
-    for key in ("precomputed_overhead", "live_overhead", "vs_pytorch"):
+    print(f"{'conv':>22}: {conv}")
+    for key in ("precomputed_overhead", "live_overhead", "vs_pytorch", "onednn_speedup"):
         if key in result:
             print(f"{key:>22}: {result[key]:.3f}")
     for k in t:

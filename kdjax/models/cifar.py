@@ -28,6 +28,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from kdjax import kernels
 from kdjax.models.resnet import (BasicBlock, Dtype, batch_norm, check_input, conv_layer, dense_init,
                                  run_stages)
 
@@ -40,14 +41,17 @@ class CifarResNet(nn.Module):
       num_classes: width of ``fc``.
       zero_init_residual: init each block's ``bn2`` scale to 0.
       dtype / param_dtype: compute / parameter dtypes; logits are float32.
+      conv: the convolution, ``'xla'`` or ``'onednn'`` (see :class:`kdjax.models.ResNet`).
     """
     depth: int
     num_classes: int = 10
     zero_init_residual: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    conv: str = "xla"
 
     def __post_init__(self):
+        kernels.convolution(self.conv)  # validates the name
         if not (isinstance(self.depth, int) and self.depth >= 8 and (self.depth - 2) % 6 == 0):
             raise ValueError(f"CIFAR ResNet depth must be 6n + 2 with n >= 1 (20, 32, 44, 56, 110, ...); "
                              f"got depth={self.depth!r}.")
@@ -57,13 +61,13 @@ class CifarResNet(nn.Module):
     def __call__(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
         check_input(x, (4,), "[B, H, W, C] (NHWC)", f"CIFAR ResNet-{self.depth}")
         features: dict[str, jax.Array] = {}
-        x = conv_layer(16, 3, 1, self.dtype, self.param_dtype, name="conv1")(x)
+        x = conv_layer(16, 3, 1, self.dtype, self.param_dtype, name="conv1", conv=self.conv)(x)
         x = nn.relu(batch_norm(train, self.dtype, self.param_dtype, name="bn1")(x))
         features["stem"] = x
         n = (self.depth - 2) // 6
         x = run_stages(x, train, BasicBlock, (n, n, n), (16, 32, 64), (1, 2, 2), 16, features,
                        zero_init_residual=self.zero_init_residual, dtype=self.dtype,
-                       param_dtype=self.param_dtype)
+                       param_dtype=self.param_dtype, conv=self.conv)
         x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
         features["pre_logits"] = x
         logits = nn.Dense(self.num_classes, dtype=jnp.float32, param_dtype=self.param_dtype,
@@ -78,10 +82,12 @@ class WideBlock(nn.Module):
     dropout_rate: float = 0.0
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    conv: str = "xla"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        conv = functools.partial(conv_layer, dtype=self.dtype, param_dtype=self.param_dtype)
+        conv = functools.partial(conv_layer, dtype=self.dtype, param_dtype=self.param_dtype,
+                                 conv=self.conv)
         norm = functools.partial(batch_norm, train, self.dtype, self.param_dtype)
         o = nn.relu(norm("bn1")(x))
         if x.shape[-1] == self.features and self.strides == 1:
@@ -105,6 +111,7 @@ class WideResNet(nn.Module):
       num_classes: width of ``fc``.
       dropout_rate: dropout probability between the block's convs (0 disables it).
       dtype / param_dtype: compute / parameter dtypes; logits are float32.
+      conv: the convolution, ``'xla'`` or ``'onednn'`` (see :class:`kdjax.models.ResNet`).
     """
     depth: int
     widen_factor: int
@@ -112,8 +119,10 @@ class WideResNet(nn.Module):
     dropout_rate: float = 0.0
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    conv: str = "xla"
 
     def __post_init__(self):
+        kernels.convolution(self.conv)  # validates the name
         if not (isinstance(self.depth, int) and self.depth >= 10 and (self.depth - 4) % 6 == 0):
             raise ValueError(f"WRN depth must be 6n + 4 with n >= 1 (10, 16, 22, 28, 40, ...); "
                              f"got depth={self.depth!r}.")
@@ -127,14 +136,14 @@ class WideResNet(nn.Module):
     def __call__(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
         check_input(x, (4,), "[B, H, W, C] (NHWC)", f"WRN-{self.depth}-{self.widen_factor}")
         features: dict[str, jax.Array] = {}
-        x = conv_layer(16, 3, 1, self.dtype, self.param_dtype, name="conv1")(x)
+        x = conv_layer(16, 3, 1, self.dtype, self.param_dtype, name="conv1", conv=self.conv)(x)
         features["stem"] = x
         n = (self.depth - 4) // 6
         k = self.widen_factor
         for i, (width, stride) in enumerate(zip((16 * k, 32 * k, 64 * k), (1, 2, 2))):
             for j in range(n):
                 x = WideBlock(width, strides=stride if j == 0 else 1, dropout_rate=self.dropout_rate,
-                              dtype=self.dtype, param_dtype=self.param_dtype,
+                              dtype=self.dtype, param_dtype=self.param_dtype, conv=self.conv,
                               name=f"layer{i + 1}_{j}")(x, train)
             features[f"stage{i + 1}"] = x
         x = nn.relu(batch_norm(train, self.dtype, self.param_dtype, name="bn")(x))

@@ -40,6 +40,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from kdjax import kernels
+
 Dtype = Any
 
 #: Blocks per stage and whether the blocks are Bottlenecks, by depth (torchvision's table).
@@ -54,12 +56,14 @@ dense_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
 
 def conv_layer(features: int, kernel: int, strides: int, dtype: Dtype, param_dtype: Dtype,
-               name: str) -> nn.Conv:
-    """A bias-free 2-D conv with PyTorch's symmetric padding ``kernel // 2`` on each side."""
+               name: str, conv: str = "xla") -> nn.Conv:
+    """A bias-free 2-D conv with PyTorch's symmetric padding ``kernel // 2`` on each side, computed
+    by the convolution ``conv`` names (:data:`kdjax.kernels.CONVOLUTIONS`)."""
     pad = kernel // 2
     return nn.Conv(features, (kernel, kernel), strides=(strides, strides),
                    padding=((pad, pad), (pad, pad)), use_bias=False, kernel_init=conv_init,
-                   dtype=dtype, param_dtype=param_dtype, name=name)
+                   dtype=dtype, param_dtype=param_dtype, name=name,
+                   conv_general_dilated=kernels.convolution(conv))
 
 
 def batch_norm(train: bool, dtype: Dtype, param_dtype: Dtype, name: str,
@@ -85,11 +89,13 @@ class ResidualBlock(nn.Module):
     zero_init_residual: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    conv: str = "xla"
     expansion: ClassVar[int]
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        conv = functools.partial(conv_layer, dtype=self.dtype, param_dtype=self.param_dtype)
+        conv = functools.partial(conv_layer, dtype=self.dtype, param_dtype=self.param_dtype,
+                                 conv=self.conv)
         norm = functools.partial(batch_norm, train, self.dtype, self.param_dtype)
         y = self.residual(x, conv, norm)
         if self.downsample:
@@ -166,6 +172,8 @@ class ResNet(nn.Module):
       param_dtype: dtype of the parameters.
       width: stem channels, an integer >= 1; stage ``i`` (1-based) has blocks of ``width * 2**(i-1)``
         channels (times the expansion at a Bottleneck's output). 64 is torchvision's ResNet.
+      conv: which convolution computes every conv layer: ``'xla'`` (``lax.conv_general_dilated``) or
+        ``'onednn'`` (:mod:`kdjax.kernels.onednn` on CPU, XLA's elsewhere); same parameters and outputs.
     """
     depth: int
     num_classes: int = 1000
@@ -174,8 +182,10 @@ class ResNet(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     width: int = 64
+    conv: str = "xla"
 
     def __post_init__(self):
+        kernels.convolution(self.conv)  # validates the name
         if self.depth not in STAGE_SIZES:
             raise ValueError(f"ResNet depth must be one of {sorted(STAGE_SIZES)}; got depth={self.depth!r}.")
         if self.stem not in ("imagenet", "cifar"):
@@ -193,7 +203,7 @@ class ResNet(nn.Module):
         features: dict[str, jax.Array] = {}
         imagenet_stem = self.stem == "imagenet"
         x = conv_layer(self.width, 7 if imagenet_stem else 3, 2 if imagenet_stem else 1, self.dtype,
-                       self.param_dtype, name="conv1")(x)
+                       self.param_dtype, name="conv1", conv=self.conv)(x)
         x = nn.relu(batch_norm(train, self.dtype, self.param_dtype, name="bn1")(x))
         if imagenet_stem:
             x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
@@ -202,7 +212,7 @@ class ResNet(nn.Module):
         widths = tuple(self.width * 2 ** i for i in range(4))
         x = run_stages(x, train, block_cls, STAGE_SIZES[self.depth], widths, (1, 2, 2, 2), self.width,
                        features, zero_init_residual=self.zero_init_residual, dtype=self.dtype,
-                       param_dtype=self.param_dtype)
+                       param_dtype=self.param_dtype, conv=self.conv)
         x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
         features["pre_logits"] = x
         logits = nn.Dense(self.num_classes, dtype=jnp.float32, param_dtype=self.param_dtype,

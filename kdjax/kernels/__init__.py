@@ -1,0 +1,22 @@
+"""Compiled kernels that XLA does not provide at full speed on some backend.
+
+:mod:`kdjax.kernels.onednn`: oneDNN 2-D convolutions for XLA:CPU (a drop-in
+``lax.conv_general_dilated``), built once with ``python -m kdjax.kernels.build``.
+"""
+
+from typing import Callable
+
+from kdjax.kernels import onednn
+
+#: The convolutions a model's ``conv`` attribute can name, each with ``lax.conv_general_dilated``'s
+#: signature (``None``: Flax's default): ``'xla'`` is XLA's ``lax.conv_general_dilated``; ``'onednn'`` runs oneDNN on CPU (XLA's elsewhere).
+CONVOLUTIONS: dict[str, Callable | None] = {"xla": None,  # Flax's default, lax.conv_general_dilated
+                                     "onednn": onednn.conv_general_dilated}
+
+
+def convolution(name: str) -> Callable | None:
+    """The convolution :data:`CONVOLUTIONS` names; ``ValueError`` listing the choices otherwise."""
+    if name not in CONVOLUTIONS:
+        raise ValueError(f"conv must be one of {sorted(CONVOLUTIONS)} ('onednn': oneDNN on CPU, built "
+                         f"with `python -m kdjax.kernels.build`); got conv={name!r}.")
+    return CONVOLUTIONS[name]

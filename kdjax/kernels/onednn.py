@@ -1,0 +1,152 @@
+"""oneDNN convolutions on XLA:CPU: a drop-in for ``lax.conv_general_dilated``.
+
+XLA:CPU runs convolutions through Eigen (and YNNPACK fusions on jax 0.10), reaching about 40% of this
+project's CPU peak in a ResNet train step; oneDNN, which PyTorch uses on CPU, reaches more. This module
+calls oneDNN's convolution primitives through XLA's FFI (``onednn_conv.cc``): forward, backward-data
+and backward-weights, tied together with ``jax.custom_vjp``.
+
+:func:`conv_general_dilated` has ``lax.conv_general_dilated``'s signature and runs oneDNN when all of
+these hold, and ``lax.conv_general_dilated`` otherwise (same result up to float32 rounding):
+
+* the default backend is CPU (there the library must be built: :func:`require`);
+* float32 ``lhs [N, H, W, C]`` and ``rhs [KH, KW, C, O]`` (NHWC / HWIO, Flax's ``nn.Conv`` layout),
+  no dilation, ``feature_group_count == batch_group_count == 1``.
+
+So a model that passes ``conv_general_dilated=kdjax.kernels.onednn.conv_general_dilated`` to
+``flax.linen.Conv`` runs unchanged on GPU and TPU. Limits: first derivatives only (the backward
+kernels are not differentiable again); under a multi-device mesh XLA cannot partition the custom call
+and runs it replicated, so use it for single-device CPU steps (the default XLA conv elsewhere).
+
+Build: ``python -m kdjax.kernels.build`` compiles ``onednn_conv.cc`` against the installed jaxlib's
+FFI headers and the system oneDNN (Debian/Ubuntu: ``apt-get install libdnnl-dev``) into
+``_onednn_conv.jaxlib-<version>.so`` beside this file.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import pathlib
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+SOURCE = pathlib.Path(__file__).with_name("onednn_conv.cc")
+#: The three FFI targets, by pass: (XLA target name, exported handler symbol).
+TARGETS = {"fwd": ("kdjax_onednn_conv_fwd", "KdjaxOnednnConvFwd"),
+           "bwd_data": ("kdjax_onednn_conv_bwd_data", "KdjaxOnednnConvBwdData"),
+           "bwd_weights": ("kdjax_onednn_conv_bwd_weights", "KdjaxOnednnConvBwdWeights")}
+_NHWC_HWIO = lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1),
+                                      out_spec=(0, 3, 1, 2))
+
+
+def library_path() -> pathlib.Path:
+    """Where the compiled library for the installed jaxlib lives (it need not exist yet)."""
+    import jaxlib
+    return SOURCE.with_name(f"_onednn_conv.jaxlib-{jaxlib.__version__}.so")
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    path = library_path()
+    if not path.exists():
+        return None
+    lib = ctypes.cdll.LoadLibrary(str(path))
+    for target, symbol in TARGETS.values():
+        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
+    lib.KdjaxOnednnImplName.restype = ctypes.c_char_p
+    return lib
+
+
+def available() -> bool:
+    """True when the library for the installed jaxlib is built (``python -m kdjax.kernels.build``)."""
+    return _library() is not None
+
+
+def require() -> None:
+    """Raises ``RuntimeError`` naming the build command unless :func:`available`."""
+    if not available():
+        raise RuntimeError(
+            f"kdjax's oneDNN convolution is not built for this jaxlib ({library_path().name} is "
+            f"missing). Build it with `python -m kdjax.kernels.build` (needs g++ and oneDNN's headers: "
+            f"`apt-get install libdnnl-dev` on Debian/Ubuntu), or use the default XLA convolution.")
+
+
+def implementation(pass_: str, x_shape: Sequence[int], w_shape: Sequence[int],
+                   strides: Sequence[int], padding: Sequence[tuple[int, int]]) -> str:
+    """oneDNN's name for the kernel that serves one pass (``'fwd'``, ``'bwd_data'`` or
+    ``'bwd_weights'``) of a convolution, e.g. ``'brg:avx512_core'``; for benchmarks and tests."""
+    require()
+    geometry = (*x_shape, *w_shape[:2], w_shape[3], *strides, *(p for pair in padding for p in pair))
+    arr = (ctypes.c_int64 * 13)(*geometry)
+    return _library().KdjaxOnednnImplName(list(TARGETS).index(pass_), arr).decode()
+
+
+def _call(pass_: str, out_shape: Sequence[int], a: jax.Array, b: jax.Array,
+          strides: tuple[int, int], padding: tuple[int, int, int, int]) -> jax.Array:
+    require()  # loads the library and registers its targets
+    return jax.ffi.ffi_call(TARGETS[pass_][0], jax.ShapeDtypeStruct(tuple(out_shape), jnp.float32),
+                            vmap_method="sequential")(
+        a, b, strides=np.asarray(strides, np.int64), padding=np.asarray(padding, np.int64))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def conv_nhwc(x: jax.Array, w: jax.Array, strides: tuple[int, int],
+              padding: tuple[int, int, int, int]) -> jax.Array:
+    """``y [N, OH, OW, O] = conv(x [N, H, W, C], w [KH, KW, C, O])`` in float32 on oneDNN.
+
+    ``padding = (top, bottom, left, right)``; ``OH = (H + top + bottom - KH) // strides[0] + 1``.
+    """
+    oh = (x.shape[1] + padding[0] + padding[1] - w.shape[0]) // strides[0] + 1
+    ow = (x.shape[2] + padding[2] + padding[3] - w.shape[1]) // strides[1] + 1
+    return _call("fwd", (x.shape[0], oh, ow, w.shape[3]), x, w, strides, padding)
+
+
+def _conv_nhwc_fwd(x, w, strides, padding):
+    return conv_nhwc(x, w, strides, padding), (x, w)
+
+
+def _conv_nhwc_bwd(strides, padding, residuals, dy):
+    x, w = residuals
+    return (_call("bwd_data", x.shape, dy, w, strides, padding),
+            _call("bwd_weights", w.shape, x, dy, strides, padding))
+
+
+conv_nhwc.defvjp(_conv_nhwc_fwd, _conv_nhwc_bwd)
+
+
+def _explicit_padding(padding: Any, x: jax.Array, w: jax.Array, strides: Sequence[int]):
+    if isinstance(padding, str):
+        return lax.padtype_to_pads(x.shape[1:3], w.shape[:2], strides, padding)
+    return [tuple(p) for p in padding]
+
+
+def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int], padding: Any,
+                         lhs_dilation: Sequence[int] | None = None,
+                         rhs_dilation: Sequence[int] | None = None, dimension_numbers: Any = None,
+                         feature_group_count: int = 1, batch_group_count: int = 1,
+                         precision: Any = None, preferred_element_type: Any = None) -> jax.Array:
+    """``lax.conv_general_dilated`` on oneDNN where supported (module docstring), else on XLA."""
+    fallback = functools.partial(
+        lax.conv_general_dilated, lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
+        rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
+        feature_group_count=feature_group_count, batch_group_count=batch_group_count,
+        precision=precision, preferred_element_type=preferred_element_type)
+    supported = (
+        jax.default_backend() == "cpu" and lhs.ndim == 4 and rhs.ndim == 4
+        and lhs.dtype == jnp.float32 and rhs.dtype == jnp.float32
+        and preferred_element_type in (None, jnp.float32)
+        and feature_group_count == 1 and batch_group_count == 1
+        and all(d == 1 for d in (lhs_dilation or (1, 1))) and all(d == 1 for d in (rhs_dilation or (1, 1)))
+        and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) == _NHWC_HWIO)
+    if not supported:
+        return fallback()
+    require()
+    strides = tuple(int(s) for s in window_strides)
+    (top, bottom), (left, right) = _explicit_padding(padding, lhs, rhs, strides)
+    if min(top, bottom, left, right) < 0:
+        return fallback()
+    return conv_nhwc(lhs, rhs, strides, (int(top), int(bottom), int(left), int(right)))
