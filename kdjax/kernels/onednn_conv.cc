@@ -11,7 +11,7 @@
 //
 // Activations stay in NHWC (oneDNN's brgemm kernels read it directly); kernels are reordered
 // between HWIO and the layout the primitive picks. Primitives are built once per geometry and
-// cached; every call uses its own scratchpad, so concurrent calls from XLA's threads are safe.
+// cached. Calls run one at a time (each uses every core), reusing one scratchpad.
 
 #include <array>
 #include <cstdint>
@@ -109,6 +109,23 @@ std::unique_ptr<Plan> Build(Pass pass, const Geometry& g) {
   return plan;
 }
 
+// A buffer that grows to the largest size asked for and is reused (uninitialised: the primitives
+// write before they read).
+class Workspace {
+ public:
+  void* Get(size_t bytes) {
+    if (bytes > size_) {
+      data_.reset(new uint8_t[bytes]);
+      size_ = bytes;
+    }
+    return data_.get();
+  }
+
+ private:
+  std::unique_ptr<uint8_t[]> data_;
+  size_t size_ = 0;
+};
+
 const Plan& GetPlan(Pass pass, const Geometry& g) {
   static std::mutex mu;
   static std::map<std::pair<int, std::array<int64_t, 13>>, std::unique_ptr<Plan>> cache;
@@ -118,24 +135,25 @@ const Plan& GetPlan(Pass pass, const Geometry& g) {
   return *slot;
 }
 
-// x: the activation input (x for fwd/bwd_weights, dy for bwd_data); w_or_dy: the other input.
+// Runs one pass. fwd: a = x, b = w, out = y; bwd_data: a = dy, b = w, out = dx;
+// bwd_weights: a = x, b = dy, out = dw (activations NHWC, kernels HWIO).
 ffi::Error Run(Pass pass, const Geometry& g, void* a, void* b, void* out) {
   try {
     const Plan& plan = GetPlan(pass, g);
     // One convolution at a time: each already uses every core (OpenMP), and two at once (XLA runs
     // independent ops concurrently, e.g. the teacher's and the student's) oversubscribe the cores.
+    // The lock also guards the reused scratch buffers (fresh ones would page-fault on every call).
     static std::mutex run_mu;
+    static Workspace scratch, w_buf;
     std::lock_guard<std::mutex> run_lock(run_mu);
     dnnl::stream stream(Engine());
-    // Uninitialised buffers: the primitive writes them before reading.
-    std::unique_ptr<uint8_t[]> scratch(new uint8_t[plan.scratchpad_bytes + 1]);
-    std::unique_ptr<uint8_t[]> w_buf(new uint8_t[plan.reorder_w ? plan.prim_w.get_size() : 1]);
     memory scratchpad(memory::desc({static_cast<int64_t>(plan.scratchpad_bytes)},
                                    memory::data_type::u8, Tag::x),
-                      Engine(), scratch.get());
-    if (pass == kFwd || pass == kBwdData) {  // a: x or dy (NHWC), b: HWIO kernel
+                      Engine(), scratch.Get(plan.scratchpad_bytes));
+    const size_t w_bytes = plan.prim_w.get_size();
+    if (pass == kFwd || pass == kBwdData) {
       memory user_w(plan.hwio_w, Engine(), b);
-      memory prim_w = plan.reorder_w ? memory(plan.prim_w, Engine(), w_buf.get()) : user_w;
+      memory prim_w = plan.reorder_w ? memory(plan.prim_w, Engine(), w_buf.Get(w_bytes)) : user_w;
       if (plan.reorder_w) plan.w_reorder.execute(stream, user_w, prim_w);
       if (pass == kFwd) {
         plan.prim.execute(stream, {{DNNL_ARG_SRC, memory(g.x(), Engine(), a)},
@@ -148,9 +166,9 @@ ffi::Error Run(Pass pass, const Geometry& g, void* a, void* b, void* out) {
                                    {DNNL_ARG_DIFF_SRC, memory(g.x(), Engine(), out)},
                                    {DNNL_ARG_SCRATCHPAD, scratchpad}});
       }
-    } else {  // a: x, b: dy, out: HWIO kernel gradient
+    } else {
       memory user_dw(plan.hwio_w, Engine(), out);
-      memory prim_dw = plan.reorder_w ? memory(plan.prim_w, Engine(), w_buf.get()) : user_dw;
+      memory prim_dw = plan.reorder_w ? memory(plan.prim_w, Engine(), w_buf.Get(w_bytes)) : user_dw;
       plan.prim.execute(stream, {{DNNL_ARG_SRC, memory(g.x(), Engine(), a)},
                                  {DNNL_ARG_DIFF_DST, memory(g.y(), Engine(), b)},
                                  {DNNL_ARG_DIFF_WEIGHTS, prim_dw},
