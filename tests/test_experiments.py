@@ -647,6 +647,10 @@ def test_model_specs():
                                                    r"unexpected keyword"):
         validate.build_model("cnn1d:colour=1", 10)
     assert validate.build_model("resnet18", 10, "bfloat16").dtype == jnp.bfloat16
+    assert validate.build_model("resnet18:stem=cifar,conv=onednn", 10).conv == "onednn"
+    with pytest.raises(validate.ConfigError, match=r"config.student.model='wrn_16_2:conv=mkl'.*"
+                                                   r"conv must be one of \['onednn', 'xla'\]"):
+        validate.build_model("wrn_16_2:conv=mkl", 10)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -148,20 +148,24 @@ def test_gradients_match_float64_xla(x_shape, w_shape, strides, padding):
     def loss(conv, r, x, w):  # non-linear in y: sum(sin(y) * r)
         return jnp.sum(jnp.sin(conv(x, w, strides, padding, dimension_numbers=NHWC)) * r)
 
-    dnn_loss = lambda a, b: loss(onednn.conv_general_dilated, r.astype(np.float32), a, b)  # noqa: E731
-    gx, gw = jax.jit(jax.grad(dnn_loss, argnums=(0, 1)))(x, w)
+    def dnn_loss(a, b):
+        return loss(onednn.conv_general_dilated, r.astype(np.float32), a, b)
+
+    def reference(a, b):  # float64 XLA: y and its gradients
+        return (lax.conv_general_dilated(a, b, strides, padding, dimension_numbers=NHWC),
+                jax.grad(lambda a, b: loss(lax.conv_general_dilated, r, a, b), argnums=(0, 1))(a, b))
+
+    lowered = jax.jit(jax.grad(dnn_loss, argnums=(0, 1))).lower(x, w)
+    gx, gw = lowered.compile()(x, w)
     with jax.enable_x64(True):
-        x64, w64 = jnp.asarray(x, jnp.float64), jnp.asarray(w, jnp.float64)
-        y64 = lax.conv_general_dilated(x64, w64, strides, padding, dimension_numbers=NHWC)
-        rx, rw = jax.grad(lambda a, b: loss(lax.conv_general_dilated, r, a, b), argnums=(0, 1))(x64, w64)
-        rx, rw, y64 = np.asarray(rx), np.asarray(rw), np.asarray(y64)
-    assert rx.dtype == np.float64
+        y64, (rx, rw) = jax.device_get(jax.jit(reference)(x.astype(np.float64), w.astype(np.float64)))
+    assert rx.dtype == y64.dtype == np.float64
     np.testing.assert_allclose(y64, ref_y, rtol=1e-12, atol=1e-12)  # the two references agree
     assert gx.shape == x.shape and gw.shape == w.shape and gx.dtype == gw.dtype == jnp.float32
     assert normalized_error(gx, rx) <= F32_TOL
     assert normalized_error(gw, rw) <= F32_TOL
     np.testing.assert_array_equal(np.asarray(gx)[rx == 0], 0.0)  # untouched inputs: exactly 0
-    text = hlo(jax.grad(dnn_loss, argnums=(0, 1)), x, w)
+    text = lowered.as_text()
     assert all(t in text for t in (FWD, BWD_DATA, BWD_WEIGHTS)) and "convolution" not in text
 
 
@@ -190,11 +194,7 @@ FALLBACKS = [  # (lhs, rhs, window_strides, padding, keyword arguments)
                  id="batch_groups"),
     pytest.param(X.transpose(0, 3, 1, 2), W.transpose(3, 2, 0, 1), (1, 1), ((1, 1), (1, 1)),
                  {"dimension_numbers": ("NCHW", "OIHW", "NCHW")}, id="nchw"),
-    # Known defect: onednn.conv_general_dilated calls require() before its negative-padding check, so
-    # this fallback needs the library (test_negative_padding_falls_back_to_lax covers it with one).
-    pytest.param(X, W, (1, 1), ((-1, 1), (1, 1)), {"dimension_numbers": NHWC}, id="negative_padding",
-                 marks=pytest.mark.xfail(strict=True, raises=RuntimeError,
-                                         reason="require() runs before the negative-padding fallback")),
+    pytest.param(X, W, (1, 1), ((-1, 1), (1, 1)), {"dimension_numbers": NHWC}, id="negative_padding"),
     pytest.param(X[:, 0], W[0], (1,), ((1, 1),), {"dimension_numbers": ("NWC", "WIO", "NWC")}, id="conv1d"),
 ]
 
@@ -220,6 +220,20 @@ def test_negative_padding_falls_back_to_lax():
 
 
 @needs_onednn
+@pytest.mark.parametrize("rhs, strides, message", [
+    (W[:, :, :3], (1, 1), r"lhs feature dimension size .* must equal the rhs input feature dimension size"),
+    (W, (0, 1), r"positive stride"),
+], ids=["channel_mismatch", "zero_stride"])
+@pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning")  # lax's own shape rule, stride 0
+def test_bad_shapes_raise_lax_errors(rhs, strides, message):
+    with pytest.raises(ValueError, match=message):  # what lax.conv_general_dilated raises
+        lax.conv_general_dilated(X, rhs, strides, ((1, 1), (1, 1)), dimension_numbers=NHWC)
+    with pytest.raises(ValueError, match=message):
+        jax.block_until_ready(onednn.conv_general_dilated(X, rhs, strides, ((1, 1), (1, 1)),
+                                                          dimension_numbers=NHWC))
+
+
+@needs_onednn
 @pytest.mark.parametrize("padding", ["SAME", "VALID"])
 @pytest.mark.parametrize("strides", [(1, 1), (2, 2)])
 def test_string_padding_runs_on_onednn(padding, strides):
@@ -237,6 +251,12 @@ def test_string_padding_runs_on_onednn(padding, strides):
 def test_implementation_names_a_onednn_kernel(pass_):
     name = onednn.implementation(pass_, (2, 8, 8, 4), (3, 3, 4, 6), (2, 2), ((1, 1), (1, 1)))
     assert isinstance(name, str) and name and not name.startswith("error")
+
+
+def test_implementation_rejects_unknown_pass():
+    with pytest.raises(ValueError, match=r"pass must be one of \['fwd', 'bwd_data', 'bwd_weights'\]; "
+                                         r"got 'bwd'"):
+        onednn.implementation("bwd", (2, 8, 8, 4), (3, 3, 4, 6), (1, 1), ((1, 1), (1, 1)))
 
 
 # ----------------------------------------------------------------------------- models
@@ -298,39 +318,56 @@ def make_batch(seed, n=8):
             "label": rng.integers(0, 10, n).astype(np.int32), "mask": np.ones(n, bool)}
 
 
-def run_steps(conv, mesh, steps=2):
-    """``steps`` SGD-momentum steps of a CIFAR ResNet-8 on 8x8 inputs; the state and the step's HLO."""
-    model = models.create("cifar_resnet8", 10, conv=conv)
-    tx = optax.sgd(0.1, momentum=0.9)
-    state, shardings = train.init_train_state(model, tx, jnp.zeros((1, 8, 8, 3)), seed=0, mesh=mesh)
-    step = train.make_train_step(train.linen_student(model), tx, (recipe.ce(),), mesh=mesh,
-                                 state_shardings=shardings, donate=False)
-    text = step.lower(state, {}, sharding.global_batch(make_batch(0), mesh)).as_text()
-    for i in range(steps):
-        state, metrics = step(state, {}, sharding.global_batch(make_batch(i), mesh))
-        assert bool(metrics["finite"])
-    return jax.device_get(state), text
+TX = optax.sgd(0.1, momentum=0.9)
 
 
 @pytest.fixture(scope="module")
-def onednn_single_device(onednn_library):
-    return run_steps("onednn", sharding.make_mesh(devices=jax.devices()[:1]))
+def initial_state():
+    """A CIFAR ResNet-8's initial train state (:class:`kdjax.train.TrainState`; init does not depend
+    on the conv), built from an eager ``init``: compiling ``train.init_train_state`` costs seconds."""
+    variables = models.create("cifar_resnet8", 10).init(KEY, jnp.zeros((1, 8, 8, 3)))
+    return jax.device_get(train.TrainState(
+        step=jnp.zeros((), jnp.int32), params=variables["params"], batch_stats=variables["batch_stats"],
+        opt_state=TX.init(variables["params"]), rng=jax.random.PRNGKey(0), skipped=jnp.zeros((), jnp.int32)))
+
+
+def run_steps(state, conv, mesh, steps=2):
+    """``steps`` SGD-momentum steps of a CIFAR ResNet-8 with ``conv`` on ``mesh`` (state replicated)
+    on 8x8 inputs; returns the final state and the step's HLO."""
+    model = models.create("cifar_resnet8", 10, conv=conv)
+    shardings = sharding.tree_shardings(state, mesh, "replicate")
+    step = train.make_train_step(train.linen_student(model), TX, (recipe.ce(),), mesh=mesh,
+                                 state_shardings=shardings, donate=False)
+    state = jax.device_put(state, shardings)
+    lowered = step.lower(state, {}, sharding.global_batch(make_batch(0), mesh))
+    compiled = lowered.compile()
+    for i in range(steps):
+        state, metrics = compiled(state, {}, sharding.global_batch(make_batch(i), mesh))
+        assert bool(metrics["finite"])
+    return jax.device_get(state), lowered.as_text()
+
+
+@pytest.fixture(scope="module")
+def onednn_single_device(onednn_library, initial_state):
+    return run_steps(initial_state, "onednn", sharding.make_mesh(devices=jax.devices()[:1]))
 
 
 @needs_onednn
-def test_train_step_on_onednn_matches_xla(onednn_single_device):
+def test_train_step_on_onednn_matches_xla(initial_state, onednn_single_device):
     state, text = onednn_single_device
-    ref, ref_text = run_steps("xla", sharding.make_mesh(devices=jax.devices()[:1]))
+    ref, ref_text = run_steps(initial_state, "xla", sharding.make_mesh(devices=jax.devices()[:1]))
     assert all(t in text for t in (FWD, BWD_DATA, BWD_WEIGHTS)) and "kdjax_onednn" not in ref_text
-    assert int(state.step) == 2
+    assert int(state.step) == int(ref.step) == 2
     assert_trees_close(state.params, ref.params, 1e-4)
     assert_trees_close(state.batch_stats, ref.batch_stats, 1e-4)
+    moved = jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), state.params, initial_state.params)
+    assert min(jax.tree.leaves(moved)) > 0  # every parameter was updated
 
 
 @needs_onednn
-def test_data_parallel_onednn_step_matches_single_device(onednn_single_device):
+def test_data_parallel_onednn_step_matches_single_device(initial_state, onednn_single_device):
     assert jax.device_count() == 8
-    state, text = run_steps("onednn", sharding.make_mesh(data=8))
+    state, text = run_steps(initial_state, "onednn", sharding.make_mesh(data=8))
     ref, _ = onednn_single_device
     assert FWD in text and int(state.step) == 2
     assert_trees_close(state.params, ref.params, 2e-5)
@@ -403,7 +440,8 @@ def test_compile_command(monkeypatch, tmp_path):
     monkeypatch.setenv("DNNL_ROOT", "/opt/dnnl")
     cmd = build.compile_command(out)
     assert cmd[0] == "clang++" and cmd[-1] == "-ldnnl"
-    assert _adjacent(cmd, "-isystem", "/opt/dnnl/include") and _adjacent(cmd, "-isystem", jax.ffi.include_dir())
+    assert _adjacent(cmd, "-isystem", "/opt/dnnl/include")
+    assert _adjacent(cmd, "-isystem", jax.ffi.include_dir())
     assert {"-L/opt/dnnl/lib", "-Wl,-rpath,/opt/dnnl/lib"} <= set(cmd)
 
 

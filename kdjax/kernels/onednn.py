@@ -79,6 +79,8 @@ def implementation(pass_: str, x_shape: Sequence[int], w_shape: Sequence[int],
                    strides: Sequence[int], padding: Sequence[tuple[int, int]]) -> str:
     """oneDNN's name for the kernel that serves one pass (``'fwd'``, ``'bwd_data'`` or
     ``'bwd_weights'``) of a convolution, e.g. ``'brg:avx512_core'``; for benchmarks and tests."""
+    if pass_ not in TARGETS:
+        raise ValueError(f"implementation: pass must be one of {list(TARGETS)}; got {pass_!r}.")
     require()
     geometry = (*x_shape, *w_shape[:2], w_shape[3], *strides, *(p for pair in padding for p in pair))
     arr = (ctypes.c_int64 * 13)(*geometry)
@@ -140,13 +142,15 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequenc
         and lhs.dtype == jnp.float32 and rhs.dtype == jnp.float32
         and preferred_element_type in (None, jnp.float32)
         and feature_group_count == 1 and batch_group_count == 1
+        and all(int(st) >= 1 for st in window_strides)
         and all(d == 1 for d in (lhs_dilation or (1, 1))) and all(d == 1 for d in (rhs_dilation or (1, 1)))
         and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) == _NHWC_HWIO)
     if not supported:
         return fallback()
-    require()
+    jax.eval_shape(fallback)  # lax's own checks and messages for bad shapes or padding
     strides = tuple(int(s) for s in window_strides)
     (top, bottom), (left, right) = _explicit_padding(padding, lhs, rhs, strides)
     if min(top, bottom, left, right) < 0:
         return fallback()
+    require()
     return conv_nhwc(lhs, rhs, strides, (int(top), int(bottom), int(left), int(right)))
