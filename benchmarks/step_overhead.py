@@ -1,6 +1,7 @@
 """What distillation costs on top of plain training, and how kdjax's step compares with PyTorch.
 
-Measured side by side in one process (interleaved rounds, median per variant, after warm-up):
+Measured side by side in one process (interleaved rounds in rotating order, median per variant,
+after warm-up):
 ResNet-18 student, ResNet-34 teacher with the CIFAR stem (3x3/1 conv, no max-pool, as CIFAR KD
 codebases use for 32x32 inputs; ``--stem imagenet`` for the 7x7/2 + max-pool stem), CIFAR-size inputs (32x32x3, 100 classes), batch 64, SGD with
 momentum; KD recipe = 0.1 CE + 0.9 KD (T = 4).
@@ -13,9 +14,13 @@ momentum; KD recipe = 0.1 CE + 0.9 KD (T = 4).
 * ``fraction_of_peak``: XLA's ``cost_analysis()`` flops of each step / its time / the peak
   (``--peak-gflops``: 333 for this 2-core AVX-512 CPU; on a GPU the script measures a matmul peak).
 
-Usage: ``python benchmarks/step_overhead.py --json results/step_overhead.json [--profile DIR]``
-(``--profile`` writes a trace with one span per XLA op of each step, to see where the time goes).
-XLA:CPU flags matter; set them in the environment (``XLA_FLAGS=...``) - the JSON records them.
+Usage: ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1 python benchmarks/step_overhead.py --json PATH
+[--profile DIR]`` (``--profile`` writes a trace with one span per XLA op of each step). The process
+environment matters and the JSON records it: ``XLA_FLAGS``, and the allocator. XLA:CPU allocates
+each step's buffers afresh, and under glibc's default malloc those large blocks are new ``mmap``s
+whose 4 KiB pages fault in on every step (~115,000 minor faults per ResNet-18 step, printed per
+variant); ``glibc.malloc.hugetlb=1`` (glibc >= 2.35) backs them with transparent huge pages, and
+``LD_PRELOAD`` of tcmalloc (as on Cloud TPU VMs) keeps them mapped. Both frameworks share the setting.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import statistics
 import time
 
@@ -160,17 +166,27 @@ def torch_variant(stem: str):
     return run, torch.__version__
 
 
-def measure(runs: dict, rounds: int, warmup: int) -> dict[str, float]:
+def measure(runs: dict, rounds: int, warmup: int) -> tuple[dict[str, float], dict[str, float]]:
+    """Median seconds per call, and median minor page faults per call, of each run.
+
+    Each round runs every variant once, in an order rotated by one from the round before, so that
+    no variant always follows the same one (PyTorch's idle OpenMP threads, freed memory).
+    """
     for run in runs.values():
         for _ in range(warmup):
             run()
-    times = {name: [] for name in runs}
-    for _ in range(rounds):
-        for name, run in runs.items():
+    names = list(runs)
+    times = {name: [] for name in names}
+    faults = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             t0 = time.perf_counter()
-            run()
+            runs[name]()
             times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+            faults[name].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+    return ({name: statistics.median(ts) for name, ts in times.items()},
+            {name: statistics.median(fs) for name, fs in faults.items()})
 
 
 def gpu_matmul_peak(dtype) -> float:
@@ -219,7 +235,7 @@ def main():
             runs["torch_kd_live"], torch_version = torch_variant(args.stem)
         except ImportError:
             print("torch is not installed: skipping vs_pytorch (pip install torch==2.13.0)")
-    t = measure(runs, args.rounds, args.warmup)
+    t, faults = measure(runs, args.rounds, args.warmup)
     if args.profile:
         with jax.profiler.trace(args.profile, create_perfetto_trace=True):
             for name in flops:
@@ -237,9 +253,12 @@ def main():
         "fraction_of_peak": {k: flops[k] / t[k] / peak for k in flops},
         "peak_gflops": peak / 1e9,
         "images_per_second": {k: BATCH / t[k] for k in t},
+        "page_faults_per_step": faults,
         "backend": backend, "devices": jax.device_count(), "jax": jax.__version__,
         "torch": torch_version, "dtype": args.dtype, "stem": args.stem, "machine": platform.processor() or platform.machine(),
-        "xla_flags": os.environ.get("XLA_FLAGS", ""), "batch": BATCH, "rounds": args.rounds,
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
+        "ld_preload": os.environ.get("LD_PRELOAD", ""), "batch": BATCH, "rounds": args.rounds,
     }
     if "kd_live_xla_conv" in t:
         result["onednn_speedup"] = t["kd_live_xla_conv"] / t["kd_live"]
@@ -252,7 +271,8 @@ def main():
     for k in t:
         frac = result["fraction_of_peak"].get(k)
         print(f"{k:>22}: {1e3 * t[k]:8.1f} ms  {BATCH / t[k]:7.1f} img/s"
-              + (f"  {100 * frac:5.1f}% of peak" if frac is not None else ""))
+              + (f"  {100 * frac:5.1f}% of peak" if frac is not None else "")
+              + f"  {faults[k]:8.0f} page faults")
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
