@@ -53,7 +53,7 @@ def test_generic_depth_and_width_names():
     ("resnet18", {"num_classes": 2.0}, ValueError, r"num_classes must be an integer >= 1; got 2\.0"),
     ("resnet18", {"num_classes": 10, "widen_factor": 3}, TypeError,
      r"create\('resnet18'\): unexpected keyword argument\(s\) \['widen_factor'\]; ResNet accepts "
-     r"\['dtype', 'param_dtype', 'stem', 'width', 'zero_init_residual'\]"),
+     r"\['conv', 'dtype', 'param_dtype', 'stem', 'width', 'zero_init_residual'\]"),
     ("resnet18", {"num_classes": 10, "depth": 50}, TypeError, r"unexpected keyword argument\(s\) \['depth'\]"),
     ("wrn_16_2", {"num_classes": 10, "widen_factor": 4}, TypeError, r"\['widen_factor'\]"),
     ("cifar_resnet21", {"num_classes": 10}, ValueError, r"depth must be 6n \+ 2 .*got depth=21"),
