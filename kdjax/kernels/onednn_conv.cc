@@ -140,9 +140,9 @@ const Plan& GetPlan(Pass pass, const Geometry& g) {
 ffi::Error Run(Pass pass, const Geometry& g, void* a, void* b, void* out) {
   try {
     const Plan& plan = GetPlan(pass, g);
-    // One convolution at a time: each already uses every core (OpenMP), and two at once (XLA runs
-    // independent ops concurrently, e.g. the teacher's and the student's) oversubscribe the cores.
-    // The lock also guards the reused scratch buffers (fresh ones would page-fault on every call).
+    // One convolution at a time: each already uses every core (OpenMP) while XLA may start
+    // independent ops together (the teacher's and the student's); concurrent calls measured no
+    // faster. The lock also guards the reused buffers (fresh ones would page-fault on every call).
     static std::mutex run_mu;
     static Workspace scratch, w_buf;
     std::lock_guard<std::mutex> run_lock(run_mu);
