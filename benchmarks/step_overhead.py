@@ -14,13 +14,14 @@ momentum; KD recipe = 0.1 CE + 0.9 KD (T = 4).
 * ``fraction_of_peak``: XLA's ``cost_analysis()`` flops of each step / its time / the peak
   (``--peak-gflops``: 333 for this 2-core AVX-512 CPU; on a GPU the script measures a matmul peak).
 
-Usage: ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1 python benchmarks/step_overhead.py --json PATH
-[--profile DIR]`` (``--profile`` writes a trace with one span per XLA op of each step). The process
-environment matters and the JSON records it: ``XLA_FLAGS``, and the allocator. XLA:CPU allocates
-each step's buffers afresh, and under glibc's default malloc those large blocks are new ``mmap``s
-whose 4 KiB pages fault in on every step (~115,000 minor faults per ResNet-18 step, printed per
-variant); ``glibc.malloc.hugetlb=1`` (glibc >= 2.35) backs them with transparent huge pages, and
-``LD_PRELOAD`` of tcmalloc (as on Cloud TPU VMs) keeps them mapped. Both frameworks share the setting.
+Usage: ``LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 python
+benchmarks/step_overhead.py --json PATH [--profile DIR]`` (``--profile`` writes a trace with one
+span per XLA op of each step). The process environment matters and the JSON records it:
+``XLA_FLAGS``, and the allocator. XLA:CPU allocates each step's buffers afresh, and under glibc's
+default malloc those large blocks are new ``mmap``s whose 4 KiB pages fault in on every step
+(~115,000 minor faults per ResNet-18 step, printed per variant); tcmalloc (preloaded as on Cloud TPU
+VMs) keeps them mapped; ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` (glibc >= 2.35) backs them with
+huge pages but made the CE step's time erratic here. Both frameworks share the setting.
 """
 
 from __future__ import annotations
@@ -59,8 +60,9 @@ def flops_of(jitted, *args) -> float:
 def jax_variants(dtype, stem: str, conv: str):
     """Returns ({name: zero-arg callable running one step}, {name: flops per call}).
 
-    ``conv`` is the models' convolution (``'xla'`` or ``'onednn'``); XLA's ``cost_analysis()`` does
-    not see inside oneDNN's custom calls, so flops are only meaningful for ``conv='xla'``.
+    ``conv`` is the models' convolution (``'xla'`` or ``'onednn'``). XLA's ``cost_analysis()`` does
+    not see inside oneDNN's custom calls, so flops are counted for ``conv='xla'`` only (empty dict
+    otherwise; the math is the same, so the XLA twin's counts serve).
     """
     mesh = sharding.make_mesh()
     tx = optax.sgd(LR, momentum=0.9)
@@ -85,7 +87,8 @@ def jax_variants(dtype, stem: str, conv: str):
         step = train.make_train_step(apply, tx, rec, teacher, mesh=mesh, state_shardings=st_sh,
                                      teacher_shardings=t_sh if tv else None,
                                      guard_nonfinite=False)
-        flops[name] = flops_of(step, state, tv, b)
+        if conv == "xla":
+            flops[name] = flops_of(step, state, tv, b)
         holder = {"state": state}
 
         def run(step=step, holder=holder, tv=tv, b=b):
@@ -93,7 +96,8 @@ def jax_variants(dtype, stem: str, conv: str):
             jax.block_until_ready(metrics)
         runs[name] = run
     teacher_fwd = jax.jit(lambda v, b: live(v, b).logits)
-    flops["teacher_forward"] = flops_of(teacher_fwd, t_vars, batch)
+    if conv == "xla":
+        flops["teacher_forward"] = flops_of(teacher_fwd, t_vars, batch)
     runs["teacher_forward"] = lambda: jax.block_until_ready(teacher_fwd(t_vars, batch))
     return runs, flops
 
@@ -226,7 +230,7 @@ def main():
     if conv == "auto":
         conv = "onednn" if jax.default_backend() == "cpu" and onednn.available() else "xla"
     runs, flops = jax_variants(dtype, args.stem, "xla")
-    if conv == "onednn":  # same math, so XLA's flop counts carry over; keep XLA's live step beside it
+    if conv == "onednn":  # XLA's flop counts serve (same math); keep XLA's live step beside it
         runs = dict(jax_variants(dtype, args.stem, "onednn")[0], kd_live_xla_conv=runs["kd_live"])
         flops["kd_live_xla_conv"] = flops["kd_live"]
     torch_version = None

@@ -8,10 +8,10 @@ from typing import Callable
 
 from kdjax.kernels import onednn
 
-#: The convolutions a model's ``conv`` attribute can name, each with ``lax.conv_general_dilated``'s
-#: signature (``None``: Flax's default): ``'xla'`` is XLA's ``lax.conv_general_dilated``; ``'onednn'`` runs oneDNN on CPU (XLA's elsewhere).
-CONVOLUTIONS: dict[str, Callable | None] = {"xla": None,  # Flax's default, lax.conv_general_dilated
-                                     "onednn": onednn.conv_general_dilated}
+#: The convolutions a model's ``conv`` attribute can name, as ``flax.linen.Conv``'s
+#: ``conv_general_dilated``: ``'xla'`` is ``None``, Flax's default (``lax.conv_general_dilated``);
+#: ``'onednn'`` runs oneDNN on CPU and XLA's convolution elsewhere.
+CONVOLUTIONS: dict[str, Callable | None] = {"xla": None, "onednn": onednn.conv_general_dilated}
 
 
 def convolution(name: str) -> Callable | None:

@@ -8,7 +8,7 @@ and backward-weights, tied together with ``jax.custom_vjp``.
 :func:`conv_general_dilated` has ``lax.conv_general_dilated``'s signature and runs oneDNN when all of
 these hold, and ``lax.conv_general_dilated`` otherwise (same result up to float32 rounding):
 
-* the default backend is CPU (there the library must be built: :func:`require`);
+* the default backend is CPU (there the library must be built: :func:`require` raises otherwise);
 * float32 ``lhs [N, H, W, C]`` and ``rhs [KH, KW, C, O]`` (NHWC / HWIO, Flax's ``nn.Conv`` layout),
   no dilation, ``feature_group_count == batch_group_count == 1``.
 
@@ -152,5 +152,4 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequenc
     (top, bottom), (left, right) = _explicit_padding(padding, lhs, rhs, strides)
     if min(top, bottom, left, right) < 0:
         return fallback()
-    require()
     return conv_nhwc(lhs, rhs, strides, (int(top), int(bottom), int(left), int(right)))

@@ -68,6 +68,15 @@ dnnl::convolution_forward::primitive_desc ForwardPd(const Geometry& g,
   return dnnl::convolution_forward::primitive_desc(d, attr, Engine());
 }
 
+// Fills the plan's primitive, kernel layout, scratchpad size and name from a primitive descriptor.
+template <typename Primitive, typename Pd>
+void Adopt(const Pd& pd, const memory::desc& prim_w, Plan* plan) {
+  plan->prim = Primitive(pd);
+  plan->prim_w = prim_w;
+  plan->scratchpad_bytes = pd.scratchpad_desc().get_size();
+  plan->impl = pd.impl_info_str();
+}
+
 std::unique_ptr<Plan> Build(Pass pass, const Geometry& g) {
   dnnl::primitive_attr attr;
   attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
@@ -75,28 +84,19 @@ std::unique_ptr<Plan> Build(Pass pass, const Geometry& g) {
   auto plan = std::make_unique<Plan>();
   plan->hwio_w = g.w(Tag::hwio);
   if (pass == kFwd) {
-    plan->prim = dnnl::convolution_forward(fwd);
-    plan->prim_w = fwd.weights_desc();
-    plan->scratchpad_bytes = fwd.scratchpad_desc().get_size();
-    plan->impl = fwd.impl_info_str();
+    Adopt<dnnl::convolution_forward>(fwd, fwd.weights_desc(), plan.get());
   } else if (pass == kBwdData) {
-    dnnl::convolution_backward_data::desc d(dnnl::algorithm::convolution_direct, g.x(),
-                                            g.w(Tag::any), g.y(), g.strides(), g.pad_l(),
-                                            g.pad_r());
-    dnnl::convolution_backward_data::primitive_desc pd(d, attr, Engine(), fwd);
-    plan->prim = dnnl::convolution_backward_data(pd);
-    plan->prim_w = pd.weights_desc();
-    plan->scratchpad_bytes = pd.scratchpad_desc().get_size();
-    plan->impl = pd.impl_info_str();
+    dnnl::convolution_backward_data::primitive_desc pd(
+        {dnnl::algorithm::convolution_direct, g.x(), g.w(Tag::any), g.y(), g.strides(),
+         g.pad_l(), g.pad_r()},
+        attr, Engine(), fwd);
+    Adopt<dnnl::convolution_backward_data>(pd, pd.weights_desc(), plan.get());
   } else {
-    dnnl::convolution_backward_weights::desc d(dnnl::algorithm::convolution_direct, g.x(),
-                                               g.w(Tag::any), g.y(), g.strides(), g.pad_l(),
-                                               g.pad_r());
-    dnnl::convolution_backward_weights::primitive_desc pd(d, attr, Engine(), fwd);
-    plan->prim = dnnl::convolution_backward_weights(pd);
-    plan->prim_w = pd.diff_weights_desc();
-    plan->scratchpad_bytes = pd.scratchpad_desc().get_size();
-    plan->impl = pd.impl_info_str();
+    dnnl::convolution_backward_weights::primitive_desc pd(
+        {dnnl::algorithm::convolution_direct, g.x(), g.w(Tag::any), g.y(), g.strides(),
+         g.pad_l(), g.pad_r()},
+        attr, Engine(), fwd);
+    Adopt<dnnl::convolution_backward_weights>(pd, pd.diff_weights_desc(), plan.get());
   }
   plan->reorder_w = plan->prim_w != plan->hwio_w;
   if (plan->reorder_w) {
