@@ -23,7 +23,7 @@ from kdjax.kernels import onednn
 
 def compile_command(out: pathlib.Path) -> list[str]:
     """The compiler invocation that builds ``out`` from :data:`onednn.SOURCE`."""
-    cmd = [os.environ.get("CXX", "g++"), "-O3", "-std=c++17", "-shared", "-fPIC",
+    cmd = [os.environ.get("CXX", "g++"), "-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp",
            "-isystem", jax.ffi.include_dir(), str(onednn.SOURCE), "-o", str(out)]
     root = os.environ.get("DNNL_ROOT")
     if root:

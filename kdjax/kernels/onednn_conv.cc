@@ -13,7 +13,12 @@
 // between HWIO and the layout the primitive picks. Primitives are built once per geometry and
 // cached. Calls run one at a time (each uses every core), reusing one scratchpad.
 
+#include <omp.h>
+
+#include <algorithm>
 #include <array>
+#include <atomic>
+#include <condition_variable>
 #include <cstdint>
 #include <map>
 #include <memory>
@@ -56,6 +61,7 @@ struct Plan {
   memory::desc hwio_w;       // the caller's kernel layout
   bool reorder_w = false;    // prim_w != hwio_w
   dnnl::reorder w_reorder;   // hwio -> prim (fwd, bwd_data) or prim -> hwio (bwd_weights)
+  dnnl::reorder w_accumulate;  // bwd_weights: dw += prim -> hwio (adds up the batch chunks)
   size_t scratchpad_bytes = 0;
   std::string impl;          // oneDNN's implementation name, e.g. "brg:avx512_core"
 };
@@ -99,18 +105,24 @@ std::unique_ptr<Plan> Build(Pass pass, const Geometry& g) {
     Adopt<dnnl::convolution_backward_weights>(pd, pd.diff_weights_desc(), plan.get());
   }
   plan->reorder_w = plan->prim_w != plan->hwio_w;
-  if (plan->reorder_w) {
-    plan->w_reorder = pass == kBwdWeights
-                          ? dnnl::reorder(dnnl::reorder::primitive_desc(
-                                Engine(), plan->prim_w, Engine(), plan->hwio_w))
-                          : dnnl::reorder(dnnl::reorder::primitive_desc(
-                                Engine(), plan->hwio_w, Engine(), plan->prim_w));
+  if (pass == kBwdWeights) {
+    dnnl::post_ops add;
+    add.append_sum(1.0f);
+    dnnl::primitive_attr accumulate;
+    accumulate.set_post_ops(add);
+    plan->w_reorder = dnnl::reorder(
+        dnnl::reorder::primitive_desc(Engine(), plan->prim_w, Engine(), plan->hwio_w));
+    plan->w_accumulate = dnnl::reorder(dnnl::reorder::primitive_desc(
+        Engine(), plan->prim_w, Engine(), plan->hwio_w, accumulate));
+  } else if (plan->reorder_w) {
+    plan->w_reorder = dnnl::reorder(
+        dnnl::reorder::primitive_desc(Engine(), plan->hwio_w, Engine(), plan->prim_w));
   }
   return plan;
 }
 
 // A buffer that grows to the largest size asked for and is reused (uninitialised: the primitives
-// write before they read).
+// write before they read). One per thread and purpose: a thread runs one primitive at a time.
 class Workspace {
  public:
   void* Get(size_t bytes) {
@@ -126,54 +138,161 @@ class Workspace {
   size_t size_ = 0;
 };
 
+// Plans are built for one thread: XLA's pool, not OpenMP, spreads the batch over the cores.
 const Plan& GetPlan(Pass pass, const Geometry& g) {
   static std::mutex mu;
   static std::map<std::pair<int, std::array<int64_t, 13>>, std::unique_ptr<Plan>> cache;
   std::lock_guard<std::mutex> lock(mu);
   auto& slot = cache[{pass, g.v}];
-  if (!slot) slot = Build(pass, g);
+  if (!slot) {
+    omp_set_num_threads(1);  // oneDNN sizes its work split by the threads at creation
+    slot = Build(pass, g);
+  }
   return *slot;
 }
 
-// Runs one pass. fwd: a = x, b = w, out = y; bwd_data: a = dy, b = w, out = dx;
-// bwd_weights: a = x, b = dy, out = dw (activations NHWC, kernels HWIO).
-ffi::Error Run(Pass pass, const Geometry& g, void* a, void* b, void* out) {
-  try {
-    const Plan& plan = GetPlan(pass, g);
-    // One convolution at a time: each already uses every core (OpenMP) while XLA may start
-    // independent ops together (the teacher's and the student's); concurrent calls measured no
-    // faster. The lock also guards the reused buffers (fresh ones would page-fault on every call).
-    static std::mutex run_mu;
-    static Workspace scratch, w_buf;
-    std::lock_guard<std::mutex> run_lock(run_mu);
+memory Scratchpad(const Plan& plan, Workspace* ws) {
+  return memory(memory::desc({static_cast<int64_t>(plan.scratchpad_bytes)}, memory::data_type::u8,
+                             Tag::x),
+                Engine(), ws->Get(plan.scratchpad_bytes));
+}
+
+// One pass split over the batch: chunk i holds rows [begin(i), begin(i + 1)) of the activations.
+// fwd: a = x, b = w, out = y; bwd_data: a = dy, b = w, out = dx;
+// bwd_weights: a = x, b = dy, out = dw (activations NHWC, kernels HWIO). Chunks of the weight
+// gradient are partial sums over their rows, written to `partials` and added up at the end.
+struct Job {
+  Pass pass;
+  Geometry g;
+  const float* a;
+  const float* b;
+  float* out;
+  int64_t chunks;
+  const Plan* plans[2];  // for the larger and the smaller chunk size
+  memory::desc prim_w;   // the plans' kernel layout (equal for both)
+  void* w;               // the kernel in prim_w (fwd, bwd_data)
+  float* partials;       // chunks x prim_w bytes (bwd_weights)
+  bool reorder_w;
+
+  // Where chunk i's weight gradient goes: straight into dw when it is the only or first one and
+  // already HWIO, else into its slot of the partial sums.
+  float* dw(int64_t i) const {
+    return i == 0 && !reorder_w ? out : partials + i * (prim_w.get_size() / sizeof(float));
+  }
+
+  int64_t begin(int64_t i) const {
+    const int64_t n = g.v[0], q = n / chunks, r = n % chunks;
+    return i * q + std::min(i, r);
+  }
+  Geometry chunk_geometry(int64_t i) const {
+    Geometry c = g;
+    c.v[0] = begin(i + 1) - begin(i);
+    return c;
+  }
+  const Plan& plan(int64_t i) const { return *plans[begin(i + 1) - begin(i) == g.v[0] / chunks]; }
+
+  // Runs chunk i on the calling thread.
+  void RunChunk(int64_t i) const {
+    omp_set_num_threads(1);
+    static thread_local Workspace scratch;
+    const Geometry c = chunk_geometry(i);
+    const Plan& p = plan(i);
+    const int64_t row = begin(i);
+    const int64_t x_row = g.v[1] * g.v[2] * g.v[3], y_row = g.oh() * g.ow() * g.v[6];
     dnnl::stream stream(Engine());
-    memory scratchpad(memory::desc({static_cast<int64_t>(plan.scratchpad_bytes)},
-                                   memory::data_type::u8, Tag::x),
-                      Engine(), scratch.Get(plan.scratchpad_bytes));
+    auto mem = [](const memory::desc& d, const float* ptr) {
+      return memory(d, Engine(), const_cast<float*>(ptr));
+    };
+    if (pass == kFwd) {
+      p.prim.execute(stream, {{DNNL_ARG_SRC, mem(c.x(), a + row * x_row)},
+                              {DNNL_ARG_WEIGHTS, memory(prim_w, Engine(), w)},
+                              {DNNL_ARG_DST, mem(c.y(), out + row * y_row)},
+                              {DNNL_ARG_SCRATCHPAD, Scratchpad(p, &scratch)}});
+    } else if (pass == kBwdData) {
+      p.prim.execute(stream, {{DNNL_ARG_DIFF_DST, mem(c.y(), a + row * y_row)},
+                              {DNNL_ARG_WEIGHTS, memory(prim_w, Engine(), w)},
+                              {DNNL_ARG_DIFF_SRC, mem(c.x(), out + row * x_row)},
+                              {DNNL_ARG_SCRATCHPAD, Scratchpad(p, &scratch)}});
+    } else {
+      p.prim.execute(stream, {{DNNL_ARG_SRC, mem(c.x(), a + row * x_row)},
+                              {DNNL_ARG_DIFF_DST, mem(c.y(), b + row * y_row)},
+                              {DNNL_ARG_DIFF_WEIGHTS, mem(prim_w, dw(i))},
+                              {DNNL_ARG_SCRATCHPAD, Scratchpad(p, &scratch)}});
+    }
+    stream.wait();
+  }
+};
+
+// Chunks are claimed from a counter by the calling thread and by helpers scheduled on XLA's pool.
+// A helper that starts late finds nothing left, so a busy pool (the teacher's ops running beside
+// the student's) just leaves more chunks to the caller: no thread ever waits for a free core.
+struct Claims {
+  const Job job;
+  std::atomic<int64_t> next{0};
+  std::mutex mu;
+  std::condition_variable cv;
+  int64_t done = 0;
+  std::string error;
+
+  explicit Claims(const Job& j) : job(j) {}
+  void Work() {
+    for (int64_t i; (i = next.fetch_add(1)) < job.chunks;) {
+      std::string err;
+      try {
+        job.RunChunk(i);
+      } catch (const dnnl::error& e) {
+        err = e.what();
+      }
+      std::lock_guard<std::mutex> lock(mu);
+      if (error.empty()) error = err;
+      if (++done == job.chunks) cv.notify_all();
+    }
+  }
+  void Wait() {
+    std::unique_lock<std::mutex> lock(mu);
+    cv.wait(lock, [this] { return done == job.chunks; });
+  }
+};
+
+ffi::Error Run(Pass pass, const Geometry& g, const void* a, const void* b, void* out,
+               ffi::ThreadPool pool) {
+  try {
+    omp_set_num_threads(1);
+    Job job{pass, g, static_cast<const float*>(a), static_cast<const float*>(b),
+            static_cast<float*>(out)};
+    job.chunks = std::max<int64_t>(1, std::min<int64_t>(pool.num_threads(), g.v[0]));
+    job.plans[0] = &GetPlan(pass, job.chunk_geometry(job.chunks - 1));  // the smaller size
+    job.plans[1] = &GetPlan(pass, job.chunk_geometry(0));
+    if (job.plans[0]->prim_w != job.plans[1]->prim_w) {  // never seen; keep one plan then
+      job.chunks = 1;
+      job.plans[1] = &GetPlan(pass, g);
+    }
+    const Plan& plan = *job.plans[1];
+    job.prim_w = plan.prim_w;
+    job.reorder_w = plan.reorder_w;
     const size_t w_bytes = plan.prim_w.get_size();
-    if (pass == kFwd || pass == kBwdData) {
-      memory user_w(plan.hwio_w, Engine(), b);
-      memory prim_w = plan.reorder_w ? memory(plan.prim_w, Engine(), w_buf.Get(w_bytes)) : user_w;
-      if (plan.reorder_w) plan.w_reorder.execute(stream, user_w, prim_w);
-      if (pass == kFwd) {
-        plan.prim.execute(stream, {{DNNL_ARG_SRC, memory(g.x(), Engine(), a)},
-                                   {DNNL_ARG_WEIGHTS, prim_w},
-                                   {DNNL_ARG_DST, memory(g.y(), Engine(), out)},
-                                   {DNNL_ARG_SCRATCHPAD, scratchpad}});
-      } else {
-        plan.prim.execute(stream, {{DNNL_ARG_DIFF_DST, memory(g.y(), Engine(), a)},
-                                   {DNNL_ARG_WEIGHTS, prim_w},
-                                   {DNNL_ARG_DIFF_SRC, memory(g.x(), Engine(), out)},
-                                   {DNNL_ARG_SCRATCHPAD, scratchpad}});
+    static thread_local Workspace w_buf;
+    dnnl::stream stream(Engine());
+    memory user_w(plan.hwio_w, Engine(), const_cast<void*>(pass == kBwdWeights ? out : b));
+    if (pass != kBwdWeights) {
+      job.w = plan.reorder_w ? w_buf.Get(w_bytes) : user_w.get_data_handle();
+      if (plan.reorder_w) {
+        memory prim_w(plan.prim_w, Engine(), job.w);
+        plan.w_reorder.execute(stream, user_w, prim_w);
       }
     } else {
-      memory user_dw(plan.hwio_w, Engine(), out);
-      memory prim_dw = plan.reorder_w ? memory(plan.prim_w, Engine(), w_buf.Get(w_bytes)) : user_dw;
-      plan.prim.execute(stream, {{DNNL_ARG_SRC, memory(g.x(), Engine(), a)},
-                                 {DNNL_ARG_DIFF_DST, memory(g.y(), Engine(), b)},
-                                 {DNNL_ARG_DIFF_WEIGHTS, prim_dw},
-                                 {DNNL_ARG_SCRATCHPAD, scratchpad}});
-      if (plan.reorder_w) plan.w_reorder.execute(stream, prim_dw, user_dw);
+      job.partials = static_cast<float*>(w_buf.Get(job.chunks * w_bytes));
+    }
+    auto claims = std::make_shared<Claims>(job);
+    for (int64_t i = 1; i < job.chunks; ++i) pool.Schedule([claims] { claims->Work(); });
+    claims->Work();
+    claims->Wait();
+    if (!claims->error.empty()) throw dnnl::error(dnnl_runtime_error, claims->error.c_str());
+    if (pass == kBwdWeights) {  // add the chunks' partial sums into dw, converting to HWIO
+      for (int64_t i = plan.reorder_w ? 0 : 1; i < job.chunks; ++i) {
+        memory partial(plan.prim_w, Engine(), job.dw(i));
+        (i == 0 ? plan.w_reorder : plan.w_accumulate).execute(stream, partial, user_w);
+      }
     }
     stream.wait();
   } catch (const dnnl::error& e) {
@@ -200,33 +319,35 @@ ffi::Error MakeGeometry(ffi::Span<const int64_t> x, ffi::Span<const int64_t> w,
 using F32 = ffi::Buffer<ffi::F32>;
 using Ints = ffi::Span<const int64_t>;
 
-ffi::Error Fwd(F32 x, F32 w, ffi::ResultBuffer<ffi::F32> y, Ints strides, Ints padding) {
+ffi::Error Fwd(F32 x, F32 w, ffi::ResultBuffer<ffi::F32> y, Ints strides, Ints padding,
+               ffi::ThreadPool pool) {
   Geometry g;
   if (auto err = MakeGeometry(x.dimensions(), w.dimensions(), strides, padding, &g);
       err.failure()) return err;
-  return Run(kFwd, g, x.untyped_data(), w.untyped_data(), y->untyped_data());
+  return Run(kFwd, g, x.untyped_data(), w.untyped_data(), y->untyped_data(), pool);
 }
 
-ffi::Error BwdData(F32 dy, F32 w, ffi::ResultBuffer<ffi::F32> dx, Ints strides, Ints padding) {
+ffi::Error BwdData(F32 dy, F32 w, ffi::ResultBuffer<ffi::F32> dx, Ints strides, Ints padding,
+                   ffi::ThreadPool pool) {
   Geometry g;
   if (auto err = MakeGeometry(dx->dimensions(), w.dimensions(), strides, padding, &g);
       err.failure()) return err;
-  return Run(kBwdData, g, dy.untyped_data(), w.untyped_data(), dx->untyped_data());
+  return Run(kBwdData, g, dy.untyped_data(), w.untyped_data(), dx->untyped_data(), pool);
 }
 
 ffi::Error BwdWeights(F32 x, F32 dy, ffi::ResultBuffer<ffi::F32> dw, Ints strides,
-                      Ints padding) {
+                      Ints padding, ffi::ThreadPool pool) {
   Geometry g;
   if (auto err = MakeGeometry(x.dimensions(), dw->dimensions(), strides, padding, &g);
       err.failure()) return err;
-  return Run(kBwdWeights, g, x.untyped_data(), dy.untyped_data(), dw->untyped_data());
+  return Run(kBwdWeights, g, x.untyped_data(), dy.untyped_data(), dw->untyped_data(), pool);
 }
 
 }  // namespace
 
 #define KDJAX_CONV_BINDING                                                                  \
   ffi::Ffi::Bind().Arg<F32>().Arg<F32>().Ret<F32>().Attr<Ints>("strides").Attr<Ints>( \
-      "padding")
+      "padding").Ctx<ffi::ThreadPool>()
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(KdjaxOnednnConvFwd, Fwd, KDJAX_CONV_BINDING);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(KdjaxOnednnConvBwdData, BwdData, KDJAX_CONV_BINDING);
