@@ -10,19 +10,22 @@
 // Attributes: strides = [sh, sw], padding = [top, bottom, left, right] (int64 arrays).
 //
 // Activations stay in NHWC (oneDNN's brgemm kernels read it directly); kernels are reordered
-// between HWIO and the layout the primitive picks. Primitives are built once per geometry and
-// cached. Calls run one at a time (each uses every core), reusing one scratchpad.
+// between HWIO and the layout the primitive picks. Primitives are built once per geometry, for one
+// thread, and cached. Each call splits the batch into one chunk per thread of XLA's intra-op pool
+// (the pool that runs XLA's own ops) and completes asynchronously: no OpenMP team competes with
+// XLA for the cores, and no thread blocks (see Call).
 
 #include <omp.h>
 
 #include <algorithm>
 #include <array>
 #include <atomic>
-#include <condition_variable>
 #include <cstdint>
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
+#include <vector>
 #include <string>
 
 #include "dnnl.hpp"
@@ -223,39 +226,104 @@ struct Job {
   }
 };
 
-// Chunks are claimed from a counter by the calling thread and by helpers scheduled on XLA's pool.
-// A helper that starts late finds nothing left, so a busy pool (the teacher's ops running beside
-// the student's) just leaves more chunks to the caller: no thread ever waits for a free core.
-struct Claims {
-  const Job job;
-  std::atomic<int64_t> next{0};
-  std::mutex mu;
-  std::condition_variable cv;
-  int64_t done = 0;
-  std::string error;
+// Workspaces that outlive the call that took them (its chunks may finish on other threads after
+// the handler has returned), handed back when the call is done and reused by later calls.
+class WorkspacePool {
+ public:
+  std::unique_ptr<Workspace> Take() {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (free_.empty()) return std::make_unique<Workspace>();
+    auto ws = std::move(free_.back());
+    free_.pop_back();
+    return ws;
+  }
+  void Give(std::unique_ptr<Workspace> ws) {
+    std::lock_guard<std::mutex> lock(mu_);
+    free_.push_back(std::move(ws));
+  }
 
-  explicit Claims(const Job& j) : job(j) {}
-  void Work() {
-    for (int64_t i; (i = next.fetch_add(1)) < job.chunks;) {
-      std::string err;
-      try {
-        job.RunChunk(i);
-      } catch (const dnnl::error& e) {
-        err = e.what();
-      }
-      std::lock_guard<std::mutex> lock(mu);
-      if (error.empty()) error = err;
-      if (++done == job.chunks) cv.notify_all();
-    }
-  }
-  void Wait() {
-    std::unique_lock<std::mutex> lock(mu);
-    cv.wait(lock, [this] { return done == job.chunks; });
-  }
+ private:
+  std::mutex mu_;
+  std::vector<std::unique_ptr<Workspace>> free_;
 };
 
-ffi::Error Run(Pass pass, const Geometry& g, const void* a, const void* b, void* out,
-               ffi::ThreadPool pool) {
+WorkspacePool& Workspaces() {
+  static auto* pool = new WorkspacePool;  // never destroyed: helpers may run during exit
+  return *pool;
+}
+
+ffi::Error Failed(const dnnl::error& e) {
+  return ffi::Error(ffi::ErrorCode::kInternal,
+                    std::string("kdjax oneDNN convolution failed: ") + e.what());
+}
+
+// One asynchronous call. Its chunks are claimed from a counter by the calling thread and by helpers
+// scheduled on XLA's pool: a helper that starts late finds nothing left, so while the pool is busy
+// (say with the teacher's ops beside the student's) the caller simply runs more chunks. The thread
+// that finishes the last chunk adds up the weight gradient (bwd_weights), returns the workspace
+// and completes the future, so no thread ever blocks waiting for another.
+class Call {
+ public:
+  Call(const Job& job, std::unique_ptr<Workspace> ws) : job_(job), ws_(std::move(ws)) {}
+  ffi::Future future() { return ffi::Future(promise_); }
+
+  void Work() {
+    for (int64_t i; (i = next_.fetch_add(1)) < job_.chunks;) {
+      try {
+        job_.RunChunk(i);
+      } catch (const dnnl::error& e) {
+        std::lock_guard<std::mutex> lock(mu_);
+        if (!error_) error_ = Failed(e);
+      }
+      if (finished_.fetch_add(1) + 1 == job_.chunks) Finish();
+    }
+  }
+
+ private:
+  void Finish() {
+    if (!error_ && job_.pass == kBwdWeights) {  // add the chunks' partial sums into dw (HWIO)
+      const Plan& plan = job_.plan(0);
+      try {
+        dnnl::stream stream(Engine());
+        memory dw(plan.hwio_w, Engine(), job_.out);
+        for (int64_t i = plan.reorder_w ? 0 : 1; i < job_.chunks; ++i) {
+          memory partial(plan.prim_w, Engine(), job_.dw(i));
+          (i == 0 ? plan.w_reorder : plan.w_accumulate).execute(stream, partial, dw);
+        }
+        stream.wait();
+      } catch (const dnnl::error& e) {
+        error_ = Failed(e);
+      }
+    }
+    Workspaces().Give(std::move(ws_));
+    if (error_) {
+      promise_.SetError(*error_);
+    } else {
+      promise_.SetAvailable();
+    }
+  }
+
+  const Job job_;
+  std::unique_ptr<Workspace> ws_;
+  std::atomic<int64_t> next_{0}, finished_{0};
+  std::mutex mu_;
+  std::optional<ffi::Error> error_;
+  ffi::Promise promise_;
+};
+
+ffi::Future Ready(const ffi::Error& error) {
+  ffi::Promise promise;
+  ffi::Future future(promise);
+  if (error.failure()) {
+    promise.SetError(error);
+  } else {
+    promise.SetAvailable();
+  }
+  return future;
+}
+
+ffi::Future Run(Pass pass, const Geometry& g, const void* a, const void* b, void* out,
+                ffi::ThreadPool pool) {
   try {
     omp_set_num_threads(1);
     Job job{pass, g, static_cast<const float*>(a), static_cast<const float*>(b),
@@ -265,41 +333,32 @@ ffi::Error Run(Pass pass, const Geometry& g, const void* a, const void* b, void*
     job.plans[1] = &GetPlan(pass, job.chunk_geometry(0));
     if (job.plans[0]->prim_w != job.plans[1]->prim_w) {  // never seen; keep one plan then
       job.chunks = 1;
-      job.plans[1] = &GetPlan(pass, g);
+      job.plans[0] = job.plans[1] = &GetPlan(pass, g);
     }
     const Plan& plan = *job.plans[1];
     job.prim_w = plan.prim_w;
     job.reorder_w = plan.reorder_w;
     const size_t w_bytes = plan.prim_w.get_size();
-    static thread_local Workspace w_buf;
-    dnnl::stream stream(Engine());
-    memory user_w(plan.hwio_w, Engine(), const_cast<void*>(pass == kBwdWeights ? out : b));
-    if (pass != kBwdWeights) {
-      job.w = plan.reorder_w ? w_buf.Get(w_bytes) : user_w.get_data_handle();
-      if (plan.reorder_w) {
-        memory prim_w(plan.prim_w, Engine(), job.w);
-        plan.w_reorder.execute(stream, user_w, prim_w);
-      }
+    auto ws = Workspaces().Take();
+    if (pass == kBwdWeights) {
+      job.partials = static_cast<float*>(ws->Get(job.chunks * w_bytes));
+    } else if (plan.reorder_w) {  // the kernel in the primitive's layout, shared by the chunks
+      job.w = ws->Get(w_bytes);
+      dnnl::stream stream(Engine());
+      memory user_w(plan.hwio_w, Engine(), const_cast<void*>(b)), prim_w(plan.prim_w, Engine(), job.w);
+      plan.w_reorder.execute(stream, user_w, prim_w);
+      stream.wait();
     } else {
-      job.partials = static_cast<float*>(w_buf.Get(job.chunks * w_bytes));
+      job.w = const_cast<void*>(b);
     }
-    auto claims = std::make_shared<Claims>(job);
-    for (int64_t i = 1; i < job.chunks; ++i) pool.Schedule([claims] { claims->Work(); });
-    claims->Work();
-    claims->Wait();
-    if (!claims->error.empty()) throw dnnl::error(dnnl_runtime_error, claims->error.c_str());
-    if (pass == kBwdWeights) {  // add the chunks' partial sums into dw, converting to HWIO
-      for (int64_t i = plan.reorder_w ? 0 : 1; i < job.chunks; ++i) {
-        memory partial(plan.prim_w, Engine(), job.dw(i));
-        (i == 0 ? plan.w_reorder : plan.w_accumulate).execute(stream, partial, user_w);
-      }
-    }
-    stream.wait();
+    auto call = std::make_shared<Call>(job, std::move(ws));
+    ffi::Future future = call->future();
+    for (int64_t i = 1; i < job.chunks; ++i) pool.Schedule([call] { call->Work(); });
+    call->Work();
+    return future;
   } catch (const dnnl::error& e) {
-    return ffi::Error(ffi::ErrorCode::kInternal,
-                      std::string("kdjax oneDNN convolution failed: ") + e.what());
+    return Ready(Failed(e));
   }
-  return ffi::Error::Success();
 }
 
 ffi::Error MakeGeometry(ffi::Span<const int64_t> x, ffi::Span<const int64_t> w,
@@ -319,27 +378,27 @@ ffi::Error MakeGeometry(ffi::Span<const int64_t> x, ffi::Span<const int64_t> w,
 using F32 = ffi::Buffer<ffi::F32>;
 using Ints = ffi::Span<const int64_t>;
 
-ffi::Error Fwd(F32 x, F32 w, ffi::ResultBuffer<ffi::F32> y, Ints strides, Ints padding,
+ffi::Future Fwd(F32 x, F32 w, ffi::ResultBuffer<ffi::F32> y, Ints strides, Ints padding,
                ffi::ThreadPool pool) {
   Geometry g;
   if (auto err = MakeGeometry(x.dimensions(), w.dimensions(), strides, padding, &g);
-      err.failure()) return err;
+      err.failure()) return Ready(err);
   return Run(kFwd, g, x.untyped_data(), w.untyped_data(), y->untyped_data(), pool);
 }
 
-ffi::Error BwdData(F32 dy, F32 w, ffi::ResultBuffer<ffi::F32> dx, Ints strides, Ints padding,
+ffi::Future BwdData(F32 dy, F32 w, ffi::ResultBuffer<ffi::F32> dx, Ints strides, Ints padding,
                    ffi::ThreadPool pool) {
   Geometry g;
   if (auto err = MakeGeometry(dx->dimensions(), w.dimensions(), strides, padding, &g);
-      err.failure()) return err;
+      err.failure()) return Ready(err);
   return Run(kBwdData, g, dy.untyped_data(), w.untyped_data(), dx->untyped_data(), pool);
 }
 
-ffi::Error BwdWeights(F32 x, F32 dy, ffi::ResultBuffer<ffi::F32> dw, Ints strides,
+ffi::Future BwdWeights(F32 x, F32 dy, ffi::ResultBuffer<ffi::F32> dw, Ints strides,
                       Ints padding, ffi::ThreadPool pool) {
   Geometry g;
   if (auto err = MakeGeometry(x.dimensions(), dw->dimensions(), strides, padding, &g);
-      err.failure()) return err;
+      err.failure()) return Ready(err);
   return Run(kBwdWeights, g, x.untyped_data(), dy.untyped_data(), dw->untyped_data(), pool);
 }
 
