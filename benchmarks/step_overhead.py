@@ -14,24 +14,27 @@ momentum; KD recipe = 0.1 CE + 0.9 KD (T = 4).
 * ``fraction_of_peak``: XLA's ``cost_analysis()`` flops of each step / its time / the peak
   (``--peak-gflops``: 333 for this 2-core AVX-512 CPU; on a GPU the script measures a matmul peak).
 
-Usage: ``LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 python
-benchmarks/step_overhead.py --json PATH [--profile DIR]`` (``--profile`` writes a trace with one
-span per XLA op of each step). The process environment matters and the JSON records it:
-``XLA_FLAGS``, and the allocator. XLA:CPU allocates each step's buffers afresh, and under glibc's
+Usage: ``python benchmarks/step_overhead.py --json PATH [--profile DIR]`` (``--profile`` writes a
+trace with one span per XLA op of each step). The process environment matters and the JSON records
+it: ``XLA_FLAGS``, and the allocator. XLA:CPU allocates each step's buffers afresh, and under glibc's
 default malloc those large blocks are new ``mmap``s whose 4 KiB pages fault in on every step
-(~115,000 minor faults per ResNet-18 step, printed per variant); tcmalloc (preloaded as on Cloud TPU
-VMs) keeps them mapped; ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` (glibc >= 2.35) backs them with
-huge pages but made the CE step's time erratic here. Both frameworks share the setting.
+(~115,000 minor faults per ResNet-18 step, printed per variant); tcmalloc, which Cloud TPU VMs
+preload, keeps them mapped. ``--allocator auto`` (the default) therefore restarts the script with
+tcmalloc preloaded when it is installed (``apt-get install libtcmalloc-minimal4``), as PyTorch's
+``torch.backends.xeon.run_cpu --enable-tcmalloc`` launcher does; ``--allocator system`` keeps glibc's.
+Both frameworks share the process and so the allocator.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes.util
 import json
 import os
 import platform
 import resource
 import statistics
+import sys
 import time
 
 import jax
@@ -193,6 +196,25 @@ def measure(runs: dict, rounds: int, warmup: int) -> tuple[dict[str, float], dic
             {name: statistics.median(fs) for name, fs in faults.items()})
 
 
+def preload_tcmalloc_or_continue(choice: str) -> None:
+    """For ``--allocator auto|tcmalloc``: re-executes this script with tcmalloc in ``LD_PRELOAD``.
+
+    Returns (and the run continues as it is) when tcmalloc is already loaded, when ``choice`` is
+    ``system``, or when ``auto`` finds no tcmalloc; ``tcmalloc`` without the library is an error.
+    """
+    preload = os.environ.get("LD_PRELOAD", "")
+    if choice == "system" or "tcmalloc" in preload:
+        return
+    lib = ctypes.util.find_library("tcmalloc_minimal") or ctypes.util.find_library("tcmalloc")
+    if lib is None:
+        if choice == "tcmalloc":
+            sys.exit("--allocator tcmalloc: no tcmalloc found (apt-get install libtcmalloc-minimal4)")
+        print("tcmalloc not found: timing under glibc malloc (apt-get install libtcmalloc-minimal4)")
+        return
+    env = dict(os.environ, LD_PRELOAD=" ".join(filter(None, (lib, preload))))
+    os.execve(sys.executable, [sys.executable, *sys.argv], env)
+
+
 def gpu_matmul_peak(dtype) -> float:
     """Measured FLOP/s of a large matmul on the default device (the denominator on a GPU)."""
     n = 8192
@@ -223,7 +245,10 @@ def main():
     parser.add_argument("--profile", metavar="DIR",
                         help="after timing, write a jax.profiler trace of one call of each JAX "
                              "variant to DIR (TensorBoard's profile plugin or ui.perfetto.dev)")
+    parser.add_argument("--allocator", choices=("auto", "tcmalloc", "system"), default="auto",
+                        help="auto: restart with tcmalloc preloaded when it is installed (see above)")
     args = parser.parse_args()
+    preload_tcmalloc_or_continue(args.allocator)  # before JAX starts its runtime
 
     dtype = jnp.dtype(args.dtype)
     conv = args.conv
@@ -269,6 +294,7 @@ def main():
     if "torch_kd_live" in t:
         result["vs_pytorch"] = t["kd_live"] / t["torch_kd_live"]
     print(f"{'conv':>22}: {conv}")
+    print(f"{'LD_PRELOAD':>22}: {result['ld_preload'] or '(none: glibc malloc)'}")
     for key in ("precomputed_overhead", "live_overhead", "vs_pytorch", "onednn_speedup"):
         if key in result:
             print(f"{key:>22}: {result[key]:.3f}")

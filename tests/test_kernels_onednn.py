@@ -120,11 +120,11 @@ GEOMETRIES = [  # x [N, H, W, C], w [KH, KW, C, O], strides, ((top, bottom), (le
     pytest.param((2, 8, 8, 4), (3, 3, 4, 5), (2, 1), ((0, 1), (2, 0)), id="asymmetric_pad"),
     pytest.param((3, 8, 8, 3), (3, 3, 3, 4), (1, 1), ((1, 1), (1, 1)), id="c3"),
     pytest.param((2, 8, 12, 4), (3, 5, 4, 5), (1, 2), ((1, 1), (2, 2)), id="non_square"),
-    # The batch is split over XLA's threads: one example (one chunk), and an odd batch with
-    # channels wide enough for blocked kernel layouts (chunks of unequal size whose weight
-    # gradients are added up).
+    # The batch is split into one chunk per thread of XLA's pool (2 or 8 here): one example (one
+    # chunk), and 11 examples (chunks of unequal sizes for any pool of 2-10 threads) with channels
+    # wide enough for blocked kernel layouts, whose weight gradients are added up.
     pytest.param((1, 8, 8, 4), (3, 3, 4, 6), (1, 1), ((1, 1), (1, 1)), id="one_example"),
-    pytest.param((5, 6, 6, 32), (3, 3, 32, 48), (1, 1), ((1, 1), (1, 1)), id="odd_batch_wide"),
+    pytest.param((11, 6, 6, 32), (3, 3, 32, 48), (1, 1), ((1, 1), (1, 1)), id="unequal_chunks_wide"),
 ]
 
 

@@ -171,7 +171,7 @@ struct Job {
   const float* b;
   float* out;
   int64_t chunks;
-  const Plan* plans[2];  // for the larger and the smaller chunk size
+  const Plan* plans[2];  // for the first chunk and the last (a row fewer if chunks do not divide n)
   memory::desc prim_w;   // the plans' kernel layout (equal for both)
   void* w;               // the kernel in prim_w (fwd, bwd_data)
   float* partials;       // chunks x prim_w bytes (bwd_weights)
@@ -192,7 +192,7 @@ struct Job {
     c.v[0] = begin(i + 1) - begin(i);
     return c;
   }
-  const Plan& plan(int64_t i) const { return *plans[begin(i + 1) - begin(i) == g.v[0] / chunks]; }
+  const Plan& plan(int64_t i) const { return *plans[begin(i + 1) - begin(i) != begin(1)]; }
 
   // Runs chunk i on the calling thread.
   void RunChunk(int64_t i) const {
@@ -329,13 +329,13 @@ ffi::Future Run(Pass pass, const Geometry& g, const void* a, const void* b, void
     Job job{pass, g, static_cast<const float*>(a), static_cast<const float*>(b),
             static_cast<float*>(out)};
     job.chunks = std::max<int64_t>(1, std::min<int64_t>(pool.num_threads(), g.v[0]));
-    job.plans[0] = &GetPlan(pass, job.chunk_geometry(job.chunks - 1));  // the smaller size
-    job.plans[1] = &GetPlan(pass, job.chunk_geometry(0));
+    job.plans[0] = &GetPlan(pass, job.chunk_geometry(0));
+    job.plans[1] = &GetPlan(pass, job.chunk_geometry(job.chunks - 1));
     if (job.plans[0]->prim_w != job.plans[1]->prim_w) {  // never seen; keep one plan then
       job.chunks = 1;
       job.plans[0] = job.plans[1] = &GetPlan(pass, g);
     }
-    const Plan& plan = *job.plans[1];
+    const Plan& plan = *job.plans[0];
     job.prim_w = plan.prim_w;
     job.reorder_w = plan.reorder_w;
     const size_t w_bytes = plan.prim_w.get_size();
