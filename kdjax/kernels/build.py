@@ -2,9 +2,9 @@
 
 Compiles ``onednn_conv.cc`` with the C++ compiler (``$CXX``, default ``g++``, with ``-fopenmp``)
 against the jaxlib's XLA FFI headers (``jax.ffi.include_dir()``) and the system oneDNN (``-ldnnl``;
-Debian/Ubuntu package ``libdnnl-dev``; ``$DNNL_ROOT`` points at another install with ``include/`` and ``lib/``). The result,
-:func:`kdjax.kernels.onednn.library_path`, is rebuilt only when missing or older than the source
-(``--force`` rebuilds). Exits non-zero with the compiler's message when the build fails.
+Debian/Ubuntu package ``libdnnl-dev``; ``$DNNL_ROOT`` points at another install with ``include/``
+and ``lib/``). The result, :func:`kdjax.kernels.onednn.library_path`, is rebuilt only when missing or
+older than the source (``--force`` rebuilds). Exits non-zero with the compiler's message when the build fails.
 """
 
 from __future__ import annotations
