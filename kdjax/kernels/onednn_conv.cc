@@ -25,8 +25,8 @@
 #include <memory>
 #include <mutex>
 #include <optional>
-#include <vector>
 #include <string>
+#include <vector>
 
 #include "dnnl.hpp"
 #include "xla/ffi/api/ffi.h"
@@ -108,18 +108,20 @@ std::unique_ptr<Plan> Build(Pass pass, const Geometry& g) {
     Adopt<dnnl::convolution_backward_weights>(pd, pd.diff_weights_desc(), plan.get());
   }
   plan->reorder_w = plan->prim_w != plan->hwio_w;
+  if (plan->reorder_w) {
+    plan->w_reorder = pass == kBwdWeights
+                          ? dnnl::reorder(dnnl::reorder::primitive_desc(
+                                Engine(), plan->prim_w, Engine(), plan->hwio_w))
+                          : dnnl::reorder(dnnl::reorder::primitive_desc(
+                                Engine(), plan->hwio_w, Engine(), plan->prim_w));
+  }
   if (pass == kBwdWeights) {
     dnnl::post_ops add;
     add.append_sum(1.0f);
     dnnl::primitive_attr accumulate;
     accumulate.set_post_ops(add);
-    plan->w_reorder = dnnl::reorder(
-        dnnl::reorder::primitive_desc(Engine(), plan->prim_w, Engine(), plan->hwio_w));
     plan->w_accumulate = dnnl::reorder(dnnl::reorder::primitive_desc(
         Engine(), plan->prim_w, Engine(), plan->hwio_w, accumulate));
-  } else if (plan->reorder_w) {
-    plan->w_reorder = dnnl::reorder(
-        dnnl::reorder::primitive_desc(Engine(), plan->hwio_w, Engine(), plan->prim_w));
   }
   return plan;
 }
@@ -172,15 +174,16 @@ struct Job {
   float* out;
   int64_t chunks;
   const Plan* plans[2];  // for the first chunk and the last (a row fewer if chunks do not divide n)
-  memory::desc prim_w;   // the plans' kernel layout (equal for both)
-  void* w;               // the kernel in prim_w (fwd, bwd_data)
-  float* partials;       // chunks x prim_w bytes (bwd_weights)
-  bool reorder_w;
+  void* w;               // the kernel in the plans' layout (fwd, bwd_data)
+  float* partials;       // chunks x the kernel's bytes (bwd_weights)
 
+  // The kernel layout, the same for both plans (Run checks).
+  const memory::desc& prim_w() const { return plans[0]->prim_w; }
   // Where chunk i's weight gradient goes: straight into dw when it is the only or first one and
   // already HWIO, else into its slot of the partial sums.
   float* dw(int64_t i) const {
-    return i == 0 && !reorder_w ? out : partials + i * (prim_w.get_size() / sizeof(float));
+    return i == 0 && !plans[0]->reorder_w ? out
+                                          : partials + i * (prim_w().get_size() / sizeof(float));
   }
 
   int64_t begin(int64_t i) const {
@@ -208,18 +211,18 @@ struct Job {
     };
     if (pass == kFwd) {
       p.prim.execute(stream, {{DNNL_ARG_SRC, mem(c.x(), a + row * x_row)},
-                              {DNNL_ARG_WEIGHTS, memory(prim_w, Engine(), w)},
+                              {DNNL_ARG_WEIGHTS, memory(prim_w(), Engine(), w)},
                               {DNNL_ARG_DST, mem(c.y(), out + row * y_row)},
                               {DNNL_ARG_SCRATCHPAD, Scratchpad(p, &scratch)}});
     } else if (pass == kBwdData) {
       p.prim.execute(stream, {{DNNL_ARG_DIFF_DST, mem(c.y(), a + row * y_row)},
-                              {DNNL_ARG_WEIGHTS, memory(prim_w, Engine(), w)},
+                              {DNNL_ARG_WEIGHTS, memory(prim_w(), Engine(), w)},
                               {DNNL_ARG_DIFF_SRC, mem(c.x(), out + row * x_row)},
                               {DNNL_ARG_SCRATCHPAD, Scratchpad(p, &scratch)}});
     } else {
       p.prim.execute(stream, {{DNNL_ARG_SRC, mem(c.x(), a + row * x_row)},
                               {DNNL_ARG_DIFF_DST, mem(c.y(), b + row * y_row)},
-                              {DNNL_ARG_DIFF_WEIGHTS, mem(prim_w, dw(i))},
+                              {DNNL_ARG_DIFF_WEIGHTS, mem(prim_w(), dw(i))},
                               {DNNL_ARG_SCRATCHPAD, Scratchpad(p, &scratch)}});
     }
     stream.wait();
@@ -336,8 +339,6 @@ ffi::Future Run(Pass pass, const Geometry& g, const void* a, const void* b, void
       job.plans[0] = job.plans[1] = &GetPlan(pass, g);
     }
     const Plan& plan = *job.plans[0];
-    job.prim_w = plan.prim_w;
-    job.reorder_w = plan.reorder_w;
     const size_t w_bytes = plan.prim_w.get_size();
     auto ws = Workspaces().Take();
     if (pass == kBwdWeights) {
@@ -345,7 +346,8 @@ ffi::Future Run(Pass pass, const Geometry& g, const void* a, const void* b, void
     } else if (plan.reorder_w) {  // the kernel in the primitive's layout, shared by the chunks
       job.w = ws->Get(w_bytes);
       dnnl::stream stream(Engine());
-      memory user_w(plan.hwio_w, Engine(), const_cast<void*>(b)), prim_w(plan.prim_w, Engine(), job.w);
+      memory user_w(plan.hwio_w, Engine(), const_cast<void*>(b));
+      memory prim_w(plan.prim_w, Engine(), job.w);
       plan.w_reorder.execute(stream, user_w, prim_w);
       stream.wait();
     } else {
