@@ -1,18 +1,22 @@
 """What distillation costs on top of plain training, and how kdjax's step compares with PyTorch.
 
-Measured side by side in one process (interleaved rounds in rotating order, median per variant,
-after warm-up):
-ResNet-18 student, ResNet-34 teacher with the CIFAR stem (3x3/1 conv, no max-pool, as CIFAR KD
-codebases use for 32x32 inputs; ``--stem imagenet`` for the 7x7/2 + max-pool stem), CIFAR-size inputs (32x32x3, 100 classes), batch 64, SGD with
-momentum; KD recipe = 0.1 CE + 0.9 KD (T = 4).
+Setup: ResNet-18 student, ResNet-34 teacher with the CIFAR stem (3x3/1 conv, no max-pool, as CIFAR
+KD codebases use for 32x32 inputs; ``--stem imagenet`` for the 7x7/2 + max-pool stem), CIFAR-size
+inputs (32x32x3, 100 classes), batch 64, SGD with momentum; KD recipe = 0.1 CE + 0.9 KD (T = 4).
+All variants run in one process, after warm-up, in rounds: each round runs every variant once (in
+an order rotated from the round before). Each ratio is computed within each round and the median
+over rounds is reported, with its range, so that the machine's speed drifting between rounds (2x
+on a shared CPU) cancels out of it:
 
 * ``precomputed_overhead`` = KD step reading stored teacher logits / plain CE step (target <= 1.05)
 * ``live_overhead`` = KD step with the live teacher inside it / (CE step + teacher forward) (<= 1.00)
-* ``vs_pytorch`` = kdjax live-KD step / the same step written plainly in PyTorch (<= 1.0)
+* ``vs_pytorch`` = kdjax live-KD step / the same step written plainly in PyTorch (<= 1.0), on the
+  CPU, or on the GPU with a CUDA build of torch (skipped with a message otherwise)
 * ``onednn_speedup`` = live-KD step with XLA's convolutions / with oneDNN's (``--conv``: on CPU the
   models use :mod:`kdjax.kernels.onednn` when it is built, as PyTorch uses oneDNN)
-* ``fraction_of_peak``: XLA's ``cost_analysis()`` flops of each step / its time / the peak
-  (``--peak-gflops``: 333 for this 2-core AVX-512 CPU; on a GPU the script measures a matmul peak).
+* ``fraction_of_peak``: XLA's ``cost_analysis()`` flops of each step / its median time / the peak
+  (``--peak-gflops``: 333 for this 2-core AVX-512 CPU; on a GPU, or with ``--measure-peak``, the
+  FLOP/s of a large matmul measured by the script); ``images_per_second`` per variant.
 
 Usage: ``python benchmarks/step_overhead.py --json PATH [--profile DIR]`` (``--profile`` writes a
 trace with one span per XLA op of each step). The process environment matters and the JSON records
@@ -22,7 +26,8 @@ default malloc those large blocks are new ``mmap``s whose 4 KiB pages fault in o
 preload, keeps them mapped. ``--allocator auto`` (the default) therefore restarts the script with
 tcmalloc preloaded when it is installed (``apt-get install libtcmalloc-minimal4``), as PyTorch's
 ``torch.backends.xeon.run_cpu --enable-tcmalloc`` launcher does; ``--allocator system`` keeps glibc's.
-Both frameworks share the process and so the allocator.
+Both frameworks share the process and so the allocator. ``--batch`` and ``--width`` shrink the
+setup (tests run it that way); the reported figures use the defaults.
 """
 
 from __future__ import annotations
@@ -45,13 +50,19 @@ import optax
 from kdjax import models, recipe, sharding, teachers, train
 from kdjax.kernels import onednn
 
-BATCH, SIZE, CLASSES, TEMPERATURE, ALPHA, LR = 64, 32, 100, 4.0, 0.9, 0.1
+SIZE, CLASSES, TEMPERATURE, ALPHA, LR = 32, 100, 4.0, 0.9, 0.1
+# What each reported ratio divides (numerator, denominator terms), and its target.
+RATIOS = {"precomputed_overhead": ("kd_precomputed", ("ce",)),
+          "live_overhead": ("kd_live", ("ce", "teacher_forward")),
+          "vs_pytorch": ("kd_live", ("torch_kd_live",)),
+          "onednn_speedup": ("kd_live_xla_conv", ("kd_live",))}
+TARGETS = {"precomputed_overhead": 1.05, "live_overhead": 1.00, "vs_pytorch": 1.0}
 
 
-def make_batch(seed: int) -> dict[str, np.ndarray]:
+def make_batch(seed: int, batch: int) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
-    return {"image": rng.normal(size=(BATCH, SIZE, SIZE, 3)).astype(np.float32),
-            "label": rng.integers(0, CLASSES, BATCH).astype(np.int32)}
+    return {"image": rng.normal(size=(batch, SIZE, SIZE, 3)).astype(np.float32),
+            "label": rng.integers(0, CLASSES, batch).astype(np.int32)}
 
 
 def flops_of(jitted, *args) -> float:
@@ -60,7 +71,7 @@ def flops_of(jitted, *args) -> float:
     return float(cost.get("flops", 0.0)) if cost else 0.0
 
 
-def jax_variants(dtype, stem: str, conv: str):
+def jax_variants(dtype, stem: str, conv: str, batch_size: int = 64, width: int = 64):
     """Returns ({name: zero-arg callable running one step}, {name: flops per call}).
 
     ``conv`` is the models' convolution (``'xla'`` or ``'onednn'``). XLA's ``cost_analysis()`` does
@@ -69,14 +80,15 @@ def jax_variants(dtype, stem: str, conv: str):
     """
     mesh = sharding.make_mesh()
     tx = optax.sgd(LR, momentum=0.9)
-    student = models.create("resnet18", CLASSES, stem=stem, dtype=dtype, conv=conv)
-    teacher_module = models.create("resnet34", CLASSES, stem=stem, dtype=dtype, conv=conv)
+    student = models.create("resnet18", CLASSES, stem=stem, dtype=dtype, conv=conv, width=width)
+    teacher_module = models.create("resnet34", CLASSES, stem=stem, dtype=dtype, conv=conv,
+                                   width=width)
     t_vars = teacher_module.init(jax.random.PRNGKey(1), jnp.zeros((1, SIZE, SIZE, 3)))
     t_vars, t_sh = train.put_teacher(t_vars, mesh)
     live = teachers.from_linen(teacher_module)
     apply = train.linen_student(student)
     sample = jnp.zeros((1, SIZE, SIZE, 3))
-    batch = sharding.global_batch(make_batch(0), mesh)
+    batch = sharding.global_batch(make_batch(0, batch_size), mesh)
     # The stored teacher logits, as the logit store would hand them over (float16).
     stored = dict(batch, teacher_logits=jax.jit(lambda v, b: live(v, b).logits.astype(
         jnp.float16))(t_vars, batch))
@@ -105,13 +117,15 @@ def jax_variants(dtype, stem: str, conv: str):
     return runs, flops
 
 
-def torch_variant(stem: str):
-    """The live-KD step written plainly in PyTorch (same architectures, batch, optimizer)."""
+def torch_variant(stem: str, device: str = "cpu", batch_size: int = 64, width: int = 64):
+    """The live-KD step written plainly in PyTorch (same architectures, batch, optimizer), on
+    ``device`` (``'cpu'``, or ``'cuda'`` beside JAX on a GPU)."""
     import torch
     import torch.nn as tnn
     import torch.nn.functional as F
 
     torch.set_num_threads(os.cpu_count())
+    widths = tuple(width * m for m in (1, 2, 4, 8))
 
     class Block(tnn.Module):
         def __init__(self, cin, cout, stride):
@@ -133,16 +147,16 @@ def torch_variant(stem: str):
     class ResNet(tnn.Module):
         def __init__(self, layers, classes):
             super().__init__()
-            self.conv1 = (tnn.Conv2d(3, 64, 7, 2, 3, bias=False) if stem == "imagenet"
-                          else tnn.Conv2d(3, 64, 3, 1, 1, bias=False))
-            self.bn1 = tnn.BatchNorm2d(64)
-            blocks, cin = [], 64
-            for i, (n, cout) in enumerate(zip(layers, (64, 128, 256, 512))):
+            self.conv1 = (tnn.Conv2d(3, width, 7, 2, 3, bias=False) if stem == "imagenet"
+                          else tnn.Conv2d(3, width, 3, 1, 1, bias=False))
+            self.bn1 = tnn.BatchNorm2d(width)
+            blocks, cin = [], width
+            for i, (n, cout) in enumerate(zip(layers, widths)):
                 for j in range(n):
                     blocks.append(Block(cin, cout, 2 if (j == 0 and i > 0) else 1))
                     cin = cout
             self.blocks = tnn.Sequential(*blocks)
-            self.fc = tnn.Linear(512, classes)
+            self.fc = tnn.Linear(widths[-1], classes)
 
         def forward(self, x):
             x = F.relu(self.bn1(self.conv1(x)))
@@ -151,13 +165,14 @@ def torch_variant(stem: str):
             return self.fc(self.blocks(x).mean((2, 3)))
 
     torch.manual_seed(0)
-    student, teacher = ResNet((2, 2, 2, 2), CLASSES), ResNet((3, 4, 6, 3), CLASSES).eval()
+    student = ResNet((2, 2, 2, 2), CLASSES).to(device)
+    teacher = ResNet((3, 4, 6, 3), CLASSES).to(device).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
     opt = torch.optim.SGD(student.parameters(), lr=LR, momentum=0.9)
-    b = make_batch(0)
-    x = torch.from_numpy(b["image"]).permute(0, 3, 1, 2).contiguous()
-    y = torch.from_numpy(b["label"]).long()
+    b = make_batch(0, batch_size)
+    x = torch.from_numpy(b["image"]).permute(0, 3, 1, 2).contiguous().to(device)
+    y = torch.from_numpy(b["label"]).long().to(device)
 
     def run():
         with torch.no_grad():
@@ -170,11 +185,30 @@ def torch_variant(stem: str):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if device == "cuda":
+            torch.cuda.synchronize()
     return run, torch.__version__
 
 
-def measure(runs: dict, rounds: int, warmup: int) -> tuple[dict[str, float], dict[str, float]]:
-    """Median seconds per call, and median minor page faults per call, of each run.
+def torch_device(backend: str) -> str | None:
+    """Where the PyTorch twin runs beside JAX's ``backend``, or None (with a message) if it can't:
+    comparing a GPU step with a CPU one would mean nothing."""
+    try:
+        import torch
+    except ImportError:
+        print("torch is not installed: skipping vs_pytorch (pip install torch==2.13.0)")
+        return None
+    if backend == "cpu":
+        return "cpu"
+    if backend == "gpu" and torch.cuda.is_available():
+        return "cuda"
+    print(f"torch {torch.__version__} cannot run on this {backend}: skipping vs_pytorch "
+          "(on a GPU, install a CUDA build of torch)")
+    return None
+
+
+def measure(runs: dict, rounds: int, warmup: int) -> tuple[dict[str, list], dict[str, list]]:
+    """Seconds per call, and minor page faults per call, of each run in each round.
 
     Each round runs every variant once, in an order rotated by one from the round before, so that
     no variant always follows the same one (PyTorch's idle OpenMP threads, freed memory).
@@ -192,8 +226,34 @@ def measure(runs: dict, rounds: int, warmup: int) -> tuple[dict[str, float], dic
             runs[name]()
             times[name].append(time.perf_counter() - t0)
             faults[name].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
-    return ({name: statistics.median(ts) for name, ts in times.items()},
-            {name: statistics.median(fs) for name, fs in faults.items()})
+    return times, faults
+
+
+def summarize(times: dict[str, list], faults: dict[str, list], flops: dict[str, float],
+              peak: float, batch: int) -> dict:
+    """The report: each ratio of :data:`RATIOS` whose variants ran, as the median over rounds of
+    the ratio within each round (the variants of a round ran seconds apart, so drift of the
+    machine's speed cancels), with its range over rounds and whether it meets :data:`TARGETS`;
+    per variant the median seconds, images/s, fraction of ``peak`` (FLOP/s) and page faults."""
+    t = {k: statistics.median(v) for k, v in times.items()}
+    result, spread = {}, {}
+    for key, (num, dens) in RATIOS.items():
+        if num in times and all(d in times for d in dens):
+            per_round = [times[num][r] / sum(times[d][r] for d in dens)
+                         for r in range(len(times[num]))]
+            result[key] = statistics.median(per_round)
+            spread[key] = [min(per_round), max(per_round)]
+    result.update(
+        ratio_range_over_rounds=spread,
+        targets={k: {"target": v, "met": result[k] <= v} for k, v in TARGETS.items()
+                 if k in result},
+        seconds=t,
+        gflops_per_step={k: v / 1e9 for k, v in flops.items()},
+        fraction_of_peak={k: flops[k] / t[k] / peak for k in flops if k in t},
+        peak_gflops=peak / 1e9,
+        images_per_second={k: batch / v for k, v in t.items()},
+        page_faults_per_step={k: statistics.median(v) for k, v in faults.items()})
+    return result
 
 
 def preload_tcmalloc_or_continue(choice: str) -> None:
@@ -215,9 +275,8 @@ def preload_tcmalloc_or_continue(choice: str) -> None:
     os.execve(sys.executable, [sys.executable, *sys.argv], env)
 
 
-def gpu_matmul_peak(dtype) -> float:
-    """Measured FLOP/s of a large matmul on the default device (the denominator on a GPU)."""
-    n = 8192
+def measured_matmul_peak(dtype, n: int = 8192) -> float:
+    """FLOP/s of an ``n x n`` matmul on the default device (the denominator on a GPU)."""
     a = jnp.ones((n, n), dtype)
     f = jax.jit(lambda a: a @ a)
     jax.block_until_ready(f(a))
@@ -228,14 +287,21 @@ def gpu_matmul_peak(dtype) -> float:
     return 10 * 2 * n ** 3 / (time.perf_counter() - t0)
 
 
-def main():
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--json", help="write the results to this JSON file")
-    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--rounds", type=int, default=11)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--peak-gflops", type=float, default=333.0,
-                        help="f32 peak of this CPU (2 cores x 2.6 GHz x 64 FLOP/cycle)")
+                        help="f32 peak of this CPU (2 cores x 2.6 GHz x 64 FLOP/cycle); "
+                             "ignored where the peak is measured (GPUs, --measure-peak)")
+    parser.add_argument("--measure-peak", type=int, nargs="?", const=8192, metavar="N",
+                        help="measure the peak with an N x N matmul (default 8192; always so on "
+                             "a GPU) instead of taking --peak-gflops")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--width", type=int, default=64,
+                        help="stem channels of both ResNets (stages: x1, x2, x4, x8)")
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch comparison")
     parser.add_argument("--stem", choices=("cifar", "imagenet"), default="cifar",
                         help="ResNet stem: cifar (3x3/1, no pool) or imagenet (7x7/2 + max-pool)")
@@ -247,66 +313,64 @@ def main():
                              "variant to DIR (TensorBoard's profile plugin or ui.perfetto.dev)")
     parser.add_argument("--allocator", choices=("auto", "tcmalloc", "system"), default="auto",
                         help="auto: restart with tcmalloc preloaded when it is installed (see above)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     preload_tcmalloc_or_continue(args.allocator)  # before JAX starts its runtime
 
     dtype = jnp.dtype(args.dtype)
+    backend = jax.default_backend()
     conv = args.conv
     if conv == "auto":
-        conv = "onednn" if jax.default_backend() == "cpu" and onednn.available() else "xla"
-    runs, flops = jax_variants(dtype, args.stem, "xla")
+        conv = "onednn" if backend == "cpu" and onednn.available() else "xla"
+    runs, flops = jax_variants(dtype, args.stem, "xla", args.batch, args.width)
     if conv == "onednn":  # XLA's flop counts serve (same math); keep XLA's live step beside it
-        runs = dict(jax_variants(dtype, args.stem, "onednn")[0], kd_live_xla_conv=runs["kd_live"])
+        runs = dict(jax_variants(dtype, args.stem, "onednn", args.batch, args.width)[0],
+                    kd_live_xla_conv=runs["kd_live"])
         flops["kd_live_xla_conv"] = flops["kd_live"]
     torch_version = None
-    if not args.no_torch:
-        try:
-            runs["torch_kd_live"], torch_version = torch_variant(args.stem)
-        except ImportError:
-            print("torch is not installed: skipping vs_pytorch (pip install torch==2.13.0)")
-    t, faults = measure(runs, args.rounds, args.warmup)
+    device = None if args.no_torch else torch_device(backend)
+    if device is not None:
+        runs["torch_kd_live"], torch_version = torch_variant(args.stem, device, args.batch,
+                                                             args.width)
+    times, faults = measure(runs, args.rounds, args.warmup)
     if args.profile:
         with jax.profiler.trace(args.profile, create_perfetto_trace=True):
             for name in flops:
                 with jax.profiler.TraceAnnotation(name):
                     runs[name]()
 
-    backend = jax.default_backend()
-    peak = (gpu_matmul_peak(dtype) if backend == "gpu" else args.peak_gflops * 1e9)
-    result = {
-        "precomputed_overhead": t["kd_precomputed"] / t["ce"],
-        "live_overhead": t["kd_live"] / (t["ce"] + t["teacher_forward"]),
-        "conv": conv,
-        "seconds": t,
-        "gflops_per_step": {k: v / 1e9 for k, v in flops.items()},
-        "fraction_of_peak": {k: flops[k] / t[k] / peak for k in flops},
-        "peak_gflops": peak / 1e9,
-        "images_per_second": {k: BATCH / t[k] for k in t},
-        "page_faults_per_step": faults,
-        "backend": backend, "devices": jax.device_count(), "jax": jax.__version__,
-        "torch": torch_version, "dtype": args.dtype, "stem": args.stem, "machine": platform.processor() or platform.machine(),
-        "xla_flags": os.environ.get("XLA_FLAGS", ""),
-        "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
-        "ld_preload": os.environ.get("LD_PRELOAD", ""), "batch": BATCH, "rounds": args.rounds,
-    }
-    if "kd_live_xla_conv" in t:
-        result["onednn_speedup"] = t["kd_live_xla_conv"] / t["kd_live"]
-    if "torch_kd_live" in t:
-        result["vs_pytorch"] = t["kd_live"] / t["torch_kd_live"]
+    if backend == "gpu" or args.measure_peak:
+        peak = measured_matmul_peak(dtype, args.measure_peak or 8192)
+    else:
+        peak = args.peak_gflops * 1e9
+    result = summarize(times, faults, flops, peak, args.batch)
+    result.update(
+        conv=conv, peak_measured=backend == "gpu" or bool(args.measure_peak),
+        backend=backend, device_kind=jax.devices()[0].device_kind, devices=jax.device_count(),
+        jax=jax.__version__, torch=torch_version, torch_device=device, dtype=args.dtype,
+        stem=args.stem, width=args.width, machine=platform.processor() or platform.machine(),
+        xla_flags=os.environ.get("XLA_FLAGS", ""),
+        glibc_tunables=os.environ.get("GLIBC_TUNABLES", ""),
+        ld_preload=os.environ.get("LD_PRELOAD", ""), batch=args.batch, rounds=args.rounds)
     print(f"{'conv':>22}: {conv}")
     print(f"{'LD_PRELOAD':>22}: {result['ld_preload'] or '(none: glibc malloc)'}")
-    for key in ("precomputed_overhead", "live_overhead", "vs_pytorch", "onednn_speedup"):
-        if key in result:
-            print(f"{key:>22}: {result[key]:.3f}")
+    for key, (lo, hi) in result["ratio_range_over_rounds"].items():
+        target = result["targets"].get(key)
+        verdict = (f"  target <= {target['target']:.2f}: {'met' if target['met'] else 'NOT met'}"
+                   if target else "")
+        print(f"{key:>22}: {result[key]:.3f}  (rounds {lo:.3f}-{hi:.3f}){verdict}")
+    t = result["seconds"]
     for k in t:
         frac = result["fraction_of_peak"].get(k)
-        print(f"{k:>22}: {1e3 * t[k]:8.1f} ms  {BATCH / t[k]:7.1f} img/s"
+        print(f"{k:>22}: {1e3 * t[k]:8.1f} ms  {args.batch / t[k]:7.1f} img/s"
               + (f"  {100 * frac:5.1f}% of peak" if frac is not None else "")
-              + f"  {faults[k]:8.0f} page faults")
+              + f"  {result['page_faults_per_step'][k]:8.0f} page faults")
+    how = "measured" if result["peak_measured"] else "given"
+    print(f"{'peak':>22}: {peak / 1e9:.0f} GFLOP/s ({how})")
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
+    return result
 
 
 if __name__ == "__main__":
