@@ -75,7 +75,16 @@ def from_apply_fn(apply_fn: Callable, *, compute_dtype=None, input_key: str = "i
 
 
 def from_linen(module, **kwargs) -> Teacher:
-    """A live teacher from a Linen module, applied with ``train=False`` (inference mode)."""
+    """A live teacher from a Linen module, applied with ``train=False`` (inference mode).
+
+    ``compute_dtype`` also becomes the module's ``dtype`` when it has that field (kdjax's models,
+    Flax's layers: their compute dtype), so that its convolutions and matmuls really run in it:
+    casting the inputs alone would be undone by a float32 module promoting them back. On CPU a
+    bfloat16 teacher's convolutions run on oneDNN's bfloat16 kernels (``conv='onednn'``).
+    """
+    compute_dtype = kwargs.get("compute_dtype")
+    if compute_dtype is not None and hasattr(module, "dtype"):
+        module = module.clone(dtype=compute_dtype)
     return from_apply_fn(lambda variables, x: module.apply(variables, x, train=False), **kwargs)
 
 

@@ -183,12 +183,84 @@ def test_vmap_runs_each_example():
         assert normalized_error(y, conv_reference(x, w, (1, 1), ((1, 1), (1, 1)))) <= F32_TOL
 
 
+# ----------------------------------------------------------------------------- bfloat16
+
+BF16_TOL = 2.0 ** -8  # one bfloat16 rounding of the result (8 significant bits), relative to max |y|
+
+
+def bf16_inputs(seed, x_shape, w_shape):
+    return [jnp.asarray(a, jnp.bfloat16) for a in random_inputs(seed, x_shape, w_shape)]
+
+
+def native_bf16(x_shape, w_shape, strides, padding) -> bool:
+    """Whether this CPU has oneDNN's native bfloat16 kernel for the shape (AVX512-BF16 or AMX)."""
+    return "bf16" in onednn.implementation("fwd", x_shape, w_shape, strides, padding, jnp.bfloat16)
+
+
+@needs_onednn
+@pytest.mark.parametrize("x_shape, w_shape, strides, padding", GEOMETRIES)
+def test_bfloat16_forward_matches_float64_reference(x_shape, w_shape, strides, padding):
+    x, w = bf16_inputs(5, x_shape, w_shape)
+    fn = lambda a, b: onednn.conv_general_dilated(a, b, strides, padding, dimension_numbers=NHWC)
+    y = jax.jit(fn)(x, w)
+    assert y.dtype == jnp.bfloat16
+    # The reference takes the same bfloat16 inputs exactly; oneDNN accumulates in float32 and
+    # rounds the result once.
+    assert normalized_error(np.asarray(y, np.float32), conv_reference(
+        np.asarray(x, np.float32), np.asarray(w, np.float32), strides, padding)) <= BF16_TOL
+    # oneDNN runs it where the CPU has native bfloat16 kernels, XLA elsewhere.
+    assert (FWD in hlo(fn, x, w)) == native_bf16(x_shape, w_shape, strides, padding)
+
+
+@needs_onednn
+def test_bfloat16_runs_on_onednn_where_the_cpu_has_bfloat16_instructions():
+    flags = set(re.findall(r"\S+", open("/proc/cpuinfo").read()))
+    has_bf16 = bool(flags & {"avx512_bf16", "amx_bf16"})  # this project's machines: avx512_bf16
+    name = onednn.implementation("fwd", (64, 32, 32, 64), (3, 3, 64, 64), (1, 1),
+                                 ((1, 1), (1, 1)), jnp.bfloat16)
+    assert ("bf16" in name and not name.startswith(("ref", "error"))) == has_bf16, name
+
+
+@needs_onednn
+@pytest.mark.parametrize("x_shape, w_shape, strides, padding", GEOMETRIES[:3] + GEOMETRIES[-1:])
+def test_bfloat16_gradients_are_xlas(x_shape, w_shape, strides, padding):
+    # oneDNN's backward kernels are float32 only here, so bfloat16 gradients come from XLA's
+    # transposed convolutions: exactly lax's.
+    x, w = bf16_inputs(6, x_shape, w_shape)
+    dy = jnp.asarray(random_inputs(7, jax.eval_shape(lambda a, b: lax.conv_general_dilated(
+        a, b, strides, padding, dimension_numbers=NHWC), x, w).shape)[0], jnp.bfloat16)
+
+    def grads(conv):
+        return jax.jit(jax.grad(lambda a, b: (conv(a, b, strides, padding, dimension_numbers=NHWC)
+                                              * dy).astype(jnp.float32).sum(), (0, 1)))(x, w)
+    for got, want in zip(grads(onednn.conv_general_dilated), grads(lax.conv_general_dilated)):
+        assert got.dtype == jnp.bfloat16
+        np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+
+
+@needs_onednn
+def test_mixed_dtypes_are_a_clear_error():
+    x, w = random_inputs(8, (2, 8, 8, 4), (3, 3, 4, 6))
+    with pytest.raises(Exception, match="x, w and y must all be float32 or all bfloat16"):
+        jax.block_until_ready(onednn.conv_nhwc(jnp.asarray(x), jnp.asarray(w, jnp.bfloat16),
+                                               (1, 1), (1, 1, 1, 1)))
+
+
+def test_implementation_rejects_other_dtypes():
+    with pytest.raises(ValueError, match="dtype must be float32 or bfloat16; got float16"):
+        onednn.implementation("fwd", (2, 8, 8, 4), (3, 3, 4, 6), (1, 1), ((1, 1), (1, 1)),
+                              jnp.float16)
+
+
 # ----------------------------------------------------------------------------- which path runs
 
 X, W = random_inputs(4, (2, 8, 8, 4), (3, 3, 4, 6))
 FALLBACKS = [  # (lhs, rhs, window_strides, padding, keyword arguments)
+    pytest.param(X.astype(jnp.float16), W.astype(jnp.float16), (1, 1), ((1, 1), (1, 1)),
+                 {"dimension_numbers": NHWC}, id="float16"),
     pytest.param(X.astype(jnp.bfloat16), W.astype(jnp.bfloat16), (1, 1), ((1, 1), (1, 1)),
-                 {"dimension_numbers": NHWC}, id="bfloat16"),
+                 {"dimension_numbers": NHWC, "preferred_element_type": jnp.float32},
+                 id="bfloat16_to_float32"),
     pytest.param(X, W, (1, 1), ((1, 1), (1, 1)), {"dimension_numbers": NHWC, "rhs_dilation": (2, 2)},
                  id="rhs_dilation"),
     pytest.param(X, W, (1, 1), ((1, 1), (1, 1)), {"dimension_numbers": NHWC, "lhs_dilation": (2, 1)},
@@ -209,7 +281,7 @@ def test_unsupported_convolutions_fall_back_to_lax(missing_library, lhs, rhs, st
     # The library is made unavailable: a fallback must never need it.
     y = onednn.conv_general_dilated(lhs, rhs, strides, padding, **kwargs)
     ref = lax.conv_general_dilated(lhs, rhs, strides, padding, **kwargs)
-    assert y.dtype == ref.dtype == lhs.dtype and y.shape == ref.shape
+    assert y.dtype == ref.dtype and y.shape == ref.shape
     np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(ref, np.float32))
     text = hlo(lambda a, b: onednn.conv_general_dilated(a, b, strides, padding, **kwargs), lhs, rhs)
     assert "kdjax_onednn" not in text and "convolution" in text
@@ -277,6 +349,26 @@ def assert_trees_close(a, b, tol):
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         assert x.shape == y.shape and x.dtype == y.dtype
         np.testing.assert_allclose(x, y, rtol=0, atol=tol * max(float(np.max(np.abs(y))), 1e-6))
+
+
+@needs_onednn
+def test_bfloat16_teacher_on_onednn_matches_xla():
+    """A bfloat16 ResNet in inference mode (a teacher): the same logits on oneDNN as on XLA, up to
+    bfloat16 rounding, with oneDNN serving the convolutions where the CPU has the kernels."""
+    x = np.random.default_rng(9).normal(size=(4, 16, 16, 3)).astype(np.float32)
+    kwargs = dict(stem="cifar", width=16, dtype=jnp.bfloat16)
+    m_xla = models.create("resnet18", 10, conv="xla", **kwargs)
+    m_dnn = models.create("resnet18", 10, conv="onednn", **kwargs)
+    v = m_xla.init(KEY, x)
+
+    def logits(model):
+        fn = jax.jit(lambda v, x: model.apply(v, x, train=False)[0])
+        return fn(v, x), fn.lower(v, x).as_text()
+    (y_xla, text_xla), (y_dnn, text_dnn) = logits(m_xla), logits(m_dnn)
+    assert y_dnn.dtype == y_xla.dtype == jnp.float32
+    assert (FWD in text_dnn) == native_bf16((4, 16, 16, 16), (3, 3, 16, 16), (1, 1), ((1, 1), (1, 1)))
+    # 18 layers of bfloat16 rounding, in a different order on each side.
+    np.testing.assert_allclose(y_dnn, y_xla, rtol=0, atol=0.01 * float(np.max(np.abs(y_xla))))
 
 
 @needs_onednn

@@ -1,5 +1,7 @@
 """The sharded distillation step: sharded == single device, a frozen teacher, live == precomputed."""
 
+import re
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -7,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from kdjax import losses, recipe, sharding, teachers, train
+from kdjax import losses, models, recipe, sharding, teachers, train
 
 NUM_CLASSES = 10
 
@@ -259,6 +261,27 @@ def test_recipe_errors():
         step(state, {}, sharding.global_batch(make_batch(0), mesh))
     with pytest.raises(ValueError, match="fsdp=3 must be a positive divisor"):
         sharding.make_mesh(fsdp=3)
+
+
+def test_bfloat16_teacher_computes_in_bfloat16():
+    module = models.create("cnn2d", NUM_CLASSES)
+    x = jnp.asarray(make_batch(0)["image"])
+    variables = module.init(jax.random.PRNGKey(0), x)
+    batch = {"image": x}
+    f32 = teachers.from_linen(module)(variables, batch).logits
+    bf16_teacher = teachers.from_linen(module, compute_dtype=jnp.bfloat16)
+    out = bf16_teacher(variables, batch).logits
+    # The same as a model built in bfloat16 with its variables in bfloat16...
+    twin = models.create("cnn2d", NUM_CLASSES, dtype=jnp.bfloat16)
+    cast = jax.tree.map(lambda v: v.astype(jnp.bfloat16), variables)
+    np.testing.assert_array_equal(out, twin.apply(cast, x.astype(jnp.bfloat16), train=False)[0])
+    # ...whose convolutions take bfloat16 operands (casting only the inputs would not do this)...
+    jaxpr = str(jax.make_jaxpr(lambda v, b: bf16_teacher(v, b).logits)(variables, batch))
+    assert re.search(r"conv_general_dilated\[[^\]]*\][^\n]*", jaxpr)
+    assert all("bf16" in line for line in jaxpr.splitlines() if "conv_general_dilated" in line)
+    # ...so its logits (float32) differ from the float32 teacher's by bfloat16 rounding.
+    assert out.dtype == jnp.float32 and not np.array_equal(out, f32)
+    np.testing.assert_allclose(out, f32, rtol=0.05, atol=0.05 * float(jnp.abs(f32).max()))
 
 
 def test_nnx_teacher_matches_its_linen_twin():

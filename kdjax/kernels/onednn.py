@@ -6,11 +6,15 @@ calls oneDNN's convolution primitives through XLA's FFI (``onednn_conv.cc``): fo
 and backward-weights, tied together with ``jax.custom_vjp``.
 
 :func:`conv_general_dilated` has ``lax.conv_general_dilated``'s signature and runs oneDNN when all of
-these hold, and ``lax.conv_general_dilated`` otherwise (same result up to float32 rounding):
+these hold, and ``lax.conv_general_dilated`` otherwise (same result up to rounding):
 
 * the default backend is CPU (there the library must be built: :func:`require` raises otherwise);
-* float32 ``lhs [N, H, W, C]`` and ``rhs [KH, KW, C, O]`` (NHWC / HWIO, Flax's ``nn.Conv`` layout),
-  no dilation, ``feature_group_count == batch_group_count == 1``.
+* ``lhs [N, H, W, C]`` and ``rhs [KH, KW, C, O]`` (NHWC / HWIO, Flax's ``nn.Conv`` layout), no
+  dilation, ``feature_group_count == batch_group_count == 1``;
+* both float32; or both bfloat16 where oneDNN has a native bfloat16 kernel for the shape (CPUs with
+  AVX512-BF16 or AMX; :func:`implementation` names it). In bfloat16 the forward pass runs on oneDNN
+  (float32 accumulation, bfloat16 result, as XLA's) and the backward passes on XLA: a bfloat16
+  teacher, which runs forward only, gets the fast path.
 
 So a model that passes ``conv_general_dilated=kdjax.kernels.onednn.conv_general_dilated`` to
 ``flax.linen.Conv`` runs unchanged on GPU and TPU. Limits: first derivatives only (the backward
@@ -58,6 +62,7 @@ def _library() -> ctypes.CDLL | None:
     for target, symbol in TARGETS.values():
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
     lib.KdjaxOnednnImplName.restype = ctypes.c_char_p
+    lib.KdjaxOnednnImplName.argtypes = (ctypes.c_int, ctypes.POINTER(ctypes.c_int64), ctypes.c_int)
     return lib
 
 
@@ -76,21 +81,35 @@ def require() -> None:
 
 
 def implementation(pass_: str, x_shape: Sequence[int], w_shape: Sequence[int],
-                   strides: Sequence[int], padding: Sequence[tuple[int, int]]) -> str:
+                   strides: Sequence[int], padding: Sequence[tuple[int, int]],
+                   dtype: Any = jnp.float32) -> str:
     """oneDNN's name for the kernel that serves one pass (``'fwd'``, ``'bwd_data'`` or
-    ``'bwd_weights'``) of a convolution, e.g. ``'brg:avx512_core'``; for benchmarks and tests."""
+    ``'bwd_weights'``) of a convolution in ``dtype`` (float32 or bfloat16), e.g.
+    ``'brg:avx512_core'``, or ``'error: ...'`` if oneDNN has none; for dispatch, benchmarks, tests."""
     if pass_ not in TARGETS:
         raise ValueError(f"implementation: pass must be one of {list(TARGETS)}; got {pass_!r}.")
+    if jnp.dtype(dtype) not in (jnp.float32, jnp.bfloat16):
+        raise ValueError(f"implementation: dtype must be float32 or bfloat16; got "
+                         f"{jnp.dtype(dtype).name}.")
     require()
     geometry = (*x_shape, *w_shape[:2], w_shape[3], *strides, *(p for pair in padding for p in pair))
-    arr = (ctypes.c_int64 * 13)(*geometry)
-    return _library().KdjaxOnednnImplName(list(TARGETS).index(pass_), arr).decode()
+    arr = (ctypes.c_int64 * 13)(*(int(v) for v in geometry))
+    return _library().KdjaxOnednnImplName(list(TARGETS).index(pass_), arr,
+                                          int(jnp.dtype(dtype) == jnp.bfloat16)).decode()
+
+
+@functools.cache
+def _native_bf16(x_shape, w_shape, strides, padding) -> bool:
+    """Whether oneDNN runs this forward convolution in bfloat16 natively (no reference or
+    emulated kernel: those are slower than XLA's)."""
+    name = implementation("fwd", x_shape, w_shape, strides, padding, jnp.bfloat16)
+    return not name.startswith(("error", "ref")) and "bf16" in name
 
 
 def _call(pass_: str, out_shape: Sequence[int], a: jax.Array, b: jax.Array,
           strides: tuple[int, int], padding: tuple[int, int, int, int]) -> jax.Array:
     require()  # loads the library and registers its targets
-    return jax.ffi.ffi_call(TARGETS[pass_][0], jax.ShapeDtypeStruct(tuple(out_shape), jnp.float32),
+    return jax.ffi.ffi_call(TARGETS[pass_][0], jax.ShapeDtypeStruct(tuple(out_shape), a.dtype),
                             vmap_method="sequential")(
         a, b, strides=np.asarray(strides, np.int64), padding=np.asarray(padding, np.int64))
 
@@ -98,7 +117,8 @@ def _call(pass_: str, out_shape: Sequence[int], a: jax.Array, b: jax.Array,
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def conv_nhwc(x: jax.Array, w: jax.Array, strides: tuple[int, int],
               padding: tuple[int, int, int, int]) -> jax.Array:
-    """``y [N, OH, OW, O] = conv(x [N, H, W, C], w [KH, KW, C, O])`` in float32 on oneDNN.
+    """``y [N, OH, OW, O] = conv(x [N, H, W, C], w [KH, KW, C, O])`` on oneDNN, in the inputs' dtype
+    (float32, or bfloat16 whose backward passes run on XLA).
 
     ``padding = (top, bottom, left, right)``; ``OH = (H + top + bottom - KH) // strides[0] + 1``.
     """
@@ -113,6 +133,11 @@ def _conv_nhwc_fwd(x, w, strides, padding):
 
 def _conv_nhwc_bwd(strides, padding, residuals, dy):
     x, w = residuals
+    if x.dtype != jnp.float32:  # oneDNN's backward kernels here are float32 only: XLA's
+        pairs = ((padding[0], padding[1]), (padding[2], padding[3]))
+        _, vjp = jax.vjp(lambda x, w: lax.conv_general_dilated(
+            x, w, strides, pairs, dimension_numbers=_NHWC_HWIO), x, w)
+        return vjp(dy)
     return (_call("bwd_data", x.shape, dy, w, strides, padding),
             _call("bwd_weights", w.shape, x, dy, strides, padding))
 
@@ -139,8 +164,8 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequenc
         precision=precision, preferred_element_type=preferred_element_type)
     supported = (
         jax.default_backend() == "cpu" and lhs.ndim == 4 and rhs.ndim == 4
-        and lhs.dtype == jnp.float32 and rhs.dtype == jnp.float32
-        and preferred_element_type in (None, jnp.float32)
+        and lhs.dtype == rhs.dtype and lhs.dtype in (jnp.float32, jnp.bfloat16)
+        and preferred_element_type in (None, lhs.dtype)
         and feature_group_count == 1 and batch_group_count == 1
         and all(int(st) >= 1 for st in window_strides)
         and all(d == 1 for d in (lhs_dilation or (1, 1))) and all(d == 1 for d in (rhs_dilation or (1, 1)))
@@ -150,6 +175,8 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequenc
     jax.eval_shape(fallback)  # lax's own checks and messages for bad shapes or padding
     strides = tuple(int(s) for s in window_strides)
     (top, bottom), (left, right) = _explicit_padding(padding, lhs, rhs, strides)
-    if min(top, bottom, left, right) < 0:
+    pads = (int(top), int(bottom), int(left), int(right))
+    if min(pads) < 0 or (lhs.dtype == jnp.bfloat16 and not _native_bf16(
+            lhs.shape, rhs.shape, strides, ((pads[0], pads[1]), (pads[2], pads[3])))):
         return fallback()
-    return conv_nhwc(lhs, rhs, strides, (int(top), int(bottom), int(left), int(right)))
+    return conv_nhwc(lhs, rhs, strides, pads)

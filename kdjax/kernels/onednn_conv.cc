@@ -3,10 +3,10 @@
 // Layouts are XLA's row-major defaults for NHWC activations and HWIO kernels:
 //   x  [N, H, W, C]      w  [KH, KW, C, O]      y  [N, OH, OW, O]
 //   OH = (H + pad_top + pad_bottom - KH) / stride_h + 1   (likewise OW)
-// Three handlers, one per pass, all float32, no dilation, no groups:
-//   kdjax_onednn_conv_fwd           y  = conv(x, w)
-//   kdjax_onednn_conv_bwd_data      dx = d<y, dy>/dx   (result shape gives x's shape)
-//   kdjax_onednn_conv_bwd_weights   dw = d<y, dy>/dw   (result shape gives w's shape)
+// Three handlers, one per pass, no dilation, no groups:
+//   kdjax_onednn_conv_fwd           y  = conv(x, w)       float32, or bfloat16 (f32 accumulation)
+//   kdjax_onednn_conv_bwd_data      dx = d<y, dy>/dx      float32 (result shape gives x's shape)
+//   kdjax_onednn_conv_bwd_weights   dw = d<y, dy>/dw      float32 (result shape gives w's shape)
 // Attributes: strides = [sh, sw], padding = [top, bottom, left, right] (int64 arrays).
 //
 // Activations stay in NHWC (oneDNN's brgemm kernels read it directly); kernels are reordered
@@ -26,6 +26,7 @@
 #include <mutex>
 #include <optional>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "dnnl.hpp"
@@ -44,14 +45,17 @@ dnnl::engine& Engine() {
   return engine;
 }
 
-// One convolution's shape: x [n, h, w, c], kernel [kh, kw, c, o], strides, padding.
+// One convolution's shape: x [n, h, w, c], kernel [kh, kw, c, o], strides, padding; and the
+// element type of x, w and y (f32 or bf16).
 struct Geometry {
   std::array<int64_t, 13> v;  // n h w c kh kw o sh sw top bottom left right
+  memory::data_type dt = memory::data_type::f32;
   int64_t oh() const { return (v[1] + v[9] + v[10] - v[4]) / v[7] + 1; }
   int64_t ow() const { return (v[2] + v[11] + v[12] - v[5]) / v[8] + 1; }
-  memory::desc x() const { return {{v[0], v[3], v[1], v[2]}, memory::data_type::f32, Tag::nhwc}; }
-  memory::desc y() const { return {{v[0], v[6], oh(), ow()}, memory::data_type::f32, Tag::nhwc}; }
-  memory::desc w(Tag tag) const { return {{v[6], v[3], v[4], v[5]}, memory::data_type::f32, tag}; }
+  int64_t bytes() const { return dt == memory::data_type::bf16 ? 2 : 4; }  // per element
+  memory::desc x() const { return {{v[0], v[3], v[1], v[2]}, dt, Tag::nhwc}; }
+  memory::desc y() const { return {{v[0], v[6], oh(), ow()}, dt, Tag::nhwc}; }
+  memory::desc w(Tag tag) const { return {{v[6], v[3], v[4], v[5]}, dt, tag}; }
   memory::dims strides() const { return {v[7], v[8]}; }
   memory::dims pad_l() const { return {v[9], v[11]}; }
   memory::dims pad_r() const { return {v[10], v[12]}; }
@@ -146,9 +150,9 @@ class Workspace {
 // Plans are built for one thread: XLA's pool, not OpenMP, spreads the batch over the cores.
 const Plan& GetPlan(Pass pass, const Geometry& g) {
   static std::mutex mu;
-  static std::map<std::pair<int, std::array<int64_t, 13>>, std::unique_ptr<Plan>> cache;
+  static std::map<std::tuple<int, int, std::array<int64_t, 13>>, std::unique_ptr<Plan>> cache;
   std::lock_guard<std::mutex> lock(mu);
-  auto& slot = cache[{pass, g.v}];
+  auto& slot = cache[{pass, static_cast<int>(g.dt), g.v}];
   if (!slot) {
     omp_set_num_threads(1);  // oneDNN sizes its work split by the threads at creation
     slot = Build(pass, g);
@@ -169,9 +173,9 @@ memory Scratchpad(const Plan& plan, Workspace* ws) {
 struct Job {
   Pass pass;
   Geometry g;
-  const float* a;
-  const float* b;
-  float* out;
+  const char* a;  // bytes: elements of g.dt
+  const char* b;
+  char* out;
   int64_t chunks;
   const Plan* plans[2];  // for the first chunk and the last (a row fewer if chunks do not divide n)
   void* w;               // the kernel in the plans' layout (fwd, bwd_data)
@@ -182,7 +186,7 @@ struct Job {
   // Where chunk i's weight gradient goes: straight into dw when it is the only or first one and
   // already HWIO, else into its slot of the partial sums.
   float* dw(int64_t i) const {
-    return i == 0 && !plans[0]->reorder_w ? out
+    return i == 0 && !plans[0]->reorder_w ? reinterpret_cast<float*>(out)
                                           : partials + i * (prim_w().get_size() / sizeof(float));
   }
 
@@ -203,11 +207,12 @@ struct Job {
     static thread_local Workspace scratch;
     const Geometry c = chunk_geometry(i);
     const Plan& p = plan(i);
-    const int64_t row = begin(i);
-    const int64_t x_row = g.v[1] * g.v[2] * g.v[3], y_row = g.oh() * g.ow() * g.v[6];
+    const int64_t row = begin(i);  // and the bytes of one row of x and of y:
+    const int64_t x_row = g.v[1] * g.v[2] * g.v[3] * g.bytes();
+    const int64_t y_row = g.oh() * g.ow() * g.v[6] * g.bytes();
     dnnl::stream stream(Engine());
-    auto mem = [](const memory::desc& d, const float* ptr) {
-      return memory(d, Engine(), const_cast<float*>(ptr));
+    auto mem = [](const memory::desc& d, const void* ptr) {
+      return memory(d, Engine(), const_cast<void*>(ptr));
     };
     if (pass == kFwd) {
       p.prim.execute(stream, {{DNNL_ARG_SRC, mem(c.x(), a + row * x_row)},
@@ -329,8 +334,8 @@ ffi::Future Run(Pass pass, const Geometry& g, const void* a, const void* b, void
                 ffi::ThreadPool pool) {
   try {
     omp_set_num_threads(1);
-    Job job{pass, g, static_cast<const float*>(a), static_cast<const float*>(b),
-            static_cast<float*>(out)};
+    Job job{pass, g, static_cast<const char*>(a), static_cast<const char*>(b),
+            static_cast<char*>(out)};
     job.chunks = std::max<int64_t>(1, std::min<int64_t>(pool.num_threads(), g.v[0]));
     job.plans[0] = &GetPlan(pass, job.chunk_geometry(0));
     job.plans[1] = &GetPlan(pass, job.chunk_geometry(job.chunks - 1));
@@ -380,11 +385,19 @@ ffi::Error MakeGeometry(ffi::Span<const int64_t> x, ffi::Span<const int64_t> w,
 using F32 = ffi::Buffer<ffi::F32>;
 using Ints = ffi::Span<const int64_t>;
 
-ffi::Future Fwd(F32 x, F32 w, ffi::ResultBuffer<ffi::F32> y, Ints strides, Ints padding,
-               ffi::ThreadPool pool) {
+ffi::Future Fwd(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> y, Ints strides,
+                Ints padding, ffi::ThreadPool pool) {
   Geometry g;
   if (auto err = MakeGeometry(x.dimensions(), w.dimensions(), strides, padding, &g);
       err.failure()) return Ready(err);
+  const ffi::DataType dt = x.element_type();
+  if ((dt != ffi::DataType::F32 && dt != ffi::DataType::BF16) || w.element_type() != dt ||
+      y->element_type() != dt) {
+    return Ready(ffi::Error(ffi::ErrorCode::kInvalidArgument,
+                            "kdjax oneDNN convolution: x, w and y must all be float32 or all "
+                            "bfloat16"));
+  }
+  if (dt == ffi::DataType::BF16) g.dt = memory::data_type::bf16;
   return Run(kFwd, g, x.untyped_data(), w.untyped_data(), y->untyped_data(), pool);
 }
 
@@ -406,20 +419,22 @@ ffi::Future BwdWeights(F32 x, F32 dy, ffi::ResultBuffer<ffi::F32> dw, Ints strid
 
 }  // namespace
 
-#define KDJAX_CONV_BINDING                                                                  \
-  ffi::Ffi::Bind().Arg<F32>().Arg<F32>().Ret<F32>().Attr<Ints>("strides").Attr<Ints>( \
-      "padding").Ctx<ffi::ThreadPool>()
+#define KDJAX_CONV_BINDING(T)                                                           \
+  ffi::Ffi::Bind().Arg<T>().Arg<T>().Ret<T>().Attr<Ints>("strides").Attr<Ints>("padding") \
+      .Ctx<ffi::ThreadPool>()
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(KdjaxOnednnConvFwd, Fwd, KDJAX_CONV_BINDING);
-XLA_FFI_DEFINE_HANDLER_SYMBOL(KdjaxOnednnConvBwdData, BwdData, KDJAX_CONV_BINDING);
-XLA_FFI_DEFINE_HANDLER_SYMBOL(KdjaxOnednnConvBwdWeights, BwdWeights, KDJAX_CONV_BINDING);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(KdjaxOnednnConvFwd, Fwd, KDJAX_CONV_BINDING(ffi::AnyBuffer));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(KdjaxOnednnConvBwdData, BwdData, KDJAX_CONV_BINDING(F32));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(KdjaxOnednnConvBwdWeights, BwdWeights, KDJAX_CONV_BINDING(F32));
 
-// Which oneDNN implementation serves a pass, e.g. "brg:avx512_core" (for benchmarks and tests).
-extern "C" const char* KdjaxOnednnImplName(int pass, const int64_t* geometry) {
+// Which oneDNN implementation serves a pass, e.g. "brg:avx512_core", in float32 or (bf16 != 0)
+// bfloat16; "error: ..." when oneDNN has none (for onednn.py's dispatch, benchmarks and tests).
+extern "C" const char* KdjaxOnednnImplName(int pass, const int64_t* geometry, int bf16) {
   static thread_local std::string name;
   try {
     Geometry g;
     for (int i = 0; i < 13; ++i) g.v[i] = geometry[i];
+    if (bf16) g.dt = memory::data_type::bf16;
     name = GetPlan(static_cast<Pass>(pass), g).impl;
   } catch (const dnnl::error& e) {
     name = std::string("error: ") + e.what();
