@@ -16,7 +16,9 @@ on a shared CPU) cancels out of it:
   models use :mod:`kdjax.kernels.onednn` when it is built, as PyTorch uses oneDNN)
 * ``fraction_of_peak``: XLA's ``cost_analysis()`` flops of each step / its median time / the peak
   (``--peak-gflops``: 333 for this 2-core AVX-512 CPU; on a GPU, or with ``--measure-peak``, the
-  FLOP/s of a large matmul measured by the script); ``images_per_second`` per variant.
+  FLOP/s of a large matmul measured by the script); ``images_per_second`` per variant. The peak is
+  float32's: with ``--teacher-dtype bfloat16`` (the teacher in bfloat16, in both frameworks; on
+  CPUs with AVX512-BF16, whose bfloat16 peak is twice float32's) the fraction can exceed 1.
 
 Usage: ``python benchmarks/step_overhead.py --json PATH [--profile DIR]`` (``--profile`` writes a
 trace with one span per XLA op of each step). The process environment matters and the JSON records
@@ -71,8 +73,12 @@ def flops_of(jitted, *args) -> float:
     return float(cost.get("flops", 0.0)) if cost else 0.0
 
 
-def jax_variants(dtype, stem: str, conv: str, batch_size: int = 64, width: int = 64):
+def jax_variants(dtype, stem: str, conv: str, batch_size: int = 64, width: int = 64,
+                 teacher_dtype=None):
     """Returns ({name: zero-arg callable running one step}, {name: flops per call}).
+
+    ``dtype``: the student's compute dtype; ``teacher_dtype`` (default ``dtype``): the live
+    teacher's, through ``teachers.from_linen(compute_dtype=...)``.
 
     ``conv`` is the models' convolution (``'xla'`` or ``'onednn'``). XLA's ``cost_analysis()`` does
     not see inside oneDNN's custom calls, so flops are counted for ``conv='xla'`` only (empty dict
@@ -85,7 +91,7 @@ def jax_variants(dtype, stem: str, conv: str, batch_size: int = 64, width: int =
                                    width=width)
     t_vars = teacher_module.init(jax.random.PRNGKey(1), jnp.zeros((1, SIZE, SIZE, 3)))
     t_vars, t_sh = train.put_teacher(t_vars, mesh)
-    live = teachers.from_linen(teacher_module)
+    live = teachers.from_linen(teacher_module, compute_dtype=teacher_dtype or dtype)
     apply = train.linen_student(student)
     sample = jnp.zeros((1, SIZE, SIZE, 3))
     batch = sharding.global_batch(make_batch(0, batch_size), mesh)
@@ -117,9 +123,10 @@ def jax_variants(dtype, stem: str, conv: str, batch_size: int = 64, width: int =
     return runs, flops
 
 
-def torch_variant(stem: str, device: str = "cpu", batch_size: int = 64, width: int = 64):
+def torch_variant(stem: str, device: str = "cpu", batch_size: int = 64, width: int = 64,
+                  teacher_dtype: str = "float32"):
     """The live-KD step written plainly in PyTorch (same architectures, batch, optimizer), on
-    ``device`` (``'cpu'``, or ``'cuda'`` beside JAX on a GPU)."""
+    ``device`` (``'cpu'``, or ``'cuda'`` beside JAX on a GPU); the teacher in ``teacher_dtype``."""
     import torch
     import torch.nn as tnn
     import torch.nn.functional as F
@@ -166,7 +173,8 @@ def torch_variant(stem: str, device: str = "cpu", batch_size: int = 64, width: i
 
     torch.manual_seed(0)
     student = ResNet((2, 2, 2, 2), CLASSES).to(device)
-    teacher = ResNet((3, 4, 6, 3), CLASSES).to(device).eval()
+    t_dtype = getattr(torch, teacher_dtype)
+    teacher = ResNet((3, 4, 6, 3), CLASSES).to(device=device, dtype=t_dtype).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
     opt = torch.optim.SGD(student.parameters(), lr=LR, momentum=0.9)
@@ -176,7 +184,7 @@ def torch_variant(stem: str, device: str = "cpu", batch_size: int = 64, width: i
 
     def run():
         with torch.no_grad():
-            t_logits = teacher(x)
+            t_logits = teacher(x.to(t_dtype)).float()
         s_logits = student(x)
         kd = F.kl_div(F.log_softmax(s_logits / TEMPERATURE, -1),
                       F.log_softmax(t_logits / TEMPERATURE, -1), log_target=True,
@@ -298,7 +306,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--measure-peak", type=int, nargs="?", const=8192, metavar="N",
                         help="measure the peak with an N x N matmul (default 8192; always so on "
                              "a GPU) instead of taking --peak-gflops")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="compute dtype of the student (and of the teacher, by default)")
+    parser.add_argument("--teacher-dtype", choices=("float32", "bfloat16"),
+                        help="compute dtype of the live teacher (default: --dtype), in both "
+                             "frameworks")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--width", type=int, default=64,
                         help="stem channels of both ResNets (stages: x1, x2, x4, x8)")
@@ -317,20 +329,22 @@ def main(argv: list[str] | None = None) -> dict:
     preload_tcmalloc_or_continue(args.allocator)  # before JAX starts its runtime
 
     dtype = jnp.dtype(args.dtype)
+    teacher_dtype = args.teacher_dtype or args.dtype
     backend = jax.default_backend()
     conv = args.conv
     if conv == "auto":
         conv = "onednn" if backend == "cpu" and onednn.available() else "xla"
-    runs, flops = jax_variants(dtype, args.stem, "xla", args.batch, args.width)
+    setup = (args.batch, args.width, jnp.dtype(teacher_dtype))
+    runs, flops = jax_variants(dtype, args.stem, "xla", *setup)
     if conv == "onednn":  # XLA's flop counts serve (same math); keep XLA's live step beside it
-        runs = dict(jax_variants(dtype, args.stem, "onednn", args.batch, args.width)[0],
+        runs = dict(jax_variants(dtype, args.stem, "onednn", *setup)[0],
                     kd_live_xla_conv=runs["kd_live"])
         flops["kd_live_xla_conv"] = flops["kd_live"]
     torch_version = None
     device = None if args.no_torch else torch_device(backend)
     if device is not None:
         runs["torch_kd_live"], torch_version = torch_variant(args.stem, device, args.batch,
-                                                             args.width)
+                                                             args.width, teacher_dtype)
     times, faults = measure(runs, args.rounds, args.warmup)
     if args.profile:
         with jax.profiler.trace(args.profile, create_perfetto_trace=True):
@@ -347,6 +361,7 @@ def main(argv: list[str] | None = None) -> dict:
         conv=conv, peak_measured=backend == "gpu" or bool(args.measure_peak),
         backend=backend, device_kind=jax.devices()[0].device_kind, devices=jax.device_count(),
         jax=jax.__version__, torch=torch_version, torch_device=device, dtype=args.dtype,
+        teacher_dtype=teacher_dtype,
         stem=args.stem, width=args.width, machine=platform.processor() or platform.machine(),
         xla_flags=os.environ.get("XLA_FLAGS", ""),
         glibc_tunables=os.environ.get("GLIBC_TUNABLES", ""),
