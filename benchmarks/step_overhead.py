@@ -124,9 +124,11 @@ def jax_variants(dtype, stem: str, conv: str, batch_size: int = 64, width: int =
 
 
 def torch_variant(stem: str, device: str = "cpu", batch_size: int = 64, width: int = 64,
-                  teacher_dtype: str = "float32"):
+                  teacher_dtype: str = "float32", student_dtype: str = "float32"):
     """The live-KD step written plainly in PyTorch (same architectures, batch, optimizer), on
-    ``device`` (``'cpu'``, or ``'cuda'`` beside JAX on a GPU); the teacher in ``teacher_dtype``."""
+    ``device`` (``'cpu'``, or ``'cuda'`` beside JAX on a GPU); the teacher in ``teacher_dtype``,
+    the student computing in ``student_dtype`` with float32 parameters (``torch.autocast``, as
+    kdjax's ``dtype`` / ``param_dtype``)."""
     import torch
     import torch.nn as tnn
     import torch.nn.functional as F
@@ -185,7 +187,8 @@ def torch_variant(stem: str, device: str = "cpu", batch_size: int = 64, width: i
     def run():
         with torch.no_grad():
             t_logits = teacher(x.to(t_dtype)).float()
-        s_logits = student(x)
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=student_dtype == "bfloat16"):
+            s_logits = student(x).float()
         kd = F.kl_div(F.log_softmax(s_logits / TEMPERATURE, -1),
                       F.log_softmax(t_logits / TEMPERATURE, -1), log_target=True,
                       reduction="batchmean") * TEMPERATURE ** 2
@@ -344,7 +347,7 @@ def main(argv: list[str] | None = None) -> dict:
     device = None if args.no_torch else torch_device(backend)
     if device is not None:
         runs["torch_kd_live"], torch_version = torch_variant(args.stem, device, args.batch,
-                                                             args.width, teacher_dtype)
+                                                             args.width, teacher_dtype, args.dtype)
     times, faults = measure(runs, args.rounds, args.warmup)
     if args.profile:
         with jax.profiler.trace(args.profile, create_perfetto_trace=True):

@@ -79,11 +79,12 @@ def from_linen(module, **kwargs) -> Teacher:
 
     ``compute_dtype`` also becomes the module's ``dtype`` when it has that field (kdjax's models,
     Flax's layers: their compute dtype), so that its convolutions and matmuls really run in it:
-    casting the inputs alone would be undone by a float32 module promoting them back. On CPU a
-    bfloat16 teacher's convolutions run on oneDNN's bfloat16 kernels (``conv='onednn'``).
+    casting the inputs alone would be undone by a float32 module promoting them back. On CPUs with
+    AVX512-BF16 or AMX, a bfloat16 teacher built with ``conv='onednn'`` runs its convolutions on
+    oneDNN's bfloat16 kernels (:mod:`kdjax.kernels.onednn`); elsewhere on XLA's.
     """
     compute_dtype = kwargs.get("compute_dtype")
-    if compute_dtype is not None and hasattr(module, "dtype"):
+    if compute_dtype is not None and "dtype" in {f.name for f in dataclasses.fields(module)}:
         module = module.clone(dtype=compute_dtype)
     return from_apply_fn(lambda variables, x: module.apply(variables, x, train=False), **kwargs)
 

@@ -6,8 +6,12 @@ when it is not built, and fail when ``KDJAX_REQUIRE_ONEDNN`` is set (CI builds i
 """
 
 import concurrent.futures
+import ctypes
 import os
+import pathlib
 import re
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -192,11 +196,6 @@ def bf16_inputs(seed, x_shape, w_shape):
     return [jnp.asarray(a, jnp.bfloat16) for a in random_inputs(seed, x_shape, w_shape)]
 
 
-def native_bf16(x_shape, w_shape, strides, padding) -> bool:
-    """Whether this CPU has oneDNN's native bfloat16 kernel for the shape (AVX512-BF16 or AMX)."""
-    return "bf16" in onednn.implementation("fwd", x_shape, w_shape, strides, padding, jnp.bfloat16)
-
-
 @needs_onednn
 @pytest.mark.parametrize("x_shape, w_shape, strides, padding", GEOMETRIES)
 def test_bfloat16_forward_matches_float64_reference(x_shape, w_shape, strides, padding):
@@ -209,39 +208,107 @@ def test_bfloat16_forward_matches_float64_reference(x_shape, w_shape, strides, p
     assert normalized_error(np.asarray(y, np.float32), conv_reference(
         np.asarray(x, np.float32), np.asarray(w, np.float32), strides, padding)) <= BF16_TOL
     # oneDNN runs it where the CPU has native bfloat16 kernels, XLA elsewhere.
-    assert (FWD in hlo(fn, x, w)) == native_bf16(x_shape, w_shape, strides, padding)
+    assert (FWD in hlo(fn, x, w)) == onednn.native_bf16(x_shape, w_shape, strides, padding)
 
 
 @needs_onednn
 def test_bfloat16_runs_on_onednn_where_the_cpu_has_bfloat16_instructions():
-    flags = set(re.findall(r"\S+", open("/proc/cpuinfo").read()))
+    flags = set(pathlib.Path("/proc/cpuinfo").read_text().split())
     has_bf16 = bool(flags & {"avx512_bf16", "amx_bf16"})  # this project's machines: avx512_bf16
-    name = onednn.implementation("fwd", (64, 32, 32, 64), (3, 3, 64, 64), (1, 1),
-                                 ((1, 1), (1, 1)), jnp.bfloat16)
-    assert ("bf16" in name and not name.startswith(("ref", "error"))) == has_bf16, name
+    geometry = ((64, 32, 32, 64), (3, 3, 64, 64), (1, 1), ((1, 1), (1, 1)))
+    assert onednn.native_bf16(*geometry) == has_bf16, [
+        onednn.implementation(p, *geometry, jnp.bfloat16) for p in onednn.TARGETS]
 
 
 @needs_onednn
-@pytest.mark.parametrize("x_shape, w_shape, strides, padding", GEOMETRIES[:3] + GEOMETRIES[-1:])
-def test_bfloat16_gradients_are_xlas(x_shape, w_shape, strides, padding):
-    # oneDNN's backward kernels are float32 only here, so bfloat16 gradients come from XLA's
-    # transposed convolutions: exactly lax's.
-    x, w = bf16_inputs(6, x_shape, w_shape)
-    dy = jnp.asarray(random_inputs(7, jax.eval_shape(lambda a, b: lax.conv_general_dilated(
-        a, b, strides, padding, dimension_numbers=NHWC), x, w).shape)[0], jnp.bfloat16)
+def test_emulated_bfloat16_falls_back_to_xla():
+    """Capped below AVX512-BF16 (as on Skylake or Ice Lake), oneDNN offers only its emulated
+    bfloat16 kernel, slower than XLA's: bfloat16 goes to XLA, float32 stays on oneDNN."""
+    script = """
+import jax, jax.numpy as jnp
+from kdjax.kernels import onednn
+g = ((2, 8, 8, 16), (3, 3, 16, 16), (1, 1), ((1, 1), (1, 1)))
+print(onednn.implementation("fwd", *g, jnp.bfloat16), onednn.native_bf16(*g))
+for dt in (jnp.bfloat16, jnp.float32):
+    x, w = jnp.ones(g[0], dt), jnp.ones(g[1], dt)
+    f = lambda x, w: onednn.conv_general_dilated(x, w, (1, 1), g[3],
+                                                 dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    print("kdjax_onednn_conv_fwd" in jax.jit(f).lower(x, w).as_text(), float(f(x, w).max()))
+"""
+    env = dict(os.environ, ONEDNN_MAX_CPU_ISA="AVX512_CORE", JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                         timeout=300, check=True).stdout.split()
+    assert out[0].endswith(":avx512_core") and out[1] == "False"
+    assert out[2:] == ["False", "144.0", "True", "144.0"]  # bf16 on XLA; f32 on oneDNN; 16 * 9
 
-    def grads(conv):
-        return jax.jit(jax.grad(lambda a, b: (conv(a, b, strides, padding, dimension_numbers=NHWC)
-                                              * dy).astype(jnp.float32).sum(), (0, 1)))(x, w)
-    for got, want in zip(grads(onednn.conv_general_dilated), grads(lax.conv_general_dilated)):
-        assert got.dtype == jnp.bfloat16
-        np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+
+@needs_onednn
+def test_implementation_keeps_the_callers_openmp_threads():
+    # Building a plan holds OpenMP to one thread for oneDNN; the caller (here the Python thread,
+    # which PyTorch would share) gets its setting back.
+    gomp = ctypes.CDLL("libgomp.so.1")
+    before = gomp.omp_get_max_threads()
+    gomp.omp_set_num_threads(3)
+    try:
+        onednn.implementation("fwd", (5, 7, 7, 3), (3, 3, 3, 5), (1, 1), ((1, 1), (1, 1)))  # new
+        assert gomp.omp_get_max_threads() == 3
+    finally:
+        gomp.omp_set_num_threads(before)
+
+
+def test_a_stale_library_warns(monkeypatch, tmp_path):
+    # A library older than its source may lack what the source has (e.g. bfloat16 kernels).
+    lib, src = tmp_path / "_onednn_conv.test.so", tmp_path / "onednn_conv.cc"
+    lib.write_bytes(b"")
+    src.write_text("// newer")
+    os.utime(lib, (1, 1))
+    monkeypatch.setattr(onednn, "library_path", lambda: lib)
+    monkeypatch.setattr(onednn, "SOURCE", src)
+    monkeypatch.setattr(onednn.ctypes.cdll, "LoadLibrary", lambda path: pytest.fail("loaded"))
+    onednn._library.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="older than onednn_conv.cc.*python -m kdjax.kernels.build"):
+            with pytest.raises(pytest.fail.Exception, match="loaded"):
+                onednn._library()
+    finally:
+        monkeypatch.undo()
+        onednn._library.cache_clear()
+
+
+@needs_onednn
+@pytest.mark.parametrize("x_shape, w_shape, strides, padding", GEOMETRIES)
+def test_bfloat16_gradients_match_float64_reference(x_shape, w_shape, strides, padding):
+    x, w = bf16_inputs(6, x_shape, w_shape)
+    dy_shape = conv_reference(np.zeros(x_shape), np.zeros(w_shape), strides, padding).shape
+    dy = jnp.asarray(random_inputs(7, dy_shape)[0], jnp.bfloat16)
+
+    def loss(conv, x, w, dy):  # <conv(x, w), dy>: its gradients are dx and dw of the convolution
+        y = conv(x, w, strides, padding, dimension_numbers=NHWC)
+        return jnp.sum(y.astype(jnp.float64 if dy.dtype == jnp.float64 else jnp.float32) * dy)
+
+    fn = jax.grad(lambda a, b: loss(onednn.conv_general_dilated, a, b, dy), (0, 1))
+    lowered = jax.jit(fn).lower(x, w)
+    gx, gw = lowered.compile()(x, w)
+    with jax.enable_x64(True):  # float64 XLA on the same bfloat16 values
+        rx, rw = jax.device_get(jax.jit(jax.grad(lambda a, b: loss(
+            lax.conv_general_dilated, a, b, jnp.asarray(dy, jnp.float64)), (0, 1)))(
+                jnp.asarray(x, jnp.float64), jnp.asarray(w, jnp.float64)))
+    assert gx.dtype == gw.dtype == jnp.bfloat16
+    assert normalized_error(np.asarray(gx, np.float32), rx) <= BF16_TOL
+    assert normalized_error(np.asarray(gw, np.float32), rw) <= BF16_TOL
+    # (The loss is linear in y: the forward pass is not needed, and not compiled.)
+    text = lowered.as_text()
+    if onednn.native_bf16(x_shape, w_shape, strides, padding):
+        assert BWD_DATA in text and BWD_WEIGHTS in text and "convolution" not in text
+    else:
+        assert "kdjax_onednn" not in text
 
 
 @needs_onednn
 def test_mixed_dtypes_are_a_clear_error():
     x, w = random_inputs(8, (2, 8, 8, 4), (3, 3, 4, 6))
-    with pytest.raises(Exception, match="x, w and y must all be float32 or all bfloat16"):
+    with pytest.raises(Exception, match="operands and result must all be float32 or all bfloat16"):
         jax.block_until_ready(onednn.conv_nhwc(jnp.asarray(x), jnp.asarray(w, jnp.bfloat16),
                                                (1, 1), (1, 1, 1, 1)))
 
@@ -366,7 +433,7 @@ def test_bfloat16_teacher_on_onednn_matches_xla():
         return fn(v, x), fn.lower(v, x).as_text()
     (y_xla, text_xla), (y_dnn, text_dnn) = logits(m_xla), logits(m_dnn)
     assert y_dnn.dtype == y_xla.dtype == jnp.float32
-    assert (FWD in text_dnn) == native_bf16((4, 16, 16, 16), (3, 3, 16, 16), (1, 1), ((1, 1), (1, 1)))
+    assert (FWD in text_dnn) == onednn.native_bf16((4, 16, 16, 16), (3, 3, 16, 16), (1, 1), ((1, 1), (1, 1)))
     # 18 layers of bfloat16 rounding, in a different order on each side.
     np.testing.assert_allclose(y_dnn, y_xla, rtol=0, atol=0.01 * float(np.max(np.abs(y_xla))))
 

@@ -11,10 +11,9 @@ these hold, and ``lax.conv_general_dilated`` otherwise (same result up to roundi
 * the default backend is CPU (there the library must be built: :func:`require` raises otherwise);
 * ``lhs [N, H, W, C]`` and ``rhs [KH, KW, C, O]`` (NHWC / HWIO, Flax's ``nn.Conv`` layout), no
   dilation, ``feature_group_count == batch_group_count == 1``;
-* both float32; or both bfloat16 where oneDNN has a native bfloat16 kernel for the shape (CPUs with
-  AVX512-BF16 or AMX; :func:`implementation` names it). In bfloat16 the forward pass runs on oneDNN
-  (float32 accumulation, bfloat16 result, as XLA's) and the backward passes on XLA: a bfloat16
-  teacher, which runs forward only, gets the fast path.
+* both float32; or both bfloat16 where oneDNN has native bfloat16 kernels for the shape's three
+  passes (CPUs with AVX512-BF16 or AMX: :func:`native_bf16`): float32 accumulation and one rounding
+  of each result, as XLA's.
 
 So a model that passes ``conv_general_dilated=kdjax.kernels.onednn.conv_general_dilated`` to
 ``flax.linen.Conv`` runs unchanged on GPU and TPU. Limits: first derivatives only (the backward
@@ -31,6 +30,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import pathlib
+import warnings
 from typing import Any, Sequence
 
 import jax
@@ -58,6 +58,9 @@ def _library() -> ctypes.CDLL | None:
     path = library_path()
     if not path.exists():
         return None
+    if path.stat().st_mtime < SOURCE.stat().st_mtime:
+        warnings.warn(f"{path.name} is older than {SOURCE.name}: it may lack fixes or features of "
+                      f"the source; rebuild it with `python -m kdjax.kernels.build`.", stacklevel=2)
     lib = ctypes.cdll.LoadLibrary(str(path))
     for target, symbol in TARGETS.values():
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
@@ -85,7 +88,8 @@ def implementation(pass_: str, x_shape: Sequence[int], w_shape: Sequence[int],
                    dtype: Any = jnp.float32) -> str:
     """oneDNN's name for the kernel that serves one pass (``'fwd'``, ``'bwd_data'`` or
     ``'bwd_weights'``) of a convolution in ``dtype`` (float32 or bfloat16), e.g.
-    ``'brg:avx512_core'``, or ``'error: ...'`` if oneDNN has none; for dispatch, benchmarks, tests."""
+    ``'brgconv:avx512_core'`` (kernel, then the instruction set it uses), or ``'error: ...'`` if
+    oneDNN has none; for dispatch, benchmarks and tests."""
     if pass_ not in TARGETS:
         raise ValueError(f"implementation: pass must be one of {list(TARGETS)}; got {pass_!r}.")
     if jnp.dtype(dtype) not in (jnp.float32, jnp.bfloat16):
@@ -98,12 +102,22 @@ def implementation(pass_: str, x_shape: Sequence[int], w_shape: Sequence[int],
                                           int(jnp.dtype(dtype) == jnp.bfloat16)).decode()
 
 
+def native_bf16(x_shape: Sequence[int], w_shape: Sequence[int], strides: Sequence[int],
+                padding: Sequence[tuple[int, int]]) -> bool:
+    """Whether oneDNN runs all three passes of this convolution in bfloat16 on bfloat16
+    instructions (AVX512-BF16, AMX: the instruction set after the ``:`` names them), not on a
+    reference or emulated kernel (``'jit_bf16:avx512_core'``), both slower than XLA's."""
+    return _native_bf16(tuple(x_shape), tuple(w_shape), tuple(strides),
+                        tuple(tuple(p) for p in padding))
+
+
 @functools.cache
 def _native_bf16(x_shape, w_shape, strides, padding) -> bool:
-    """Whether oneDNN runs this forward convolution in bfloat16 natively (no reference or
-    emulated kernel: those are slower than XLA's)."""
-    name = implementation("fwd", x_shape, w_shape, strides, padding, jnp.bfloat16)
-    return not name.startswith(("error", "ref")) and "bf16" in name
+    def native(name):
+        kernel, _, isa = name.partition(":")
+        return not kernel.startswith(("error", "ref")) and ("bf16" in isa or "amx" in isa)
+    return all(native(implementation(p, x_shape, w_shape, strides, padding, jnp.bfloat16))
+               for p in TARGETS)
 
 
 def _call(pass_: str, out_shape: Sequence[int], a: jax.Array, b: jax.Array,
@@ -118,7 +132,7 @@ def _call(pass_: str, out_shape: Sequence[int], a: jax.Array, b: jax.Array,
 def conv_nhwc(x: jax.Array, w: jax.Array, strides: tuple[int, int],
               padding: tuple[int, int, int, int]) -> jax.Array:
     """``y [N, OH, OW, O] = conv(x [N, H, W, C], w [KH, KW, C, O])`` on oneDNN, in the inputs' dtype
-    (float32, or bfloat16 whose backward passes run on XLA).
+    (float32 or bfloat16).
 
     ``padding = (top, bottom, left, right)``; ``OH = (H + top + bottom - KH) // strides[0] + 1``.
     """
@@ -133,11 +147,6 @@ def _conv_nhwc_fwd(x, w, strides, padding):
 
 def _conv_nhwc_bwd(strides, padding, residuals, dy):
     x, w = residuals
-    if x.dtype != jnp.float32:  # oneDNN's backward kernels here are float32 only: XLA's
-        pairs = ((padding[0], padding[1]), (padding[2], padding[3]))
-        _, vjp = jax.vjp(lambda x, w: lax.conv_general_dilated(
-            x, w, strides, pairs, dimension_numbers=_NHWC_HWIO), x, w)
-        return vjp(dy)
     return (_call("bwd_data", x.shape, dy, w, strides, padding),
             _call("bwd_weights", w.shape, x, dy, strides, padding))
 
@@ -176,7 +185,7 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequenc
     strides = tuple(int(s) for s in window_strides)
     (top, bottom), (left, right) = _explicit_padding(padding, lhs, rhs, strides)
     pads = (int(top), int(bottom), int(left), int(right))
-    if min(pads) < 0 or (lhs.dtype == jnp.bfloat16 and not _native_bf16(
+    if min(pads) < 0 or (lhs.dtype == jnp.bfloat16 and not native_bf16(
             lhs.shape, rhs.shape, strides, ((pads[0], pads[1]), (pads[2], pads[3])))):
         return fallback()
     return conv_nhwc(lhs, rhs, strides, pads)

@@ -3,10 +3,11 @@
 // Layouts are XLA's row-major defaults for NHWC activations and HWIO kernels:
 //   x  [N, H, W, C]      w  [KH, KW, C, O]      y  [N, OH, OW, O]
 //   OH = (H + pad_top + pad_bottom - KH) / stride_h + 1   (likewise OW)
-// Three handlers, one per pass, no dilation, no groups:
-//   kdjax_onednn_conv_fwd           y  = conv(x, w)       float32, or bfloat16 (f32 accumulation)
-//   kdjax_onednn_conv_bwd_data      dx = d<y, dy>/dx      float32 (result shape gives x's shape)
-//   kdjax_onednn_conv_bwd_weights   dw = d<y, dy>/dw      float32 (result shape gives w's shape)
+// Three handlers, one per pass, no dilation, no groups, all operands float32 or all bfloat16
+// (bfloat16: float32 accumulation, one rounding of the result):
+//   kdjax_onednn_conv_fwd           y  = conv(x, w)
+//   kdjax_onednn_conv_bwd_data      dx = d<y, dy>/dx   (result shape gives x's shape)
+//   kdjax_onednn_conv_bwd_weights   dw = d<y, dy>/dw   (result shape gives w's shape)
 // Attributes: strides = [sh, sw], padding = [top, bottom, left, right] (int64 arrays).
 //
 // Activations stay in NHWC (oneDNN's brgemm kernels read it directly); kernels are reordered
@@ -55,7 +56,10 @@ struct Geometry {
   int64_t bytes() const { return dt == memory::data_type::bf16 ? 2 : 4; }  // per element
   memory::desc x() const { return {{v[0], v[3], v[1], v[2]}, dt, Tag::nhwc}; }
   memory::desc y() const { return {{v[0], v[6], oh(), ow()}, dt, Tag::nhwc}; }
-  memory::desc w(Tag tag) const { return {{v[6], v[3], v[4], v[5]}, dt, tag}; }
+  memory::desc w(Tag tag) const { return w(tag, dt); }
+  memory::desc w(Tag tag, memory::data_type type) const {
+    return {{v[6], v[3], v[4], v[5]}, type, tag};
+  }
   memory::dims strides() const { return {v[7], v[8]}; }
   memory::dims pad_l() const { return {v[9], v[11]}; }
   memory::dims pad_r() const { return {v[10], v[12]}; }
@@ -69,8 +73,9 @@ struct Plan {
   bool reorder_w = false;    // prim_w != hwio_w
   dnnl::reorder w_reorder;   // hwio -> prim (fwd, bwd_data) or prim -> hwio (bwd_weights)
   dnnl::reorder w_accumulate;  // bwd_weights: dw += prim -> hwio (adds up the batch chunks)
+  dnnl::reorder partial_accumulate;  // bwd_weights in bf16: partial += prim, both float32
   size_t scratchpad_bytes = 0;
-  std::string impl;          // oneDNN's implementation name, e.g. "brg:avx512_core"
+  std::string impl;          // oneDNN's implementation name, e.g. "brgconv:avx512_core"
 };
 
 dnnl::convolution_forward::primitive_desc ForwardPd(const Geometry& g,
@@ -104,10 +109,10 @@ std::unique_ptr<Plan> Build(Pass pass, const Geometry& g) {
          g.pad_l(), g.pad_r()},
         attr, Engine(), fwd);
     Adopt<dnnl::convolution_backward_data>(pd, pd.weights_desc(), plan.get());
-  } else {
+  } else {  // the weight gradient in float32 (partial sums), converted to g.dt at the end
     dnnl::convolution_backward_weights::primitive_desc pd(
-        {dnnl::algorithm::convolution_direct, g.x(), g.w(Tag::any), g.y(), g.strides(),
-         g.pad_l(), g.pad_r()},
+        {dnnl::algorithm::convolution_direct, g.x(), g.w(Tag::any, memory::data_type::f32), g.y(),
+         g.strides(), g.pad_l(), g.pad_r()},
         attr, Engine(), fwd);
     Adopt<dnnl::convolution_backward_weights>(pd, pd.diff_weights_desc(), plan.get());
   }
@@ -126,6 +131,10 @@ std::unique_ptr<Plan> Build(Pass pass, const Geometry& g) {
     accumulate.set_post_ops(add);
     plan->w_accumulate = dnnl::reorder(dnnl::reorder::primitive_desc(
         Engine(), plan->prim_w, Engine(), plan->hwio_w, accumulate));
+    if (g.dt != memory::data_type::f32) {
+      plan->partial_accumulate = dnnl::reorder(dnnl::reorder::primitive_desc(
+          Engine(), plan->prim_w, Engine(), plan->prim_w, accumulate));
+    }
   }
   return plan;
 }
@@ -154,8 +163,17 @@ const Plan& GetPlan(Pass pass, const Geometry& g) {
   std::lock_guard<std::mutex> lock(mu);
   auto& slot = cache[{pass, static_cast<int>(g.dt), g.v}];
   if (!slot) {
-    omp_set_num_threads(1);  // oneDNN sizes its work split by the threads at creation
-    slot = Build(pass, g);
+    // oneDNN sizes its work split by the threads at creation. The caller may be a thread that
+    // shares OpenMP with others (the Python thread, through implementation()): restore it after.
+    const int threads = omp_get_max_threads();
+    omp_set_num_threads(1);
+    try {
+      slot = Build(pass, g);
+    } catch (...) {
+      omp_set_num_threads(threads);
+      throw;
+    }
+    omp_set_num_threads(threads);
   }
   return *slot;
 }
@@ -294,9 +312,19 @@ class Call {
       try {
         dnnl::stream stream(Engine());
         memory dw(plan.hwio_w, Engine(), job_.out);
-        for (int64_t i = plan.reorder_w ? 0 : 1; i < job_.chunks; ++i) {
-          memory partial(plan.prim_w, Engine(), job_.dw(i));
-          (i == 0 ? plan.w_reorder : plan.w_accumulate).execute(stream, partial, dw);
+        memory first(plan.prim_w, Engine(), job_.dw(0));
+        if (job_.g.dt == memory::data_type::f32) {  // dw = chunk 0's (reordered), += the others'
+          if (plan.reorder_w) plan.w_reorder.execute(stream, first, dw);
+          for (int64_t i = 1; i < job_.chunks; ++i) {
+            memory partial(plan.prim_w, Engine(), job_.dw(i));
+            plan.w_accumulate.execute(stream, partial, dw);
+          }
+        } else {  // bfloat16: add up in float32 into chunk 0's partial, round once into dw
+          for (int64_t i = 1; i < job_.chunks; ++i) {
+            memory partial(plan.prim_w, Engine(), job_.dw(i));
+            plan.partial_accumulate.execute(stream, partial, first);
+          }
+          plan.w_reorder.execute(stream, first, dw);
         }
         stream.wait();
       } catch (const dnnl::error& e) {
@@ -382,52 +410,62 @@ ffi::Error MakeGeometry(ffi::Span<const int64_t> x, ffi::Span<const int64_t> w,
   return ffi::Error::Success();
 }
 
-using F32 = ffi::Buffer<ffi::F32>;
 using Ints = ffi::Span<const int64_t>;
 
-ffi::Future Fwd(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> y, Ints strides,
-                Ints padding, ffi::ThreadPool pool) {
-  Geometry g;
-  if (auto err = MakeGeometry(x.dimensions(), w.dimensions(), strides, padding, &g);
-      err.failure()) return Ready(err);
-  const ffi::DataType dt = x.element_type();
-  if ((dt != ffi::DataType::F32 && dt != ffi::DataType::BF16) || w.element_type() != dt ||
-      y->element_type() != dt) {
-    return Ready(ffi::Error(ffi::ErrorCode::kInvalidArgument,
-                            "kdjax oneDNN convolution: x, w and y must all be float32 or all "
-                            "bfloat16"));
+// The geometry of a call: x's shape from `x`, the kernel's from `w`, and the element type, which
+// the two operands and the result must share (float32 or bfloat16).
+ffi::Error CallGeometry(ffi::Span<const int64_t> x, ffi::Span<const int64_t> w, Ints strides,
+                        Ints padding, ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::AnyBuffer out,
+                        Geometry* g) {
+  if (auto err = MakeGeometry(x, w, strides, padding, g); err.failure()) return err;
+  const ffi::DataType dt = a.element_type();
+  if ((dt != ffi::DataType::F32 && dt != ffi::DataType::BF16) || b.element_type() != dt ||
+      out.element_type() != dt) {
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument,
+                      "kdjax oneDNN convolution: operands and result must all be float32 or all "
+                      "bfloat16");
   }
-  if (dt == ffi::DataType::BF16) g.dt = memory::data_type::bf16;
+  g->dt = dt == ffi::DataType::BF16 ? memory::data_type::bf16 : memory::data_type::f32;
+  return ffi::Error::Success();
+}
+
+using Any = ffi::AnyBuffer;
+using AnyResult = ffi::Result<ffi::AnyBuffer>;
+
+ffi::Future Fwd(Any x, Any w, AnyResult y, Ints strides, Ints padding, ffi::ThreadPool pool) {
+  Geometry g;
+  if (auto err = CallGeometry(x.dimensions(), w.dimensions(), strides, padding, x, w, *y, &g);
+      err.failure()) return Ready(err);
   return Run(kFwd, g, x.untyped_data(), w.untyped_data(), y->untyped_data(), pool);
 }
 
-ffi::Future BwdData(F32 dy, F32 w, ffi::ResultBuffer<ffi::F32> dx, Ints strides, Ints padding,
-                   ffi::ThreadPool pool) {
+ffi::Future BwdData(Any dy, Any w, AnyResult dx, Ints strides, Ints padding,
+                    ffi::ThreadPool pool) {
   Geometry g;
-  if (auto err = MakeGeometry(dx->dimensions(), w.dimensions(), strides, padding, &g);
+  if (auto err = CallGeometry(dx->dimensions(), w.dimensions(), strides, padding, dy, w, *dx, &g);
       err.failure()) return Ready(err);
   return Run(kBwdData, g, dy.untyped_data(), w.untyped_data(), dx->untyped_data(), pool);
 }
 
-ffi::Future BwdWeights(F32 x, F32 dy, ffi::ResultBuffer<ffi::F32> dw, Ints strides,
-                      Ints padding, ffi::ThreadPool pool) {
+ffi::Future BwdWeights(Any x, Any dy, AnyResult dw, Ints strides, Ints padding,
+                       ffi::ThreadPool pool) {
   Geometry g;
-  if (auto err = MakeGeometry(x.dimensions(), dw->dimensions(), strides, padding, &g);
+  if (auto err = CallGeometry(x.dimensions(), dw->dimensions(), strides, padding, x, dy, *dw, &g);
       err.failure()) return Ready(err);
   return Run(kBwdWeights, g, x.untyped_data(), dy.untyped_data(), dw->untyped_data(), pool);
 }
 
 }  // namespace
 
-#define KDJAX_CONV_BINDING(T)                                                           \
-  ffi::Ffi::Bind().Arg<T>().Arg<T>().Ret<T>().Attr<Ints>("strides").Attr<Ints>("padding") \
-      .Ctx<ffi::ThreadPool>()
+#define KDJAX_CONV_BINDING                                                                  \
+  ffi::Ffi::Bind().Arg<Any>().Arg<Any>().Ret<Any>().Attr<Ints>("strides").Attr<Ints>( \
+      "padding").Ctx<ffi::ThreadPool>()
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(KdjaxOnednnConvFwd, Fwd, KDJAX_CONV_BINDING(ffi::AnyBuffer));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(KdjaxOnednnConvBwdData, BwdData, KDJAX_CONV_BINDING(F32));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(KdjaxOnednnConvBwdWeights, BwdWeights, KDJAX_CONV_BINDING(F32));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(KdjaxOnednnConvFwd, Fwd, KDJAX_CONV_BINDING);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(KdjaxOnednnConvBwdData, BwdData, KDJAX_CONV_BINDING);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(KdjaxOnednnConvBwdWeights, BwdWeights, KDJAX_CONV_BINDING);
 
-// Which oneDNN implementation serves a pass, e.g. "brg:avx512_core", in float32 or (bf16 != 0)
+// Which oneDNN implementation serves a pass, e.g. "brgconv:avx512_core", in float32 or (bf16 != 0)
 // bfloat16; "error: ..." when oneDNN has none (for onednn.py's dispatch, benchmarks and tests).
 extern "C" const char* KdjaxOnednnImplName(int pass, const int64_t* geometry, int bf16) {
   static thread_local std::string name;
