@@ -244,6 +244,37 @@ for dt in (jnp.bfloat16, jnp.float32):
 
 
 @needs_onednn
+def test_avx2_kernels_keep_the_heap_intact():
+    """On AVX2 (a laptop; here oneDNN capped to it), oneDNN's strided 1x1 kernels write past the
+    scratchpad they ask for when channels are padded (4 -> 8). glibc's heap checks
+    (``MALLOC_CHECK_=3``) abort on such a write; the results must also be right."""
+    script = """
+import numpy as np, jax, jax.numpy as jnp
+from kdjax.kernels import onednn
+dn = ("NHWC", "HWIO", "NHWC")
+rng = np.random.default_rng(0)
+for n, c, o in ((2, 4, 8), (3, 3, 5), (2, 12, 8)):
+    x = jnp.asarray(rng.normal(size=(n, 8, 8, c)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(1, 1, c, o)), jnp.float32)
+    print(onednn.implementation("bwd_weights", x.shape, w.shape, (2, 2), ((0, 0), (0, 0))))
+    loss = lambda conv: lambda x, w: jnp.sum(jnp.sin(conv(x, w, (2, 2), "VALID", dimension_numbers=dn)))
+    for _ in range(20):
+        got = jax.jit(jax.grad(loss(onednn.conv_general_dilated), (0, 1)))(x, w)
+    want = jax.grad(loss(jax.lax.conv_general_dilated), (0, 1))(x, w)
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+print("ok")
+"""
+    env = dict(os.environ, ONEDNN_MAX_CPU_ISA="AVX2", MALLOC_CHECK_="3", JAX_PLATFORMS="cpu")
+    env.pop("LD_PRELOAD", None)
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.split()
+    assert lines[-1] == "ok" and all(name.endswith(":avx2") for name in lines[:-1]), lines
+
+
+@needs_onednn
 def test_implementation_keeps_the_callers_openmp_threads():
     # Building a plan holds OpenMP to one thread for oneDNN; the caller (here the Python thread,
     # which PyTorch would share) gets its setting back.

@@ -74,7 +74,8 @@ struct Plan {
   dnnl::reorder w_reorder;   // hwio -> prim (fwd, bwd_data) or prim -> hwio (bwd_weights)
   dnnl::reorder w_accumulate;  // bwd_weights: dw += prim -> hwio (adds up the batch chunks)
   dnnl::reorder partial_accumulate;  // bwd_weights in bf16: partial += prim, both float32
-  size_t scratchpad_bytes = 0;
+  size_t scratchpad_bytes = 0;  // what the primitive asks for
+  size_t scratchpad_alloc = 0;  // what it gets (more: see Build)
   std::string impl;          // oneDNN's implementation name, e.g. "brgconv:avx512_core"
 };
 
@@ -115,6 +116,14 @@ std::unique_ptr<Plan> Build(Pass pass, const Geometry& g) {
          g.strides(), g.pad_l(), g.pad_r()},
         attr, Engine(), fwd);
     Adopt<dnnl::convolution_backward_weights>(pd, pd.diff_weights_desc(), plan.get());
+  }
+  // oneDNN 2.6's jit_1x1 kernels with a stride (AVX2; "rtus": they first copy the strided input
+  // into the scratchpad) write past the scratchpad size they ask for when the channels are padded
+  // to the block (e.g. 4 -> 8): heap corruption in tests on AVX2. Their buffer gets room for the
+  // whole input with channels padded to 16.
+  plan->scratchpad_alloc = plan->scratchpad_bytes;
+  if (g.v[4] == 1 && g.v[5] == 1 && (g.v[7] > 1 || g.v[8] > 1)) {
+    plan->scratchpad_alloc += g.v[0] * g.v[1] * g.v[2] * ((g.v[3] + 15) / 16 * 16) * sizeof(float);
   }
   plan->reorder_w = plan->prim_w != plan->hwio_w;
   if (plan->reorder_w) {
@@ -181,7 +190,7 @@ const Plan& GetPlan(Pass pass, const Geometry& g) {
 memory Scratchpad(const Plan& plan, Workspace* ws) {
   return memory(memory::desc({static_cast<int64_t>(plan.scratchpad_bytes)}, memory::data_type::u8,
                              Tag::x),
-                Engine(), ws->Get(plan.scratchpad_bytes));
+                Engine(), ws->Get(plan.scratchpad_alloc));
 }
 
 // One pass split over the batch: chunk i holds rows [begin(i), begin(i + 1)) of the activations.
