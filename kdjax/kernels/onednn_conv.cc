@@ -72,7 +72,7 @@ struct Plan {
   memory::desc hwio_w;       // the caller's kernel layout
   bool reorder_w = false;    // prim_w != hwio_w
   dnnl::reorder w_reorder;   // hwio -> prim (fwd, bwd_data) or prim -> hwio (bwd_weights)
-  dnnl::reorder w_accumulate;  // bwd_weights: dw += prim -> hwio (adds up the batch chunks)
+  dnnl::reorder w_accumulate;  // bwd_weights in f32: dw += prim -> hwio (adds up the chunks)
   dnnl::reorder partial_accumulate;  // bwd_weights in bf16: partial += prim, both float32
   size_t scratchpad_bytes = 0;  // what the primitive asks for
   size_t scratchpad_alloc = 0;  // what it gets (more: see Build)
@@ -138,9 +138,10 @@ std::unique_ptr<Plan> Build(Pass pass, const Geometry& g) {
     add.append_sum(1.0f);
     dnnl::primitive_attr accumulate;
     accumulate.set_post_ops(add);
-    plan->w_accumulate = dnnl::reorder(dnnl::reorder::primitive_desc(
-        Engine(), plan->prim_w, Engine(), plan->hwio_w, accumulate));
-    if (g.dt != memory::data_type::f32) {
+    if (g.dt == memory::data_type::f32) {
+      plan->w_accumulate = dnnl::reorder(dnnl::reorder::primitive_desc(
+          Engine(), plan->prim_w, Engine(), plan->hwio_w, accumulate));
+    } else {
       plan->partial_accumulate = dnnl::reorder(dnnl::reorder::primitive_desc(
           Engine(), plan->prim_w, Engine(), plan->prim_w, accumulate));
     }
@@ -173,16 +174,14 @@ const Plan& GetPlan(Pass pass, const Geometry& g) {
   auto& slot = cache[{pass, static_cast<int>(g.dt), g.v}];
   if (!slot) {
     // oneDNN sizes its work split by the threads at creation. The caller may be a thread that
-    // shares OpenMP with others (the Python thread, through implementation()): restore it after.
-    const int threads = omp_get_max_threads();
-    omp_set_num_threads(1);
-    try {
-      slot = Build(pass, g);
-    } catch (...) {
-      omp_set_num_threads(threads);
-      throw;
-    }
-    omp_set_num_threads(threads);
+    // shares OpenMP with others (the Python thread, through implementation()): it gets its own
+    // setting back, even if Build throws.
+    struct OneOmpThread {
+      const int saved = omp_get_max_threads();
+      OneOmpThread() { omp_set_num_threads(1); }
+      ~OneOmpThread() { omp_set_num_threads(saved); }
+    } one_thread;
+    slot = Build(pass, g);
   }
   return *slot;
 }
