@@ -4,6 +4,7 @@ import errno
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -592,16 +593,21 @@ def test_partial_tmp_checkpoint_is_ignored_and_cleaned(tmp_path, mesh, caplog):
 
 
 CORRUPTIONS = {
-    # name: (function of the step-2 directory, substring of the warning)
+    # name: (function of the step-2 directory, regex that the warning must contain)
+    # A flip in the middle of the largest data file lands in the embed leaf's chunk or in another
+    # one, compressed or not, depending on the chunk order of the async write: the chunk then
+    # fails to decompress or decodes to other values that the checksum catches.  Both are
+    # detections; test_orbax_alone_restores_flipped_bytes_silently pins the checksum path.
     "array_bytes_flipped": (lambda d: _flip_middle(_largest_file(d / "state")),
-                            "['embed'] ("),
+                            r"checksum mismatch in leaf \S+ \(\d+ of 16 leaves|reading it failed"),
     "array_file_truncated": (lambda d: _largest_file(d / "state").write_bytes(b"\0" * 7),
                              "reading it failed"),
     "array_metadata_deleted": (lambda d: (d / "state" / "_METADATA").unlink(),
                                "reading it failed"),
     "array_type_metadata_deleted": (
         lambda d: (d / "state" / "array_metadatas" / "process_0").unlink(),
-        "leaf .rng came back as (2,) uint32 but was saved as () key<fry> (damaged array metadata)"),
+        re.escape("leaf .rng came back as (2,) uint32 but was saved as () key<fry> "
+                  "(damaged array metadata)")),
     "manifest_garbled": (lambda d: (d / "integrity" / "metadata").write_text('{"format": 1'),
                          "integrity manifest is missing or unreadable"),
     "manifest_deleted": (lambda d: shutil.rmtree(d / "integrity"),
@@ -635,7 +641,7 @@ def test_corrupt_latest_falls_back_to_previous(tmp_path, mesh, caplog, corruptio
     assert_bit_equal(restored, states[1])
     np.testing.assert_array_equal(next(it), _nth_batch(1))  # step 1 had consumed one batch
     assert "Checkpoint step 2" in caplog.text and "is corrupt" in caplog.text
-    assert expected_reason in caplog.text
+    assert re.search(expected_reason, caplog.text), caplog.text
     assert "Falling back to step 1" in caplog.text
     assert (directory / "1").is_dir()
     assert (directory / "2.corrupt").is_dir() and not (directory / "2").exists()
