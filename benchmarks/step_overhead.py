@@ -286,6 +286,12 @@ def preload_tcmalloc_or_continue(choice: str) -> None:
     os.execve(sys.executable, [sys.executable, *sys.argv], env)
 
 
+def write_json(path: str, result: dict) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)
+
+
 def measured_matmul_peak(dtype, n: int = 8192) -> float:
     """FLOP/s of an ``n x n`` matmul on the default device (the denominator on a GPU)."""
     a = jnp.ones((n, n), dtype)
@@ -385,9 +391,7 @@ def main(argv: list[str] | None = None) -> dict:
     how = "measured" if result["peak_measured"] else "given"
     print(f"{'peak':>22}: {peak / 1e9:.0f} GFLOP/s ({how})")
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+        write_json(args.json, result)
     return result
 
 

@@ -19,6 +19,7 @@ import numpy as np
 import optax
 import pytest
 from jax import lax
+from jax.sharding import PartitionSpec as P
 
 from kdjax import models, recipe, sharding, train
 from kdjax.kernels import build, onednn
@@ -530,20 +531,20 @@ def initial_state():
         opt_state=TX.init(variables["params"]), rng=jax.random.PRNGKey(0), skipped=jnp.zeros((), jnp.int32)))
 
 
-def run_steps(state, conv, mesh, steps=2):
-    """``steps`` SGD-momentum steps of a CIFAR ResNet-8 with ``conv`` on ``mesh`` (state replicated)
-    on 8x8 inputs; returns the final state and the step's HLO."""
+def run_steps(state, conv, mesh, steps=2, mode="replicate"):
+    """``steps`` SGD-momentum steps of a CIFAR ResNet-8 with ``conv`` on ``mesh`` (state sharded by
+    ``mode``, every parameter a candidate) on 8x8 inputs; returns the final state and the compiled
+    (per-device) HLO."""
     model = models.create("cifar_resnet8", 10, conv=conv)
-    shardings = sharding.tree_shardings(state, mesh, "replicate")
+    shardings = sharding.tree_shardings(state, mesh, mode, min_size=1)
     step = train.make_train_step(train.linen_student(model), TX, (recipe.ce(),), mesh=mesh,
                                  state_shardings=shardings, donate=False)
     state = jax.device_put(state, shardings)
-    lowered = step.lower(state, {}, sharding.global_batch(make_batch(0), mesh))
-    compiled = lowered.compile()
+    compiled = step.lower(state, {}, sharding.global_batch(make_batch(0), mesh)).compile()
     for i in range(steps):
         state, metrics = compiled(state, {}, sharding.global_batch(make_batch(i), mesh))
         assert bool(metrics["finite"])
-    return jax.device_get(state), lowered.as_text()
+    return jax.device_get(state), compiled.as_text()
 
 
 @pytest.fixture(scope="module")
@@ -563,15 +564,55 @@ def test_train_step_on_onednn_matches_xla(initial_state, onednn_single_device):
     assert min(jax.tree.leaves(moved)) > 0  # every parameter was updated
 
 
+def onednn_calls(text):
+    """``(target, first operand's shape)`` of every oneDNN custom call in compiled HLO text."""
+    return re.findall(r"custom-call\(.*?custom_call_target=\"(kdjax_onednn_conv_\w+)\", "
+                      r"operand_layout_constraints=\{(?:f32|bf16)\[([\d,]+)\]", text)
+
+
 @needs_onednn
-def test_data_parallel_onednn_step_matches_single_device(initial_state, onednn_single_device):
+@pytest.mark.parametrize("data,fsdp,mode", [(8, 1, "replicate"), (4, 2, "fsdp")])
+def test_sharded_onednn_step_splits_the_batch_and_matches_single_device(
+        initial_state, onednn_single_device, data, fsdp, mode):
+    """Each device convolves its own examples (8 over 8 devices: one each), the weight gradients
+    are summed over the devices, and an FSDP-sharded kernel is gathered: same result as one device."""
     assert jax.device_count() == 8
-    state, text = run_steps(initial_state, "onednn", sharding.make_mesh(data=8))
+    state, text = run_steps(initial_state, "onednn", sharding.make_mesh(data, fsdp), mode=mode)
     ref, _ = onednn_single_device
-    assert FWD in text and int(state.step) == 2
+    calls = onednn_calls(text)
+    assert {target for target, _ in calls} == {FWD, BWD_DATA, BWD_WEIGHTS}
+    assert all(shape.split(",")[0] == "1" for _, shape in calls), calls  # local batch, not 8
+    assert text.count(" all-reduce(") >= sum(target == BWD_WEIGHTS for target, _ in calls)
+    if fsdp > 1:
+        assert " all-gather(" in text
+        assert any(s.spec != P() for s in jax.tree.leaves(sharding.tree_shardings(
+            initial_state.params, sharding.make_mesh(data, fsdp), mode, min_size=1)))
+    assert int(state.step) == 2
     assert_trees_close(state.params, ref.params, 2e-5)
     assert_trees_close(state.batch_stats, ref.batch_stats, 2e-5)
     assert_trees_close(state.opt_state, ref.opt_state, 2e-5)
+
+
+@needs_onednn
+def test_sharded_bfloat16_weight_gradient_adds_the_devices_in_float32():
+    """bfloat16 on a data-parallel mesh: each device's weight gradient is rounded once, the devices'
+    are added in float32 and rounded once more; against a float64 reference."""
+    x, dy = bf16_inputs(7, (16, 8, 8, 16), (16, 8, 8, 32))
+    grad = jax.jit(lambda a, b: onednn._call("bwd_weights", (3, 3, 16, 32), a, b, (1, 1),
+                                             (1, 1, 1, 1)))
+    split = sharding.batch_sharding(sharding.make_mesh(data=8))
+    x, dy = jax.device_put(x, split), jax.device_put(dy, split)
+    text = grad.lower(x, dy).compile().as_text()
+    assert onednn_calls(text) == [(BWD_WEIGHTS, "2,8,8,16")]
+    assert re.search(r"f32\[3,3,16,32\]\S* all-reduce\(", text), text
+    got = grad(x, dy)
+    with jax.enable_x64(True):
+        _, vjp = jax.vjp(lambda w: lax.conv_general_dilated(
+            np.asarray(x, np.float64), w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=NHWC),
+            np.zeros((3, 3, 16, 32)))
+        want, = vjp(np.asarray(dy, np.float64))
+    assert got.dtype == jnp.bfloat16 and got.sharding.is_fully_replicated
+    assert normalized_error(np.asarray(got, np.float32), want) <= 2 * BF16_TOL
 
 
 # ----------------------------------------------------------------------------- concurrency

@@ -16,9 +16,12 @@ these hold, and ``lax.conv_general_dilated`` otherwise (same result up to roundi
   of each result, as XLA's.
 
 So a model that passes ``conv_general_dilated=kdjax.kernels.onednn.conv_general_dilated`` to
-``flax.linen.Conv`` runs unchanged on GPU and TPU. Limits: first derivatives only (the backward
-kernels are not differentiable again); under a multi-device mesh XLA cannot partition the custom call
-and runs it replicated, so use it for single-device CPU steps (the default XLA conv elsewhere).
+``flax.linen.Conv`` runs unchanged on GPU and TPU. Under a multi-device mesh each pass is partitioned
+over the batch (``jax.experimental.custom_partitioning``): every device convolves its own examples
+with the whole kernel (XLA gathers an FSDP-sharded one) and the weight gradients are summed over
+the devices (an all-reduce); any other sharding of the operands is gathered first. Under ``vmap``
+the passes run example by example. Limit: first derivatives only (the backward kernels are not
+differentiable again).
 
 Build: ``python -m kdjax.kernels.build`` compiles ``onednn_conv.cc`` against the installed jaxlib's
 FFI headers and the system oneDNN (Debian/Ubuntu: ``apt-get install libdnnl-dev``) into
@@ -37,6 +40,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.experimental.custom_partitioning import custom_partitioning
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 SOURCE = pathlib.Path(__file__).with_name("onednn_conv.cc")
 #: The three FFI targets, by pass: (XLA target name, exported handler symbol).
@@ -120,12 +126,79 @@ def _native_bf16(x_shape, w_shape, strides, padding) -> bool:
                for p in TARGETS)
 
 
-def _call(pass_: str, out_shape: Sequence[int], a: jax.Array, b: jax.Array,
-          strides: tuple[int, int], padding: tuple[int, int, int, int]) -> jax.Array:
+#: Each pass's operands and result as factors (``n`` the batch; ``h w``/``oh ow`` the input's and the
+#: output's rows and columns; ``kh kw c o`` the kernel's). A mesh may split the batch only.
+_RULES = {"fwd": "n h w c, kh kw c o -> n oh ow o",
+          "bwd_data": "n oh ow o, kh kw c o -> n h w c",
+          "bwd_weights": "n h w c, n oh ow o -> kh kw c o"}
+
+
+def _ffi(pass_: str, out_shape: tuple[int, ...], strides: tuple[int, int],
+         padding: tuple[int, int, int, int], a: jax.Array, b: jax.Array) -> jax.Array:
+    """One pass on the operands as given; ``out_shape``'s batch (``fwd``, ``bwd_data``) is ``a``'s."""
     require()  # loads the library and registers its targets
-    return jax.ffi.ffi_call(TARGETS[pass_][0], jax.ShapeDtypeStruct(tuple(out_shape), a.dtype),
+    if pass_ != "bwd_weights":
+        out_shape = (a.shape[0], *out_shape[1:])
+    return jax.ffi.ffi_call(TARGETS[pass_][0], jax.ShapeDtypeStruct(out_shape, a.dtype),
                             vmap_method="sequential")(
         a, b, strides=np.asarray(strides, np.int64), padding=np.asarray(padding, np.int64))
+
+
+def _batch_axes(arg_shapes) -> Any:
+    """The mesh axes that split the batch of the first operand (None: whole)."""
+    spec = arg_shapes[0].sharding.spec
+    return spec[0] if len(spec) else None
+
+
+def _partition(pass_, ffi, mesh, arg_shapes, result_shape):
+    """Per-device program of one pass: activations split over the batch as the first operand is,
+    the kernel whole (XLA gathers an FSDP-sharded one); the weight gradient's per-device sums are
+    added over the batch axes (XLA:CPU adds bfloat16 ones in float32 and rounds once)."""
+    del result_shape
+    axes = _batch_axes(arg_shapes)
+    acts, whole = NamedSharding(mesh, P(axes)), NamedSharding(mesh, P())
+    if pass_ != "bwd_weights":
+        return mesh, ffi, acts, (acts, whole)
+
+    def weight_gradient(x, dy):
+        dw = ffi(x, dy)
+        return dw if axes is None else lax.psum(dw, axes)
+    return mesh, weight_gradient, whole, (acts, acts)
+
+
+def _result_sharding(pass_, mesh, arg_shapes, result_shape):
+    del result_shape
+    return NamedSharding(mesh, P() if pass_ == "bwd_weights" else P(_batch_axes(arg_shapes)))
+
+
+@functools.cache
+def _pass(pass_: str, out_shape: tuple[int, ...], strides: tuple[int, int],
+          padding: tuple[int, int, int, int]):
+    """One pass as a function of its two operands that a mesh splits over the batch
+    (``custom_partitioning``: the batch is the only factor of :data:`_RULES` that may be sharded,
+    and the weight gradient's is a reduction) and ``vmap`` runs example by example."""
+    ffi = functools.partial(_ffi, pass_, out_shape, strides, padding)
+    partitioned = custom_partitioning(ffi)
+    rule = _RULES[pass_]
+    partitioned.def_partition(
+        partition=functools.partial(_partition, pass_, ffi),
+        infer_sharding_from_operands=functools.partial(_result_sharding, pass_),
+        sharding_rule=rule,
+        need_replication_factors=tuple(f for f in dict.fromkeys(rule.replace(",", " ").split())
+                                       if f not in ("n", "->")),
+        reduction_factors=("n",) if pass_ == "bwd_weights" else ())
+    fn = jax.custom_batching.custom_vmap(partitioned)
+
+    @fn.def_vmap
+    def _sequential(axis_size, in_batched, a, b):  # custom_partitioning has no batching rule
+        del axis_size
+        return jax.vmap(ffi, in_axes=tuple(0 if bt else None for bt in in_batched))(a, b), True
+    return fn
+
+
+def _call(pass_: str, out_shape: Sequence[int], a: jax.Array, b: jax.Array,
+          strides: tuple[int, int], padding: tuple[int, int, int, int]) -> jax.Array:
+    return _pass(pass_, tuple(int(d) for d in out_shape), tuple(strides), tuple(padding))(a, b)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
