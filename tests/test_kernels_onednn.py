@@ -10,6 +10,7 @@ import ctypes
 import os
 import pathlib
 import re
+import socket
 import subprocess
 import sys
 
@@ -613,6 +614,69 @@ def test_sharded_bfloat16_weight_gradient_adds_the_devices_in_float32():
         want, = vjp(np.asarray(dy, np.float64))
     assert got.dtype == jnp.bfloat16 and got.sharding.is_fully_replicated
     assert normalized_error(np.asarray(got, np.float32), want) <= 2 * BF16_TOL
+
+
+# Run by two processes (2 CPU devices each): the gradients of sum(sin(conv(x, w))) for a batch of
+# 8 split over the 4 devices of both; each process saves its rows of dx, and dw.
+TWO_PROCESS_WORKER = """
+import sys
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+from kdjax import sharding
+from kdjax.kernels import onednn
+port, pid, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=pid,
+                           initialization_timeout=60)
+rng = np.random.default_rng(0)
+x = rng.normal(size=(8, 8, 8, 4)).astype(np.float32)
+w = rng.normal(size=(3, 3, 4, 6)).astype(np.float32)
+mesh = sharding.make_mesh()
+xs = jax.make_array_from_process_local_data(sharding.batch_sharding(mesh), x[4 * pid:4 * pid + 4])
+ws = jax.device_put(w, NamedSharding(mesh, P()))
+grad = jax.jit(jax.grad(lambda a, b: jnp.sum(jnp.sin(onednn.conv_nhwc(a, b, (1, 1), (1, 1, 1, 1)))),
+                        argnums=(0, 1)))
+text = grad.lower(xs, ws).compile().as_text()
+gx, gw = grad(xs, ws)
+rows = np.concatenate([np.asarray(s.data) for s in sorted(gx.addressable_shards,
+                                                          key=lambda s: s.index[0].start)])
+np.savez(out, dx=rows, dw=np.asarray(gw.addressable_data(0)), hlo=np.array(text))
+jax.distributed.shutdown()
+"""
+
+
+@needs_onednn
+def test_two_processes_split_the_batch_and_add_the_weight_gradients(tmp_path):
+    """jax.distributed over two local processes (gloo, loopback): each device convolves its own 2
+    examples and the weight gradient is summed across the processes; both equal float64 XLA."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    procs = [subprocess.Popen([sys.executable, "-c", TWO_PROCESS_WORKER, str(port), str(i),
+                               str(tmp_path / f"p{i}.npz")], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    try:
+        logs = [p.communicate(timeout=240)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(log[-3000:] for log in logs)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(8, 8, 8, 4))
+    w = rng.normal(size=(3, 3, 4, 6))
+    with jax.enable_x64(True):
+        rx, rw = jax.device_get(jax.grad(lambda a, b: jnp.sum(jnp.sin(lax.conv_general_dilated(
+            a, b, (1, 1), ((1, 1), (1, 1)), dimension_numbers=NHWC))), argnums=(0, 1))(x, w))
+    for i in range(2):
+        with np.load(tmp_path / f"p{i}.npz") as got:
+            assert normalized_error(got["dx"], rx[4 * i:4 * i + 4]) <= F32_TOL
+            assert normalized_error(got["dw"], rw) <= F32_TOL
+            calls = onednn_calls(str(got["hlo"]))
+            assert sorted(target for target, _ in calls) == sorted((FWD, BWD_DATA, BWD_WEIGHTS))
+            assert all(shape.startswith("2,") for _, shape in calls), calls
+            assert " all-reduce(" in str(got["hlo"])
 
 
 # ----------------------------------------------------------------------------- concurrency
