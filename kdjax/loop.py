@@ -124,9 +124,9 @@ def _validate_args(*, workdir, student, tx, train_iter, eval_iter_fn, num_steps,
     """Raises ValueError/TypeError naming the first bad argument of :func:`fit`."""
     if not isinstance(workdir, (str, os.PathLike)) or not os.fspath(workdir):
         raise TypeError(f"workdir must be a non-empty path; got {workdir!r}.")
-    if not (hasattr(student, "init") and hasattr(student, "apply")):
-        raise TypeError(f"student must be a Flax Linen module (e.g. kdjax.models.create('mlp', 10)); "
-                        f"got {type(student).__name__}.")
+    if not (train.is_nnx(student) or (hasattr(student, "init") and hasattr(student, "apply"))):
+        raise TypeError(f"student must be a Flax Linen module (e.g. kdjax.models.create('mlp', 10)) "
+                        f"or a Flax NNX module; got {type(student).__name__}.")
     if not isinstance(tx, optax.GradientTransformation):
         raise TypeError(f"tx must be an optax.GradientTransformation (e.g. optax.adam(1e-3)); "
                         f"got {type(tx).__name__}.")
@@ -473,7 +473,9 @@ def fit(*, workdir: str, student, tx: optax.GradientTransformation, recipe: Sequ
     Args:
       workdir: local (or shared-filesystem) run directory: ``checkpoints/``, ``metrics.jsonl``,
         ``tb/``. Reusing it resumes.
-      student: Flax Linen module returning ``(logits, features)`` (:mod:`kdjax.models`).
+      student: Flax Linen module returning ``(logits, features)`` (:mod:`kdjax.models`), or a
+        Flax NNX module returning ``logits`` or ``(logits, features)``, trained from its current
+        variables (:func:`kdjax.train.nnx_student`; the module itself is left unchanged).
       tx: optax optimizer (schedules inside it see the update count, which is restored on resume).
       recipe: loss terms (:mod:`kdjax.recipe`).
       teacher, teacher_variables: a :class:`kdjax.teachers.Teacher` and its frozen variables
@@ -528,6 +530,9 @@ def fit(*, workdir: str, student, tx: optax.GradientTransformation, recipe: Sequ
                    best_metric=best_metric, best_mode=best_mode, nonfinite=nonfinite,
                    batch_transform=batch_transform, eval_batch_transform=eval_batch_transform)
     _check_int("prefetch", prefetch, 1)
+    if init_params is not None and train.is_nnx(student):
+        raise TypeError("init_params is for Linen students; an NNX student starts from its own "
+                        "variables: put the weights into it (nnx.update(model, state)) before fit.")
     if handle_preemption and threading.current_thread() is not threading.main_thread():
         raise RuntimeError("fit() installs a SIGTERM handler for preemption, which Python allows "
                            "only in the main thread; call fit() from the main thread or pass "
@@ -544,7 +549,7 @@ def fit(*, workdir: str, student, tx: optax.GradientTransformation, recipe: Sequ
                                                     mesh=mesh, mode=param_mode)
     t_vars, t_shardings = train.put_teacher({} if teacher_variables is None else teacher_variables,
                                             mesh, teacher_mode)
-    apply = train.linen_student(student)
+    apply = train.student_apply(student)
     train_step = train.make_train_step(apply, tx, recipe, teacher, mesh=mesh,
                                        state_shardings=state_shardings,
                                        teacher_shardings=t_shardings, input_key=input_key,
@@ -552,10 +557,8 @@ def fit(*, workdir: str, student, tx: optax.GradientTransformation, recipe: Sequ
     eval_step = (train.make_eval_step(apply, teacher, mesh=mesh, state_shardings=state_shardings,
                                       teacher_shardings=t_shardings, input_key=input_key)
                  if do_eval_at_all else None)
-    logits_shape = jax.eval_shape(
-        functools.partial(student.apply, train=False),
-        {"params": state.params, "batch_stats": state.batch_stats}, sample_input)
-    logits_shape = logits_shape[0] if isinstance(logits_shape, tuple) else logits_shape
+    logits_shape = jax.eval_shape(lambda s, x: apply(s.params, s.batch_stats, x, False, s.rng)[0]
+                                  .logits, state, sample_input)
     check = functools.partial(_check_batch, input_key=input_key,
                               example_shape=tuple(np.shape(sample_input))[1:],
                               num_classes=int(logits_shape.shape[-1]),

@@ -13,8 +13,9 @@ Shardings are explicit (the ``pjit`` model): the state follows :func:`kdjax.shar
 (replicated or FSDP), the teacher its own rule, the batch is split over all devices, and metrics are
 replicated. The state's buffers are donated.
 
-Students are Linen modules returning ``(logits, features)`` (see :mod:`kdjax.models`); teachers are
-anything :mod:`kdjax.teachers` wraps.
+Students are Linen modules (:func:`linen_student`) or Flax NNX modules (:func:`nnx_student`)
+returning ``logits`` or ``(logits, features)`` (see :mod:`kdjax.models`); teachers are anything
+:mod:`kdjax.teachers` wraps.
 """
 
 from __future__ import annotations
@@ -48,6 +49,11 @@ class TrainState(flax.struct.PyTreeNode):
     skipped: jax.Array
 
 
+def _student_output(out) -> StudentOutput:
+    logits, features = out if isinstance(out, tuple) else (out, {})
+    return StudentOutput(logits.astype(jnp.float32), features)
+
+
 def linen_student(module) -> StudentApply:
     """``apply(params, batch_stats, x, train, rng) -> (StudentOutput, new_batch_stats)``."""
     def apply(params, batch_stats, x, train, rng):
@@ -58,9 +64,49 @@ def linen_student(module) -> StudentApply:
             new_stats = updates.get("batch_stats", batch_stats)
         else:
             out, new_stats = module.apply(variables, x, train=False), batch_stats
-        logits, features = out if isinstance(out, tuple) else (out, {})
-        return StudentOutput(logits.astype(jnp.float32), features), new_stats
+        return _student_output(out), new_stats
     return apply
+
+
+def is_nnx(model) -> bool:
+    """Whether ``model`` is a Flax NNX module (else a Linen one is expected)."""
+    from flax import nnx
+    return isinstance(model, nnx.Module)
+
+
+def nnx_student(model) -> tuple[StudentApply, dict[str, Any]]:
+    """A Flax NNX student as a pure function: returns ``(apply, variables)``.
+
+    ``nnx.split`` separates the module into its graph, its ``nnx.Param`` state (``variables
+    ['params']``, what the optimizer updates), its ``nnx.BatchStat`` state (``variables
+    ['batch_stats']``) and everything else (RNG streams, other variables), which stays as it is
+    now. ``apply`` (the :func:`linen_student` signature) merges a copy, switches it to train mode
+    (``model.train()``: batch statistics, dropout on) or eval mode, reseeds each of its RNG streams
+    from ``rng`` (so dropout draws new masks every step, and a resumed run the same ones), and
+    returns the new BatchNorm statistics. The module itself is never modified; put trained values
+    back with ``nnx.update(model, state.params, state.batch_stats)``.
+    """
+    from flax import nnx
+
+    graphdef, params, batch_stats, rest = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
+    tags = sorted({node.tag for _, node in nnx.iter_graph(model) if isinstance(node, nnx.RngStream)})
+
+    def apply(params, batch_stats, x, train, rng):
+        module = nnx.merge(graphdef, params, batch_stats, rest, copy=True)
+        if train:
+            module.train()
+            key = jax.random.wrap_key_data(rng) if rng.dtype == jnp.uint32 else rng
+            nnx.reseed(module, **{t: jax.random.fold_in(key, i) for i, t in enumerate(tags)})
+        else:
+            module.eval()
+        out = module(x)
+        return _student_output(out), (nnx.state(module, nnx.BatchStat) if train else batch_stats)
+    return apply, {"params": params, "batch_stats": batch_stats}
+
+
+def student_apply(student) -> StudentApply:
+    """:func:`nnx_student`'s apply for an NNX module, else :func:`linen_student`'s."""
+    return nnx_student(student)[0] if is_nnx(student) else linen_student(student)
 
 
 def init_train_state(module, tx: optax.GradientTransformation, sample_input: jax.Array, *,
@@ -68,20 +114,29 @@ def init_train_state(module, tx: optax.GradientTransformation, sample_input: jax
                      ) -> tuple[TrainState, Any]:
     """Initialise a student directly into its shardings; returns ``(state, state_shardings)``.
 
-    ``sample_input``: one example batch ``[b, ...]`` (only its shape and dtype matter).
+    ``module``: a Linen module, initialised here from ``seed`` on ``sample_input`` (one example
+    batch ``[b, ...]``: only its shape and dtype matter); or an NNX module, whose current
+    variables (from the ``nnx.Rngs`` it was built with) are the start. ``seed`` also seeds the
+    state's ``rng`` (dropout).
     """
-    def init(key):
-        init_key, state_key = jax.random.split(key)
-        variables = module.init({"params": init_key, "dropout": init_key}, sample_input,
-                                train=False)
-        params = variables["params"]
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                          batch_stats=variables.get("batch_stats", {}),
+    def fresh(params, batch_stats, state_key):
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
                           opt_state=tx.init(params), rng=state_key,
                           skipped=jnp.zeros((), jnp.int32))
-    key = jax.random.PRNGKey(seed)
-    shardings = sharding.tree_shardings(jax.eval_shape(init, key), mesh, mode)
-    return jax.jit(init, out_shardings=shardings)(key), shardings
+
+    if is_nnx(module):
+        def init(key, variables):
+            return fresh(variables["params"], variables["batch_stats"], jax.random.split(key)[1])
+        args = (jax.random.PRNGKey(seed), nnx_student(module)[1])
+    else:
+        def init(key):
+            init_key, state_key = jax.random.split(key)
+            variables = module.init({"params": init_key, "dropout": init_key}, sample_input,
+                                    train=False)
+            return fresh(variables["params"], variables.get("batch_stats", {}), state_key)
+        args = (jax.random.PRNGKey(seed),)
+    shardings = sharding.tree_shardings(jax.eval_shape(init, *args), mesh, mode)
+    return jax.jit(init, out_shardings=shardings)(*args), shardings
 
 
 def put_teacher(variables: Any, mesh: Mesh, mode: sharding.ParamMode = "replicate"):

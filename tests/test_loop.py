@@ -11,12 +11,14 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
 import fit_worker
-from kdjax import checkpointing, data, logit_store, loop, metrics, models, recipe, teachers
+from kdjax import (checkpointing, data, logit_store, loop, metrics, models, recipe, sharding,
+                   teachers, train)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -241,6 +243,42 @@ def test_resume_midway_is_bit_identical_to_an_uninterrupted_run(tmp_path, refere
     strip = lambda h: [{k: v for k, v in r.items() if k not in ("time", "steps_per_sec")}
                        for r in h]
     assert strip(resumed.history) == strip(reference["history"])
+
+
+def test_nnx_student_fits_and_resumes_like_its_linen_twin(tmp_path, reference):
+    """fit() on an NNX MLP holding the Linen MLP's initial weights: 20 steps, then a resume from
+    the checkpoint (nnx.State parameters through orbax) to 40, equal to the Linen reference run."""
+    from flax import nnx
+
+    class NnxMLP(nnx.Module):
+        def __init__(self, rngs):
+            self.dense1 = nnx.Linear(64, 100, rngs=rngs)
+            self.dense2 = nnx.Linear(100, 100, rngs=rngs)
+            self.head = nnx.Linear(100, 10, rngs=rngs)
+
+        def __call__(self, x):
+            x = nnx.relu(self.dense1(x.reshape(x.shape[0], -1)))
+            return self.head(nnx.relu(self.dense2(x)))
+
+    linen, _ = train.init_train_state(models.create("mlp", 10), optax.adam(1e-3),
+                                      np.zeros((1, 8, 8, 1), np.float32), seed=0,
+                                      mesh=sharding.make_mesh(devices=jax.devices()[:1]))
+    model = NnxMLP(nnx.Rngs(1))
+    for name, leaves in jax.device_get(linen.params).items():
+        for key, value in leaves.items():
+            getattr(getattr(model, name), key)[...] = jnp.asarray(value)
+    half = fit_worker.run(str(tmp_path), STEPS // 2, student=model)
+    assert int(half.state.step) == STEPS // 2
+    resumed = fit_worker.run(str(tmp_path), STEPS, student=model)
+    assert int(resumed.state.step) == STEPS
+    got = fit_worker.flat_params(resumed.state.params.to_pure_dict())
+    assert sorted(got) == sorted(reference["params"])
+    for key, value in reference["params"].items():
+        np.testing.assert_allclose(got[key], value, rtol=1e-5, atol=1e-6, err_msg=key)
+    nnx.update(model, resumed.state.params, resumed.state.batch_stats)  # as README says
+    np.testing.assert_array_equal(model.head.kernel[...], got["head/kernel"])
+    with pytest.raises(TypeError, match="init_params is for Linen students"):
+        fit_worker.run(str(tmp_path / "x"), 1, student=model, init_params={"params": {}})
 
 
 def test_resume_drops_log_lines_past_the_checkpoint_and_finished_run_is_a_no_op(tmp_path):

@@ -51,6 +51,15 @@ RECIPE = (recipe.ce(weight=0.5), recipe.kd(temperature=4.0, weight=0.5),
           recipe.hint("stage1_regressed", "stage1", weight=0.1))
 
 
+def take_steps(step, state, t_vars, mesh, steps=3):
+    """``steps`` steps on batches 0, 1, ...; returns the final state and each step's metrics."""
+    history = []
+    for i in range(steps):
+        state, metrics = step(state, t_vars, sharding.global_batch(make_batch(i), mesh))
+        history.append(jax.device_get(metrics))
+    return state, history
+
+
 def run(mesh, mode="replicate", steps=3, teacher_mode="replicate", guard=True):
     student = TinyNet(width=8, hint_channels=16)
     tx = optax.adam(1e-2)
@@ -60,10 +69,7 @@ def run(mesh, mode="replicate", steps=3, teacher_mode="replicate", guard=True):
     step = train.make_train_step(train.linen_student(student), tx, RECIPE, teacher, mesh=mesh,
                                  state_shardings=st_sh, teacher_shardings=t_sh,
                                  guard_nonfinite=guard)
-    history = []
-    for i in range(steps):
-        state, metrics = step(state, t_vars, sharding.global_batch(make_batch(i), mesh))
-        history.append(jax.device_get(metrics))
+    state, history = take_steps(step, state, t_vars, mesh, steps)
     return jax.device_get(state), history, t_vars
 
 
@@ -183,10 +189,7 @@ def test_live_and_precomputed_teacher_give_same_losses():
     rec = (recipe.ce(weight=0.5), recipe.kd(temperature=4.0, weight=0.5))
     step = train.make_train_step(train.linen_student(student), tx, rec, teacher, mesh=mesh,
                                  state_shardings=st_sh, teacher_shardings=t_sh)
-    live = []
-    for i in range(3):
-        state, m = step(state, t_vars, sharding.global_batch(make_batch(i), mesh))
-        live.append(jax.device_get(m))
+    _, live = take_steps(step, state, t_vars, mesh)
     stored = run_precomputed(mesh, _precomputed_batches(mesh))
     for a, b in zip(live, stored):
         np.testing.assert_allclose(a["loss/kd"], b["loss/kd"], rtol=1e-5, atol=1e-6)
@@ -304,6 +307,104 @@ def test_nnx_teacher_matches_its_linen_twin():
     w, b = t_vars["dense"]["kernel"][...], t_vars["dense"]["bias"][...]
     ref = batch["image"].reshape(16, -1) @ w + b
     np.testing.assert_allclose(out1, ref, rtol=1e-5, atol=1e-5)
+
+
+def nnx_tiny_net(linen_params, dropout=0.0):
+    """The NNX twin of ``TinyNet(width=8, hint_channels=16)`` holding ``linen_params``' values (plus
+    a dropout layer before the head, rate ``dropout``)."""
+    from flax import nnx
+
+    class NnxTinyNet(nnx.Module):
+        def __init__(self, rngs):
+            self.conv1 = nnx.Conv(3, 8, (3, 3), use_bias=False, rngs=rngs)
+            self.bn = nnx.BatchNorm(8, momentum=0.9, rngs=rngs)
+            self.regressor = nnx.Conv(8, 16, (1, 1), rngs=rngs)
+            self.conv2 = nnx.Conv(8, 16, (3, 3), strides=2, rngs=rngs)
+            self.drop = nnx.Dropout(dropout, rngs=rngs)
+            self.head = nnx.Linear(16, NUM_CLASSES, rngs=rngs)
+
+        def __call__(self, x):
+            x = nnx.relu(self.bn(self.conv1(x)))
+            feats = {"stage1": x, "stage1_regressed": self.regressor(x)}
+            x = nnx.relu(self.conv2(x))
+            feats["stage2"] = x
+            return self.head(self.drop(x.mean((1, 2)))), feats
+
+    model = NnxTinyNet(nnx.Rngs(params=5, dropout=6))
+    for name, linen in NNX_TWIN.items():
+        for key, value in linen_params[linen].items():
+            getattr(getattr(model, name), key)[...] = jnp.asarray(value)
+    return model
+
+
+# NNX attribute -> Linen module name in TinyNet(width=8, hint_channels=16).
+NNX_TWIN = {"conv1": "Conv_0", "bn": "BatchNorm_0", "regressor": "Conv_1", "conv2": "Conv_2",
+            "head": "Dense_0"}
+
+
+def as_linen_names(nnx_tree):
+    return {linen: nnx_tree[name] for name, linen in NNX_TWIN.items() if name in nnx_tree}
+
+
+def test_nnx_student_sharded_step_matches_its_linen_twin(single_device_run):
+    """An NNX student (its Param/BatchStat state split out by train.nnx_student), FSDP over a
+    4 x 2 mesh, takes the same 3 KD + hint steps as the Linen student on one device; the module
+    passed in is left as it was."""
+    from flax import nnx
+
+    tx = optax.adam(1e-2)
+    linen_state, _ = train.init_train_state(TinyNet(width=8, hint_channels=16), tx,
+                                            jnp.zeros((1, 8, 8, 3)), seed=0,
+                                            mesh=sharding.make_mesh(devices=jax.devices()[:1]))
+    model = nnx_tiny_net(jax.device_get(linen_state.params))
+    weights = lambda: jax.device_get([nnx.state(model, kind).to_pure_dict()
+                                      for kind in (nnx.Param, nnx.BatchStat)])
+    before = weights()
+    mesh = sharding.make_mesh(data=4, fsdp=2)
+    state, _ = train.init_train_state(model, tx, None, seed=0, mesh=mesh, mode="fsdp")
+    st_sh = sharding.tree_shardings(state, mesh, "fsdp", min_size=1)  # this net's leaves are small
+    state = jax.device_put(state, st_sh)
+    assert any(s.spec != jax.sharding.PartitionSpec() for s in jax.tree.leaves(st_sh.params))
+    teacher, t_vars, t_sh = teacher_setup(mesh, "fsdp")
+    step = train.make_train_step(train.student_apply(model), tx, RECIPE, teacher, mesh=mesh,
+                                 state_shardings=st_sh, teacher_shardings=t_sh)
+    state, history = take_steps(step, state, t_vars, mesh)
+    ref_state, ref_history, _ = single_device_run
+    state = jax.device_get(state)
+    assert int(state.step) == 3
+    params = as_linen_names(state.params.to_pure_dict())
+    stats = as_linen_names(state.batch_stats.to_pure_dict())
+    assert set(params) == set(ref_state.params) and set(stats) == set(ref_state.batch_stats)
+    assert_trees_close(params, ref_state.params)
+    assert_trees_close(stats, ref_state.batch_stats)
+    for m, r in zip(history, ref_history):
+        assert_trees_close(m, r, rtol=1e-4, atol=1e-5)
+    jax.tree.map(np.testing.assert_array_equal, weights(), before)
+
+
+def test_nnx_student_dropout_follows_the_step_key():
+    """Train mode draws dropout masks from the key apply gets (same key, same masks; another key,
+    others); eval mode is deterministic and drops nothing; the BatchNorm statistics move only in
+    train mode."""
+    model = nnx_tiny_net(jax.device_get(TinyNet(width=8, hint_channels=16).init(
+        jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 3)))["params"]), dropout=0.5)
+    apply, variables = train.nnx_student(model)
+    apply = jax.jit(apply, static_argnums=3)
+    x = jnp.asarray(make_batch(0)["image"])
+    params, stats = variables["params"], variables["batch_stats"]
+    k1, k2 = jax.random.PRNGKey(1), jax.random.PRNGKey(2)
+    (a, s1), (b, _), (c, _) = (apply(params, stats, x, True, k) for k in (k1, k1, k2))
+    np.testing.assert_array_equal(a.logits, b.logits)
+    assert not np.allclose(a.logits, c.logits)
+    (e1, s2), (e2, _) = (apply(params, stats, x, False, k) for k in (k1, k2))
+    np.testing.assert_array_equal(e1.logits, e2.logits)
+    jax.tree.map(np.testing.assert_array_equal, s2, stats)
+    assert not np.allclose(s1["bn"]["mean"][...], stats["bn"]["mean"][...])
+    # Eval equals the same network without dropout.
+    no_drop, _ = train.nnx_student(nnx_tiny_net(jax.device_get(TinyNet(
+        width=8, hint_channels=16).init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 3)))["params"])))
+    np.testing.assert_allclose(no_drop(params, stats, x, False, k1)[0].logits, e1.logits,
+                               rtol=1e-6, atol=1e-6)
 
 
 def test_eval_step_honours_mask():
