@@ -9,7 +9,8 @@ Constructors:
 
 * :func:`from_linen` - a Flax Linen module returning ``logits`` or ``(logits, features)``;
   run with ``train=False`` (BatchNorm running averages, no dropout).
-* :func:`from_nnx` - a Flax NNX module, put in eval mode, split into ``(graphdef, state)``.
+* :func:`from_nnx` - a Flax NNX module, put in eval mode, split into ``(graphdef, state)``; what it
+  sows as ``nnx.Intermediate`` joins its features (:func:`nnx_forward`).
 * :func:`from_apply_fn` - any ``apply_fn(variables, x) -> logits | (logits, features)``.
 * :func:`precomputed` - logits that :mod:`kdjax.logit_store` added to the batch on the host
   (``teacher_logits [B, C]`` or ``teacher_topk_values/indices [B, k]``).
@@ -89,6 +90,27 @@ def from_linen(module, **kwargs) -> Teacher:
     return from_apply_fn(lambda variables, x: module.apply(variables, x, train=False), **kwargs)
 
 
+def nnx_forward(module, x: jax.Array):
+    """Calls Flax NNX ``module`` on ``x``, adding what it sows to its feature taps.
+
+    A value sown with ``self.sow(nnx.Intermediate, name, value)`` (captured by ``nnx.capture``)
+    becomes the feature ``'<path>/<name>'`` (the sowing submodule's attribute path: ``'stage1'``
+    from the top module, ``'block1/out'`` from ``self.block1``); a name sown more than once keeps
+    its last value; features the module returns win over sown ones of the same name. Returns what
+    the module returns when it sows nothing, else ``(logits, features)``.
+    """
+    from flax import nnx
+    from flax.traverse_util import flatten_dict
+
+    out, sown = nnx.capture(module, nnx.Intermediate)(x)
+    taps = {"/".join(map(str, path)): values[-1]
+            for path, values in flatten_dict(sown.to_pure_dict()).items()}
+    if not taps:
+        return out
+    logits, features = out if isinstance(out, tuple) else (out, {})
+    return logits, {**taps, **features}
+
+
 def from_nnx(model, **kwargs) -> tuple[Teacher, Any]:
     """A live teacher from a Flax NNX module: returns ``(teacher, variables)``.
 
@@ -102,7 +124,7 @@ def from_nnx(model, **kwargs) -> tuple[Teacher, Any]:
     graphdef, state = nnx.split(model)
 
     def apply_fn(state, x):
-        return nnx.merge(graphdef, state)(x)
+        return nnx_forward(nnx.merge(graphdef, state), x)
     return from_apply_fn(apply_fn, **kwargs), state
 
 

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from kdjax import losses, recipe as recipe_lib, sharding
+from kdjax import losses, recipe as recipe_lib, sharding, teachers
 from kdjax.recipe import StudentOutput, Term
 from kdjax.teachers import Teacher
 
@@ -75,7 +75,9 @@ def is_nnx(model) -> bool:
 
 
 def nnx_student(model) -> tuple[StudentApply, dict[str, Any]]:
-    """A Flax NNX student as a pure function: returns ``(apply, variables)``.
+    """A Flax NNX student (returning ``logits`` or ``(logits, features)``, and sowing more feature
+    taps as ``nnx.Intermediate``: :func:`kdjax.teachers.nnx_forward`) as a pure function: returns
+    ``(apply, variables)``.
 
     ``nnx.split`` separates the module into its graph, its ``nnx.Param`` state (``variables
     ['params']``, what the optimizer updates), its ``nnx.BatchStat`` state (``variables
@@ -99,7 +101,7 @@ def nnx_student(model) -> tuple[StudentApply, dict[str, Any]]:
             nnx.reseed(module, **{t: jax.random.fold_in(key, i) for i, t in enumerate(tags)})
         else:
             module.eval()
-        out = module(x)
+        out = teachers.nnx_forward(module, x)  # sown nnx.Intermediate values join the features
         return _student_output(out), (nnx.state(module, nnx.BatchStat) if train else batch_stats)
     return apply, {"params": params, "batch_stats": batch_stats}
 

@@ -311,7 +311,8 @@ def test_nnx_teacher_matches_its_linen_twin():
 
 def nnx_tiny_net(linen_params, dropout=0.0):
     """The NNX twin of ``TinyNet(width=8, hint_channels=16)`` holding ``linen_params``' values (plus
-    a dropout layer before the head, rate ``dropout``)."""
+    a dropout layer before the head, rate ``dropout``). It returns the ``stage1`` tap and sows the
+    other two (``nnx.Intermediate``)."""
     from flax import nnx
 
     class NnxTinyNet(nnx.Module):
@@ -325,10 +326,10 @@ def nnx_tiny_net(linen_params, dropout=0.0):
 
         def __call__(self, x):
             x = nnx.relu(self.bn(self.conv1(x)))
-            feats = {"stage1": x, "stage1_regressed": self.regressor(x)}
-            x = nnx.relu(self.conv2(x))
-            feats["stage2"] = x
-            return self.head(self.drop(x.mean((1, 2)))), feats
+            self.sow(nnx.Intermediate, "stage1_regressed", self.regressor(x))
+            y = nnx.relu(self.conv2(x))
+            self.sow(nnx.Intermediate, "stage2", y)
+            return self.head(self.drop(y.mean((1, 2)))), {"stage1": x}
 
     model = NnxTinyNet(nnx.Rngs(params=5, dropout=6))
     for name, linen in NNX_TWIN.items():
@@ -405,6 +406,46 @@ def test_nnx_student_dropout_follows_the_step_key():
         width=8, hint_channels=16).init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 3)))["params"])))
     np.testing.assert_allclose(no_drop(params, stats, x, False, k1)[0].logits, e1.logits,
                                rtol=1e-6, atol=1e-6)
+
+
+def test_nnx_teacher_sown_taps_join_its_features():
+    """A teacher NNX module that sows taps (its own and a submodule's, one name twice) gives them
+    as features next to the ones it returns; the hint loss reads them."""
+    from flax import nnx
+
+    class Block(nnx.Module):
+        def __init__(self, rngs):
+            self.dense = nnx.Linear(4, 4, rngs=rngs)
+
+        def __call__(self, x):
+            y = self.dense(x)
+            self.sow(nnx.Intermediate, "out", y)
+            return y
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.block1 = Block(rngs)
+            self.head = nnx.Linear(4, NUM_CLASSES, rngs=rngs)
+
+        def __call__(self, x):
+            h = self.block1(x)
+            self.sow(nnx.Intermediate, "stage1", x)
+            self.sow(nnx.Intermediate, "stage1", h)  # sown twice: the last value counts
+            return self.head(h), {"returned": 2 * h}
+
+    model = Net(nnx.Rngs(0))
+    teacher, t_vars = teachers.from_nnx(model)
+    x = jax.random.normal(jax.random.key(3), (5, 4))
+    out = jax.jit(teacher)(t_vars, {"image": x})
+    h = x @ model.block1.dense.kernel[...] + model.block1.dense.bias[...]
+    assert set(out.features) == {"block1/out", "stage1", "returned"}
+    for name, want in (("block1/out", h), ("stage1", h), ("returned", 2 * h)):
+        np.testing.assert_allclose(out.features[name], want, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(out.logits, h @ model.head.kernel[...] + model.head.bias[...],
+                               rtol=1e-5, atol=1e-5)
+    student = recipe.StudentOutput(out.logits, {"s": h + 1.0})
+    loss, _ = recipe.evaluate((recipe.hint("s", "block1/out"),), student, out, {}, 0)
+    np.testing.assert_allclose(loss, 0.5 * 4, rtol=1e-6)  # 1/2 ||1||^2 over 4 channels
 
 
 def test_eval_step_honours_mask():
