@@ -96,15 +96,16 @@ def nnx_forward(module, x: jax.Array):
     A value sown with ``self.sow(nnx.Intermediate, name, value)`` (captured by ``nnx.capture``)
     becomes the feature ``'<path>/<name>'`` (the sowing submodule's attribute path: ``'stage1'``
     from the top module, ``'block1/out'`` from ``self.block1``); a name sown more than once keeps
-    its last value; features the module returns win over sown ones of the same name. Returns what
-    the module returns when it sows nothing, else ``(logits, features)``.
+    its last value (``sow``'s default tuple of values; with a custom ``reduce_fn`` the reduced
+    value); features the module returns win over sown ones of the same name. Returns what the
+    module returns when it sows nothing, else ``(logits, features)``.
     """
     from flax import nnx
     from flax.traverse_util import flatten_dict
 
     out, sown = nnx.capture(module, nnx.Intermediate)(x)
-    taps = {"/".join(map(str, path)): values[-1]
-            for path, values in flatten_dict(sown.to_pure_dict()).items()}
+    taps = {"/".join(map(str, path)): value[-1] if isinstance(value, tuple) else value
+            for path, value in flatten_dict(nnx.to_pure_dict(sown)).items()}
     if not taps:
         return out
     logits, features = out if isinstance(out, tuple) else (out, {})

@@ -98,7 +98,8 @@ def nnx_student(model) -> tuple[StudentApply, dict[str, Any]]:
         if train:
             module.train()
             key = jax.random.wrap_key_data(rng) if rng.dtype == jnp.uint32 else rng
-            nnx.reseed(module, **{t: jax.random.fold_in(key, i) for i, t in enumerate(tags)})
+            nnx.reseed(module, policy="match_shape",  # stacked layers (nnx.vmap) hold key arrays
+                       **{t: jax.random.fold_in(key, i) for i, t in enumerate(tags)})
         else:
             module.eval()
         out = teachers.nnx_forward(module, x)  # sown nnx.Intermediate values join the features
@@ -129,7 +130,8 @@ def init_train_state(module, tx: optax.GradientTransformation, sample_input: jax
     if is_nnx(module):
         def init(key, variables):
             return fresh(variables["params"], variables["batch_stats"], jax.random.split(key)[1])
-        args = (jax.random.PRNGKey(seed), nnx_student(module)[1])
+        # Host copies: every process passes the same values (jit inputs, as the key is).
+        args = (jax.random.PRNGKey(seed), jax.device_get(nnx_student(module)[1]))
     else:
         def init(key):
             init_key, state_key = jax.random.split(key)

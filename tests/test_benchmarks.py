@@ -103,11 +103,11 @@ def test_script_end_to_end(tmp_path):
 
 @pytest.mark.slow
 def test_data_parallel_script_end_to_end(tmp_path):
-    """benchmarks/data_parallel.py shrunk (batch 8, width 8, 1 round) on a 2-device CPU mesh."""
+    """benchmarks/data_parallel.py shrunk (batch 8, width 8, 2 rounds) on a 2-device CPU mesh."""
     out = tmp_path / "dp.json"
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "LD_PRELOAD")}
     cmd = [sys.executable, str(ROOT / "benchmarks" / "data_parallel.py"), "--json", str(out),
-           "--batch", "8", "--width", "8", "--rounds", "1", "--warmup", "1"]
+           "--batch", "8", "--width", "8", "--rounds", "2", "--warmup", "1"]
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads(out.read_text())
@@ -115,6 +115,6 @@ def test_data_parallel_script_end_to_end(tmp_path):
     convs = [k.removeprefix("mesh_over_single_") for k in r if k.startswith("mesh_over_single_")]
     assert "xla" in convs
     for conv in convs:
-        assert r[f"mesh_over_single_{conv}"] == pytest.approx(
-            r["seconds"][f"{conv}_mesh"] / r["seconds"][f"{conv}_single"])
+        lo, hi = r["ratio_range_over_rounds"][f"mesh_over_single_{conv}"]
+        assert 0 < lo <= r[f"mesh_over_single_{conv}"] <= hi
         assert f"{conv:7s} one device" in proc.stdout

@@ -616,6 +616,48 @@ def test_sharded_bfloat16_weight_gradient_adds_the_devices_in_float32():
     assert normalized_error(np.asarray(got, np.float32), want) <= 2 * BF16_TOL
 
 
+def sin_loss_grads(x, w):
+    """Gradients of ``sum(sin(conv(x, w)))`` (3x3, stride 1, padding 1) on oneDNN."""
+    return jax.grad(lambda a, b: jnp.sum(jnp.sin(onednn.conv_nhwc(a, b, (1, 1), (1, 1, 1, 1)))),
+                    argnums=(0, 1))(x, w)
+
+
+def sin_loss_grads_f64(x, w):
+    with jax.enable_x64(True):
+        return jax.device_get(jax.grad(lambda a, b: jnp.sum(jnp.sin(lax.conv_general_dilated(
+            a, b, (1, 1), ((1, 1), (1, 1)), dimension_numbers=NHWC))), argnums=(0, 1))(
+            np.asarray(x, np.float64), np.asarray(w, np.float64)))
+
+
+@needs_onednn
+def test_batch_that_does_not_split_evenly_runs_whole():
+    """12 rows of a batch sharded 8 ways: Shardy would pad the parts with rows that add into the
+    weight gradient, so the passes run on the whole batch; the gradients stay exact."""
+    x, w = random_inputs(11, (16, 8, 8, 4), (3, 3, 4, 6))
+    grads = jax.jit(lambda a, b: sin_loss_grads(a[:12], b))
+    xs = jax.device_put(x, sharding.batch_sharding(sharding.make_mesh(data=8)))
+    calls = onednn_calls(grads.lower(xs, w).compile().as_text())
+    assert calls and all(shape.startswith("12,") for _, shape in calls), calls
+    for got, want in zip(grads(xs, w), sin_loss_grads_f64(x[:12], w)):
+        assert normalized_error(got, want) <= F32_TOL
+
+
+@needs_onednn
+def test_inside_a_partially_manual_shard_map():
+    """Under shard_map over 'data' of a data x fsdp mesh (fsdp left to XLA) the passes see
+    shardings without mesh axes names and run whole on each 'data' shard; correct gradients."""
+    x, w = random_inputs(12, (8, 8, 8, 4), (3, 3, 4, 6))
+    mesh = sharding.make_mesh(data=4, fsdp=2)
+
+    def body(a, b):
+        gx, gw = sin_loss_grads(a, b)
+        return gx, lax.psum(gw, "data")
+    fn = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P("data"), P()),
+                               out_specs=(P("data"), P()), axis_names={"data"}, check_vma=False))
+    for got, want in zip(fn(x, w), sin_loss_grads_f64(x, w)):
+        assert normalized_error(got, want) <= F32_TOL
+
+
 # Run by two processes (2 CPU devices each): the gradients of sum(sin(conv(x, w))) for a batch of
 # 8 split over the 4 devices of both; each process saves its rows of dx, and dw.
 TWO_PROCESS_WORKER = """
@@ -666,9 +708,7 @@ def test_two_processes_split_the_batch_and_add_the_weight_gradients(tmp_path):
     rng = np.random.default_rng(0)
     x = rng.normal(size=(8, 8, 8, 4))
     w = rng.normal(size=(3, 3, 4, 6))
-    with jax.enable_x64(True):
-        rx, rw = jax.device_get(jax.grad(lambda a, b: jnp.sum(jnp.sin(lax.conv_general_dilated(
-            a, b, (1, 1), ((1, 1), (1, 1)), dimension_numbers=NHWC))), argnums=(0, 1))(x, w))
+    rx, rw = sin_loss_grads_f64(x, w)
     for i in range(2):
         with np.load(tmp_path / f"p{i}.npz") as got:
             assert normalized_error(got["dx"], rx[4 * i:4 * i + 4]) <= F32_TOL

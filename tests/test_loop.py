@@ -271,7 +271,7 @@ def test_nnx_student_fits_and_resumes_like_its_linen_twin(tmp_path, reference):
     assert int(half.state.step) == STEPS // 2
     resumed = fit_worker.run(str(tmp_path), STEPS, student=model)
     assert int(resumed.state.step) == STEPS
-    got = fit_worker.flat_params(resumed.state.params.to_pure_dict())
+    got = fit_worker.flat_params(nnx.to_pure_dict(resumed.state.params))
     assert sorted(got) == sorted(reference["params"])
     for key, value in reference["params"].items():
         np.testing.assert_allclose(got[key], value, rtol=1e-5, atol=1e-6, err_msg=key)

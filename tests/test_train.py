@@ -358,7 +358,7 @@ def test_nnx_student_sharded_step_matches_its_linen_twin(single_device_run):
                                             jnp.zeros((1, 8, 8, 3)), seed=0,
                                             mesh=sharding.make_mesh(devices=jax.devices()[:1]))
     model = nnx_tiny_net(jax.device_get(linen_state.params))
-    weights = lambda: jax.device_get([nnx.state(model, kind).to_pure_dict()
+    weights = lambda: jax.device_get([nnx.to_pure_dict(nnx.state(model, kind))
                                       for kind in (nnx.Param, nnx.BatchStat)])
     before = weights()
     mesh = sharding.make_mesh(data=4, fsdp=2)
@@ -373,8 +373,8 @@ def test_nnx_student_sharded_step_matches_its_linen_twin(single_device_run):
     ref_state, ref_history, _ = single_device_run
     state = jax.device_get(state)
     assert int(state.step) == 3
-    params = as_linen_names(state.params.to_pure_dict())
-    stats = as_linen_names(state.batch_stats.to_pure_dict())
+    params = as_linen_names(nnx.to_pure_dict(state.params))
+    stats = as_linen_names(nnx.to_pure_dict(state.batch_stats))
     assert set(params) == set(ref_state.params) and set(stats) == set(ref_state.batch_stats)
     assert_trees_close(params, ref_state.params)
     assert_trees_close(stats, ref_state.batch_stats)
@@ -408,6 +408,47 @@ def test_nnx_student_dropout_follows_the_step_key():
                                rtol=1e-6, atol=1e-6)
 
 
+def test_nnx_student_with_stacked_layers_trains():
+    """Dropout layers stacked with nnx.vmap hold one RNG key per layer; apply reseeds them all
+    from the step key (same key, same masks; another key, others) and the step runs."""
+    from flax import nnx
+
+    class Block(nnx.Module):
+        def __init__(self, rngs):
+            self.dense = nnx.Linear(4, 4, rngs=rngs)
+            self.drop = nnx.Dropout(0.5, rngs=rngs)
+
+        def __call__(self, x):
+            return self.drop(self.dense(x))
+
+    class Stack(nnx.Module):
+        def __init__(self, rngs):
+            make = nnx.split_rngs(splits=3)(nnx.vmap(Block, in_axes=0, out_axes=0))
+            self.blocks = make(rngs)
+            self.head = nnx.Linear(4, NUM_CLASSES, rngs=rngs)
+
+        def __call__(self, x):
+            scan = nnx.scan(lambda h, block: block(h), in_axes=(nnx.Carry, 0),
+                            out_axes=nnx.Carry)
+            return self.head(scan(x.reshape(x.shape[0], -1)[:, :4], self.blocks))
+
+    model = Stack(nnx.Rngs(params=0, dropout=1))
+    apply, variables = train.nnx_student(model)
+    apply = jax.jit(apply, static_argnums=3)
+    x = jnp.asarray(make_batch(0)["image"])
+    k1, k2 = jax.random.PRNGKey(1), jax.random.PRNGKey(2)
+    a, b, c = (apply(variables["params"], variables["batch_stats"], x, True, k)[0].logits
+               for k in (k1, k1, k2))
+    np.testing.assert_array_equal(a, b)
+    assert not np.allclose(a, c)
+    mesh = sharding.make_mesh(devices=jax.devices()[:1])
+    state, st_sh = train.init_train_state(model, optax.sgd(0.1), None, seed=0, mesh=mesh)
+    step = train.make_train_step(train.student_apply(model), optax.sgd(0.1), (recipe.ce(),),
+                                 mesh=mesh, state_shardings=st_sh)
+    state, _ = take_steps(step, state, {}, mesh, steps=2)
+    assert int(state.step) == 2 and int(state.skipped) == 0
+
+
 def test_nnx_teacher_sown_taps_join_its_features():
     """A teacher NNX module that sows taps (its own and a submodule's, one name twice) gives them
     as features next to the ones it returns; the hint loss reads them."""
@@ -431,6 +472,8 @@ def test_nnx_teacher_sown_taps_join_its_features():
             h = self.block1(x)
             self.sow(nnx.Intermediate, "stage1", x)
             self.sow(nnx.Intermediate, "stage1", h)  # sown twice: the last value counts
+            self.sow(nnx.Intermediate, "reduced", h, reduce_fn=lambda old, new: old + new,
+                     init_fn=lambda: 1.0)  # a custom reduction: its value, as it is
             return self.head(h), {"returned": 2 * h}
 
     model = Net(nnx.Rngs(0))
@@ -438,8 +481,8 @@ def test_nnx_teacher_sown_taps_join_its_features():
     x = jax.random.normal(jax.random.key(3), (5, 4))
     out = jax.jit(teacher)(t_vars, {"image": x})
     h = x @ model.block1.dense.kernel[...] + model.block1.dense.bias[...]
-    assert set(out.features) == {"block1/out", "stage1", "returned"}
-    for name, want in (("block1/out", h), ("stage1", h), ("returned", 2 * h)):
+    assert set(out.features) == {"block1/out", "stage1", "reduced", "returned"}
+    for name, want in (("block1/out", h), ("stage1", h), ("reduced", h + 1), ("returned", 2 * h)):
         np.testing.assert_allclose(out.features[name], want, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(out.logits, h @ model.head.kernel[...] + model.head.bias[...],
                                rtol=1e-5, atol=1e-5)

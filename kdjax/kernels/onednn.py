@@ -19,7 +19,8 @@ So a model that passes ``conv_general_dilated=kdjax.kernels.onednn.conv_general_
 ``flax.linen.Conv`` runs unchanged on GPU and TPU. Under a multi-device mesh each pass is partitioned
 over the batch (``jax.experimental.custom_partitioning``): every device convolves its own examples
 with the whole kernel (XLA gathers an FSDP-sharded one) and the weight gradients are summed over
-the devices (an all-reduce); any other sharding of the operands is gathered first. Under ``vmap``
+the devices (an all-reduce); any other sharding of the operands is gathered first, and a batch
+that does not split evenly over its axes runs whole on every device. Under ``vmap``
 the passes run example by example. Limit: first derivatives only (the backward kernels are not
 differentiable again).
 
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import math
 import pathlib
 import warnings
 from typing import Any, Sequence
@@ -145,9 +147,17 @@ def _ffi(pass_: str, out_shape: tuple[int, ...], strides: tuple[int, int],
 
 
 def _batch_axes(arg_shapes) -> Any:
-    """The mesh axes that split the batch of the first operand (None: whole)."""
-    spec = arg_shapes[0].sharding.spec
-    return spec[0] if len(spec) else None
+    """The mesh axes that split the first operand's batch into equal parts, or None (run whole):
+    when it is not split, when the split is uneven (Shardy pads the last parts with rows that
+    would add into the weight gradient) and when the sharding names no mesh axes (a
+    partially manual ``shard_map``)."""
+    shape, sharding = arg_shapes[0].shape, arg_shapes[0].sharding
+    spec = getattr(sharding, "spec", None)
+    axes = spec[0] if spec else None
+    if axes is None:
+        return None
+    parts = math.prod(sharding.mesh.shape[a] for a in (axes if isinstance(axes, tuple) else (axes,)))
+    return axes if shape[0] % parts == 0 else None
 
 
 def _partition(pass_, ffi, mesh, arg_shapes, result_shape):
