@@ -10,7 +10,6 @@ import ctypes
 import os
 import pathlib
 import re
-import socket
 import subprocess
 import sys
 
@@ -22,6 +21,7 @@ import pytest
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
+import local_processes
 from kdjax import models, recipe, sharding, train
 from kdjax.kernels import build, onednn
 
@@ -691,20 +691,9 @@ jax.distributed.shutdown()
 def test_two_processes_split_the_batch_and_add_the_weight_gradients(tmp_path):
     """jax.distributed over two local processes (gloo, loopback): each device convolves its own 2
     examples and the weight gradient is summed across the processes; both equal float64 XLA."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
-    procs = [subprocess.Popen([sys.executable, "-c", TWO_PROCESS_WORKER, str(port), str(i),
-                               str(tmp_path / f"p{i}.npz")], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for i in range(2)]
-    try:
-        logs = [p.communicate(timeout=240)[0] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    assert [p.returncode for p in procs] == [0, 0], "\n".join(log[-3000:] for log in logs)
+    local_processes.run(lambda i, port: [sys.executable, "-c", TWO_PROCESS_WORKER, str(port), str(i),
+                                         str(tmp_path / f"p{i}.npz")], env=env)
     rng = np.random.default_rng(0)
     x = rng.normal(size=(8, 8, 8, 4))
     w = rng.normal(size=(3, 3, 4, 6))

@@ -659,7 +659,7 @@ os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
 os.environ["JAX_PLATFORMS"] = "cpu"
 import jax
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
-jax.distributed.initialize(coordinator_address=f"localhost:{port}", num_processes=2, process_id=process_id)
+jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=process_id)
 import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
@@ -702,20 +702,13 @@ print("STATS", process_id, stats["batches_skipped"], stats["rows_written"], flus
 
 
 def _run_two_processes(script, path, phase):
-    import socket
-    import subprocess
     import sys
 
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        port = s.getsockname()[1]
+    import local_processes
+
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    procs = [subprocess.Popen([sys.executable, str(script), str(i), str(port), path, phase], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
-    outs = [p.communicate(timeout=120)[0] for p in procs]
-    for p, out in zip(procs, outs):
-        assert p.returncode == 0, out
-    return outs
+    return local_processes.run(lambda i, port: [sys.executable, str(script), str(i), str(port),
+                                                path, phase], env=env, timeout=120)
 
 
 def test_two_jax_processes_write_disjoint_rows_and_resume(tmp_path):

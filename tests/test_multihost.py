@@ -4,8 +4,6 @@ reach the parameters of a single process with 4 devices; only process 0 writes t
 import glob
 import json
 import os
-import socket
-import subprocess
 import sys
 
 import jax
@@ -13,6 +11,7 @@ import numpy as np
 import pytest
 
 import fit_worker
+import local_processes
 from kdjax import checkpointing, sharding
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -23,35 +22,15 @@ STEPS = 30
 TIMEOUT_S = 240
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run_two_processes(workdir, cache_dir):
-    port = _free_port()
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env.update(fit_worker.cache_env(cache_dir), JAX_PLATFORMS="cpu",
                XLA_FLAGS="--xla_force_host_platform_device_count=2",
                PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]))
-    procs = [subprocess.Popen(
-        [sys.executable, os.path.join(HERE, "fit_worker.py"), str(workdir), str(STEPS),
-         "--checkpoint-every", "10", "--num-processes", "2", "--process-id", str(i),
-         "--port", str(port)],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
-    outputs = []
-    try:
-        for proc in procs:
-            outputs.append(proc.communicate(timeout=TIMEOUT_S)[0])
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.communicate()
-    for i, (proc, out) in enumerate(zip(procs, outputs)):
-        assert proc.returncode == 0, f"process {i} failed:\n{out[-4000:]}"
-    return outputs
+    return local_processes.run(lambda i, port: [
+        sys.executable, os.path.join(HERE, "fit_worker.py"), str(workdir), str(STEPS),
+        "--checkpoint-every", "10", "--num-processes", "2", "--process-id", str(i),
+        "--port", str(port)], env=env, timeout=TIMEOUT_S)
 
 
 @pytest.mark.slow

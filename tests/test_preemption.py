@@ -2,7 +2,6 @@
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -18,6 +17,7 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+import local_processes
 from kdjax.checkpointing import Checkpointer, abstract_state
 from kdjax.preemption import PreemptionWatcher
 
@@ -287,14 +287,8 @@ _TWO_PROCESS_LOOP = textwrap.dedent("""
 """)
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _two_processes(script, workdir, mode, stop_after, sigterm_process_1_at=None):
-    port = _free_port()
+    port = local_processes.free_port()
     procs = [subprocess.Popen([sys.executable, str(script), str(pid), str(port), str(workdir),
                                mode, str(stop_after)], cwd=REPO, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for pid in (0, 1)]

@@ -1,6 +1,8 @@
 """The sharded distillation step: sharded == single device, a frozen teacher, live == precomputed."""
 
+import os
 import re
+import sys
 
 import flax.linen as nn
 import jax
@@ -447,6 +449,71 @@ def test_nnx_student_with_stacked_layers_trains():
                                  mesh=mesh, state_shardings=st_sh)
     state, _ = take_steps(step, state, {}, mesh, steps=2)
     assert int(state.step) == 2 and int(state.skipped) == 0
+
+
+NNX_NET = """
+from flax import nnx
+
+class Net(nnx.Module):
+    def __init__(self, rngs):
+        self.dense = nnx.Linear(6, 8, rngs=rngs)
+        self.bn = nnx.BatchNorm(8, rngs=rngs)
+        self.head = nnx.Linear(8, 3, rngs=rngs)
+
+    def __call__(self, x):
+        return self.head(nnx.relu(self.bn(self.dense(x))))
+
+def two_steps(mesh, rows):
+    import numpy as np, optax
+    from kdjax import recipe, sharding, train
+    model = Net(nnx.Rngs(0))
+    state, sh = train.init_train_state(model, optax.sgd(0.1), None, seed=0, mesh=mesh)
+    step = train.make_train_step(train.student_apply(model), optax.sgd(0.1), (recipe.ce(),),
+                                 mesh=mesh, state_shardings=sh)
+    rng = np.random.default_rng(0)
+    batch = {"image": rng.normal(size=(8, 6)).astype(np.float32),
+             "label": rng.integers(0, 3, 8).astype(np.int32)}
+    for _ in range(2):
+        state, metrics = step(state, {}, sharding.global_batch(
+            {k: v[rows] for k, v in batch.items()}, mesh))
+    return state, metrics
+"""
+
+NNX_WORKER = """
+import sys
+import jax, numpy as np
+port, pid, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=pid,
+                           initialization_timeout=60)
+from kdjax import sharding
+exec(sys.argv[4])
+state, metrics = two_steps(sharding.make_mesh(), slice(4 * pid, 4 * pid + 4))
+np.savez(out, kernel=np.asarray(state.params["head"]["kernel"][...].addressable_data(0)),
+         mean=np.asarray(state.batch_stats["bn"]["mean"][...].addressable_data(0)),
+         loss=np.asarray(metrics["loss/ce"].addressable_data(0)))
+jax.distributed.shutdown()
+"""
+
+
+def test_nnx_student_in_two_processes_matches_one_process(tmp_path):
+    """An NNX student trained by two jax.distributed processes (gloo, loopback; 2 CPU devices
+    each, 4 rows of the batch each) ends where one process with 4 devices does."""
+    import local_processes
+
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    local_processes.run(lambda i, port: [sys.executable, "-c", NNX_WORKER, str(port), str(i),
+                                         str(tmp_path / f"p{i}.npz"), NNX_NET], env=env)
+    scope = {}
+    exec(NNX_NET, scope)
+    state, metrics = scope["two_steps"](sharding.make_mesh(devices=jax.devices()[:4]), slice(0, 8))
+    for i in range(2):
+        with np.load(tmp_path / f"p{i}.npz") as got:
+            np.testing.assert_allclose(got["kernel"], state.params["head"]["kernel"][...],
+                                       rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(got["mean"], state.batch_stats["bn"]["mean"][...],
+                                       rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(got["loss"], metrics["loss/ce"], rtol=1e-5)
 
 
 def test_nnx_teacher_sown_taps_join_its_features():

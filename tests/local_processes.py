@@ -1,0 +1,35 @@
+"""Running several local JAX processes for the multi-process tests (loopback only)."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+from typing import Callable, Mapping
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 (for the ``jax.distributed`` coordinator)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(argv: Callable[[int, int], list[str]], num_processes: int = 2,
+        env: Mapping[str, str] | None = None, timeout: float = 240, **popen) -> list[str]:
+    """Starts ``argv(process_id, port)`` for each process id with one free coordinator ``port``,
+    waits for all (killing the rest if one times out) and returns their combined stdout/stderr;
+    fails naming the process and its output's end unless every one exits 0."""
+    port = free_port()
+    procs = [subprocess.Popen(argv(i, port), env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, **popen)
+             for i in range(num_processes)]
+    try:
+        outputs = [p.communicate(timeout=timeout)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+    for i, (p, out) in enumerate(zip(procs, outputs)):
+        assert p.returncode == 0, f"process {i} exited {p.returncode}:\n{out[-4000:]}"
+    return outputs
