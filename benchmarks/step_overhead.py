@@ -10,6 +10,11 @@ on a shared CPU) cancels out of it:
 
 * ``precomputed_overhead`` = KD step reading stored teacher logits / plain CE step (target <= 1.05)
 * ``live_overhead`` = KD step with the live teacher inside it / (CE step + teacher forward) (<= 1.00)
+* ``live_teacher_device_overhead``: the same live KD step with the teacher on a device of its own
+  (:func:`kdjax.teachers.on_devices`: here CPU device 1 on the same cores, from
+  ``--xla_force_host_platform_device_count=2``, which the script sets unless ``XLA_FLAGS`` names a
+  count; a second GPU on a GPU machine), dispatched one batch ahead so that it runs while the
+  student's step does; each call waits for both. Skipped with one device.
 * ``vs_pytorch`` = kdjax live-KD step / the same step written plainly in PyTorch (<= 1.0), on the
   CPU, or on the GPU with a CUDA build of torch (skipped with a message otherwise)
 * ``onednn_speedup`` = live-KD step with XLA's convolutions / with oneDNN's (``--conv``: on CPU the
@@ -56,9 +61,11 @@ SIZE, CLASSES, TEMPERATURE, ALPHA, LR = 32, 100, 4.0, 0.9, 0.1
 # What each reported ratio divides (numerator, denominator terms), and its target.
 RATIOS = {"precomputed_overhead": ("kd_precomputed", ("ce",)),
           "live_overhead": ("kd_live", ("ce", "teacher_forward")),
+          "live_teacher_device_overhead": ("kd_live_teacher_device", ("ce", "teacher_forward")),
           "vs_pytorch": ("kd_live", ("torch_kd_live",)),
           "onednn_speedup": ("kd_live_xla_conv", ("kd_live",))}
-TARGETS = {"precomputed_overhead": 1.05, "live_overhead": 1.00, "vs_pytorch": 1.0}
+TARGETS = {"precomputed_overhead": 1.05, "live_overhead": 1.00,
+           "live_teacher_device_overhead": 1.00, "vs_pytorch": 1.0}
 
 
 def make_batch(seed: int, batch: int) -> dict[str, np.ndarray]:
@@ -74,8 +81,11 @@ def flops_of(jitted, *args) -> float:
 
 
 def jax_variants(dtype, stem: str, conv: str, batch_size: int = 64, width: int = 64,
-                 teacher_dtype=None):
+                 teacher_dtype=None, teacher_device: bool = False):
     """Returns ({name: zero-arg callable running one step}, {name: flops per call}).
+
+    Every variant runs on the first device; with ``teacher_device`` and a second device, also
+    ``kd_live_teacher_device`` (the teacher on the second device, one batch ahead).
 
     ``dtype``: the student's compute dtype; ``teacher_dtype`` (default ``dtype``): the live
     teacher's, through ``teachers.from_linen(compute_dtype=...)``.
@@ -84,7 +94,7 @@ def jax_variants(dtype, stem: str, conv: str, batch_size: int = 64, width: int =
     not see inside oneDNN's custom calls, so flops are counted for ``conv='xla'`` only (empty dict
     otherwise; the math is the same, so the XLA twin's counts serve).
     """
-    mesh = sharding.make_mesh()
+    mesh = sharding.make_mesh(devices=jax.devices()[:1])
     tx = optax.sgd(LR, momentum=0.9)
     student = models.create("resnet18", CLASSES, stem=stem, dtype=dtype, conv=conv, width=width)
     teacher_module = models.create("resnet34", CLASSES, stem=stem, dtype=dtype, conv=conv,
@@ -116,6 +126,19 @@ def jax_variants(dtype, stem: str, conv: str, batch_size: int = 64, width: int =
             holder["state"], metrics = step(holder["state"], tv, b)
             jax.block_until_ready(metrics)
         runs[name] = run
+    if teacher_device and len(jax.devices()) > 1:
+        add_logits = teachers.on_devices(live, jax.device_get(t_vars), sharding.make_mesh(
+            devices=jax.devices()[1:2]), student_mesh=mesh)
+        state, st_sh = train.init_train_state(student, tx, sample, seed=0, mesh=mesh)
+        step = train.make_train_step(apply, tx, kd_recipe, teachers.precomputed(), mesh=mesh,
+                                     state_shardings=st_sh, guard_nonfinite=False)
+        holder = {"state": state, "next": add_logits(batch)}
+
+        def run_ahead(step=step, holder=holder):
+            current, holder["next"] = holder["next"], add_logits(batch)  # the next batch's teacher
+            holder["state"], metrics = step(holder["state"], {}, current)
+            jax.block_until_ready((metrics, holder["next"]))
+        runs["kd_live_teacher_device"] = run_ahead
     teacher_fwd = jax.jit(lambda v, b: live(v, b).logits)
     if conv == "xla":
         flops["teacher_forward"] = flops_of(teacher_fwd, t_vars, batch)
@@ -335,6 +358,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--allocator", choices=("auto", "tcmalloc", "system"), default="auto",
                         help="auto: restart with tcmalloc preloaded when it is installed (see above)")
     args = parser.parse_args(argv)
+    if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+        # A second CPU device for kd_live_teacher_device (read when JAX starts its runtime).
+        os.environ["XLA_FLAGS"] = " ".join(filter(None, (
+            os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=2")))
     preload_tcmalloc_or_continue(args.allocator)  # before JAX starts its runtime
 
     dtype = jnp.dtype(args.dtype)
@@ -344,9 +371,9 @@ def main(argv: list[str] | None = None) -> dict:
     if conv == "auto":
         conv = "onednn" if backend == "cpu" and onednn.available() else "xla"
     setup = (args.batch, args.width, jnp.dtype(teacher_dtype))
-    runs, flops = jax_variants(dtype, args.stem, "xla", *setup)
+    runs, flops = jax_variants(dtype, args.stem, "xla", *setup, teacher_device=conv == "xla")
     if conv == "onednn":  # XLA's flop counts serve (same math); keep XLA's live step beside it
-        runs = dict(jax_variants(dtype, args.stem, "onednn", *setup)[0],
+        runs = dict(jax_variants(dtype, args.stem, "onednn", *setup, teacher_device=True)[0],
                     kd_live_xla_conv=runs["kd_live"])
         flops["kd_live_xla_conv"] = flops["kd_live"]
     torch_version = None

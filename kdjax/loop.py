@@ -55,7 +55,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from kdjax import checkpointing, metrics as metrics_lib, sharding, train
+from kdjax import checkpointing, metrics as metrics_lib, sharding, teachers, train
 from kdjax.data.pipeline import prefetch_to_device
 from kdjax.logit_store import LogitStore
 from kdjax.preemption import PreemptionWatcher
@@ -321,19 +321,21 @@ def merge_init_params(state: train.TrainState, init_params: Mapping[str, Any], t
 
 def evaluate(eval_step, state: train.TrainState, teacher_variables: Any, eval_iter: Iterator,
              mesh: Mesh, batch_transform: Callable[[Any], Any] | None = None, *,
-             check: Callable[[Any], None] | None = None) -> dict[str, float]:
+             check: Callable[[Any], None] | None = None,
+             device_fn: Callable[[dict], dict] | None = None) -> dict[str, float]:
     """One full pass of ``eval_iter`` through ``eval_step`` (from :func:`kdjax.train.make_eval_step`).
 
     Each host batch (``{'image', 'label', 'mask', ...}``, padded rows have ``mask=False``) goes
     through ``batch_transform`` (e.g. ``LogitStore.add_to_batch`` for a precomputed teacher) and
-    onto the mesh; the per-batch sums stay on the device until the pass ends, then are added in
+    onto the mesh (then through ``device_fn``, e.g. :func:`kdjax.teachers.on_devices`'s); the
+    per-batch sums stay on the device until the pass ends, then are added in
     float64 on the host. With ``n = sum(mask)``: ``accuracy = correct / n``, ``ce = sum CE / n``;
     with a teacher giving logits also ``teacher_accuracy``, ``agreement`` (same top-1 as the
     teacher) and ``kl`` (``KL(p_t || p_s)`` at T = 1), each divided by ``n``. Padding never counts.
     Returns those plus ``num_examples = n``.
     """
     batches = _HostBatches(iter(eval_iter), check or (lambda b: None), batch_transform)
-    device_batches = prefetch_to_device(batches, sharding.batch_sharding(mesh))
+    device_batches = prefetch_to_device(batches, sharding.batch_sharding(mesh), device_fn=device_fn)
     try:
         sums = [eval_step(state, teacher_variables, batch) for batch in device_batches]
     finally:
@@ -460,7 +462,8 @@ def fit(*, workdir: str, student, tx: optax.GradientTransformation, recipe: Sequ
         teacher: Teacher | None = None, teacher_variables: Any = None, train_iter,
         eval_iter_fn: Callable[[], Iterator] | None = None, num_steps: int, sample_input,
         seed: int, mesh: Mesh | None = None, param_mode: str = "replicate",
-        teacher_mode: str = "replicate", eval_every: int = 0, checkpoint_every: int = 0,
+        teacher_mode: str = "replicate", teacher_mesh: Mesh | None = None,
+        eval_every: int = 0, checkpoint_every: int = 0,
         log_every: int = 100, keep: int = 3, best_metric: str | None = "accuracy",
         nonfinite: str = "stop", batch_transform: Callable[[Any], Any] | None = None,
         eval_batch_transform: Callable[[Any], Any] | None = None,
@@ -489,6 +492,9 @@ def fit(*, workdir: str, student, tx: optax.GradientTransformation, recipe: Sequ
       seed: initialisation and dropout seed.
       mesh: ``('data', 'fsdp')`` mesh (default :func:`kdjax.sharding.make_mesh` over all devices).
       param_mode, teacher_mode: ``'replicate'`` or ``'fsdp'`` for the student state / teacher.
+      teacher_mesh: run the live teacher on these devices (disjoint from ``mesh``'s), ahead of
+        the student's steps (:func:`kdjax.teachers.on_devices`; logits only, one process); by
+        default the teacher runs inside the step on ``mesh``.
       eval_every: evaluate every this many steps (0: only after the last step, if eval_iter_fn).
       checkpoint_every: checkpoint every this many steps (0: only at eval/preemption/the end).
       log_every: fetch, check and log train metrics every this many steps.
@@ -547,6 +553,14 @@ def fit(*, workdir: str, student, tx: optax.GradientTransformation, recipe: Sequ
 
     state, state_shardings = train.init_train_state(student, tx, sample_input, seed=seed,
                                                     mesh=mesh, mode=param_mode)
+    add_logits = None
+    if teacher_mesh is not None:
+        if teacher is None:
+            raise ValueError("teacher_mesh was given without a teacher; pass a live teacher "
+                             "(teachers.from_linen(...)) and its teacher_variables.")
+        add_logits = teachers.on_devices(teacher, teacher_variables, teacher_mesh,
+                                         student_mesh=mesh, mode=teacher_mode)
+        teacher, teacher_variables = teachers.precomputed(), None
     t_vars, t_shardings = train.put_teacher({} if teacher_variables is None else teacher_variables,
                                             mesh, teacher_mode)
     apply = train.student_apply(student)
@@ -588,7 +602,7 @@ def fit(*, workdir: str, student, tx: optax.GradientTransformation, recipe: Sequ
         watcher = (stack.enter_context(PreemptionWatcher()) if handle_preemption else None)
         batches = prefetch_to_device(_TrainBatches(train_iter, functools.partial(
             check, where="train_iter"), batch_transform), sharding.batch_sharding(mesh),
-            size=prefetch)
+            size=prefetch, device_fn=add_logits)
         stack.callback(batches.close)
         bar = None
         if progress and chief and start < num_steps:
@@ -630,7 +644,7 @@ def fit(*, workdir: str, student, tx: optax.GradientTransformation, recipe: Sequ
             if evaluate_now:
                 eval_record = evaluate(eval_step, state, t_vars, eval_iter_fn(), mesh,
                                        eval_transform, check=functools.partial(
-                                           check, where="eval_iter_fn()"))
+                                           check, where="eval_iter_fn()"), device_fn=add_logits)
                 eval_history.append(_strip(writer.write("eval", done, eval_record)))
             if save_now:
                 ckpt.save(done, state, data_iterator=batches,

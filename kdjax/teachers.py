@@ -13,7 +13,8 @@ Constructors:
   sows as ``nnx.Intermediate`` joins its features (:func:`nnx_forward`).
 * :func:`from_apply_fn` - any ``apply_fn(variables, x) -> logits | (logits, features)``.
 * :func:`precomputed` - logits that :mod:`kdjax.logit_store` added to the batch on the host
-  (``teacher_logits [B, C]`` or ``teacher_topk_values/indices [B, k]``).
+  (``teacher_logits [B, C]`` or ``teacher_topk_values/indices [B, k]``), or that
+  :func:`on_devices` computed on the teacher's own devices ahead of the student's step.
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
+
+from kdjax import sharding
 
 
 class TeacherOutput(NamedTuple):
@@ -129,8 +133,49 @@ def from_nnx(model, **kwargs) -> tuple[Teacher, Any]:
     return from_apply_fn(apply_fn, **kwargs), state
 
 
+def on_devices(teacher: Teacher, variables: Any, mesh: Mesh, *, student_mesh: Mesh,
+               mode: sharding.ParamMode = "replicate") -> Callable[[dict], dict]:
+    """A live teacher on devices of its own, computing each batch's logits ahead of the student.
+
+    Returns ``add_logits(batch) -> batch`` for global batches on ``student_mesh`` (use it as
+    ``kdjax.data.prefetch_to_device(..., device_fn=add_logits)`` or ``fit(teacher_mesh=...)``): it
+    copies the batch to ``mesh``, runs ``teacher`` there on ``variables`` (placed on ``mesh`` once,
+    replicated or FSDP-sharded by ``mode``) and adds ``teacher_logits [B, C]`` (float32, the
+    student's batch sharding), which the student's step reads through :func:`precomputed`. Calls
+    only dispatch work, so when batches are prepared ahead (prefetch) the teacher computes the
+    next batch while the student's step runs on its own devices. The logits are the live
+    teacher's, bit for bit; features (hint terms) need the teacher inside the step.
+
+    On a CPU this overlaps the two on the same cores: with
+    ``XLA_FLAGS=--xla_force_host_platform_device_count=2``, the student on CPU device 0 and the
+    teacher on device 1 (``benchmarks/step_overhead.py``: ``live_teacher_device_overhead``).
+    One process only: ``mesh`` and ``student_mesh`` must hold this process's devices.
+    """
+    if not teacher.live:
+        raise ValueError("on_devices needs a live teacher (teachers.from_linen / from_nnx / "
+                         "from_apply_fn); precomputed outputs already come with the batch.")
+    local = set(jax.local_devices())
+    for name, m in (("mesh", mesh), ("student_mesh", student_mesh)):
+        if not set(m.devices.flat) <= local:
+            raise ValueError(
+                f"on_devices: {name} holds devices of other processes; a teacher on its own "
+                f"devices runs within one process. On several hosts run the teacher inside the "
+                f"step (FSDP-shard it with teacher_mode='fsdp' if it is large).")
+    shardings = sharding.tree_shardings(variables, mesh, mode)
+    variables = jax.device_put(variables, shardings)
+    on_teacher, on_student = sharding.batch_sharding(mesh), sharding.batch_sharding(student_mesh)
+    forward = jax.jit(lambda v, b: teacher(v, b).logits, in_shardings=(shardings, on_teacher),
+                      out_shardings=on_teacher)
+
+    def add_logits(batch: dict) -> dict:
+        logits = forward(variables, jax.device_put(dict(batch), on_teacher))
+        return {**batch, "teacher_logits": jax.device_put(logits, on_student)}
+    return add_logits
+
+
 def precomputed() -> Teacher:
-    """A teacher whose outputs were added to the batch by :mod:`kdjax.logit_store`."""
+    """A teacher whose outputs were added to the batch by :mod:`kdjax.logit_store` or by
+    :func:`on_devices`."""
     def fn(_, batch):
         logits = batch.get("teacher_logits")
         values = batch.get("teacher_topk_values")

@@ -87,11 +87,12 @@ def test_script_end_to_end(tmp_path):
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads(out.read_text())
-    variants = {"ce", "kd_precomputed", "kd_live", "teacher_forward"}
+    variants = {"ce", "kd_precomputed", "kd_live", "teacher_forward", "kd_live_teacher_device"}
     assert variants <= set(r["seconds"]) and set(r["seconds"]) == set(r["images_per_second"])
-    assert variants <= set(r["fraction_of_peak"])
+    assert variants - {"kd_live_teacher_device"} <= set(r["fraction_of_peak"])
     assert r["peak_measured"] and r["peak_gflops"] > 0.1 and r["ld_preload"] == ""
-    for key in ("precomputed_overhead", "live_overhead"):
+    assert r["devices"] == 2 and "--xla_force_host_platform_device_count=2" in r["xla_flags"]
+    for key in ("precomputed_overhead", "live_overhead", "live_teacher_device_overhead"):
         lo, hi = r["ratio_range_over_rounds"][key]
         target = r["targets"][key]
         assert lo <= r[key] <= hi and target["met"] == (r[key] <= target["target"])

@@ -281,6 +281,27 @@ def test_nnx_student_fits_and_resumes_like_its_linen_twin(tmp_path, reference):
         fit_worker.run(str(tmp_path / "x"), 1, student=model, init_params={"params": {}})
 
 
+def test_fit_with_the_teacher_on_its_own_devices_equals_the_teacher_in_the_step(tmp_path):
+    """fit(teacher_mesh=...) (teachers.on_devices: the teacher on devices 4-7, ahead of the
+    student's steps on 0-3; train and eval batches) logs what the in-step live teacher gives."""
+    teacher_module = models.create("mlp", 10, width=32)
+    t_vars = teacher_module.init(jax.random.PRNGKey(3), np.zeros((1, 8, 8, 1), np.float32))
+    common = dict(teacher=teachers.from_linen(teacher_module), teacher_variables=t_vars,
+                  recipe=(recipe.ce(0.5), recipe.kd(4.0, 0.5)), eval_every=10,
+                  mesh=sharding.make_mesh(devices=jax.devices()[:4]))
+    inside = fit_worker.run(str(tmp_path / "inside"), 10, **common)
+    ahead = fit_worker.run(str(tmp_path / "ahead"), 10,
+                           teacher_mesh=sharding.make_mesh(devices=jax.devices()[4:]), **common)
+    for a, b in zip(ahead.history + ahead.eval_history, inside.history + inside.eval_history):
+        assert set(a) == set(b)
+        for key in a:
+            if key not in ("time", "steps_per_sec"):
+                np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-6, err_msg=key)
+    assert "teacher_accuracy" in ahead.eval_history[-1] and "loss/kd" in ahead.history[-1]
+    with pytest.raises(ValueError, match="teacher_mesh was given without a teacher"):
+        fit_worker.run(str(tmp_path / "x"), 1, teacher_mesh=common["mesh"])
+
+
 def test_resume_drops_log_lines_past_the_checkpoint_and_finished_run_is_a_no_op(tmp_path):
     fit_worker.run(str(tmp_path), 12, checkpoint_every=10, log_every=2)
     # Pretend the process died after step 12 but before a checkpoint: drop the final step 12.

@@ -311,6 +311,39 @@ def test_nnx_teacher_matches_its_linen_twin():
     np.testing.assert_allclose(out1, ref, rtol=1e-5, atol=1e-5)
 
 
+def test_teacher_on_its_own_devices_gives_the_live_step():
+    """teachers.on_devices: the teacher on devices 4-7, its logits added to batches on the student's
+    devices 0-3 and read by precomputed(); the same 3 KD steps as the teacher inside the step."""
+    student_mesh = sharding.make_mesh(devices=jax.devices()[:4])
+    teacher_mesh = sharding.make_mesh(devices=jax.devices()[4:])
+    teacher, t_vars, t_sh = teacher_setup(student_mesh)
+    rec = (recipe.ce(weight=0.5), recipe.kd(temperature=4.0, weight=0.5))
+    student, tx = TinyNet(width=8), optax.adam(1e-2)
+    state, st_sh = train.init_train_state(student, tx, jnp.zeros((1, 8, 8, 3)), seed=0,
+                                          mesh=student_mesh)
+    live = train.make_train_step(train.linen_student(student), tx, rec, teacher, mesh=student_mesh,
+                                 state_shardings=st_sh, teacher_shardings=t_sh, donate=False)
+    ref_state, ref = take_steps(live, state, t_vars, student_mesh)
+    add_logits = teachers.on_devices(teacher, jax.device_get(t_vars), teacher_mesh,
+                                     student_mesh=student_mesh, mode="fsdp")
+    ahead = train.make_train_step(train.linen_student(student), tx, rec, teachers.precomputed(),
+                                  mesh=student_mesh, state_shardings=st_sh, donate=False)
+    got = []
+    for i in range(3):
+        batch = add_logits(sharding.global_batch(make_batch(i), student_mesh))
+        assert batch["teacher_logits"].sharding == sharding.batch_sharding(student_mesh)
+        np.testing.assert_allclose(batch["teacher_logits"], teacher(t_vars, batch).logits,
+                                   rtol=1e-6, atol=1e-6)
+        state, metrics = ahead(state, {}, batch)
+        got.append(jax.device_get(metrics))
+    assert_trees_close(jax.device_get(state.params), jax.device_get(ref_state.params), 1e-5, 1e-6)
+    for m, r in zip(got, ref):
+        for key in ("loss/ce", "loss/kd", "teacher_accuracy"):
+            np.testing.assert_allclose(m[key], r[key], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="on_devices needs a live teacher"):
+        teachers.on_devices(teachers.precomputed(), {}, teacher_mesh, student_mesh=student_mesh)
+
+
 def nnx_tiny_net(linen_params, dropout=0.0):
     """The NNX twin of ``TinyNet(width=8, hint_channels=16)`` holding ``linen_params``' values (plus
     a dropout layer before the head, rate ``dropout``). It returns the ``stage1`` tap and sows the
