@@ -41,11 +41,13 @@ from kdjax import recipe as recipe_lib, schedules, sharding, teachers
 
 @dataclasses.dataclass
 class Context:
-    """What every stage of a run shares: config, workdir, data, mesh."""
+    """What every stage of a run shares: config, workdir, data, mesh (and the live teacher's own
+    devices, or None: it runs inside the step)."""
     config: ml_collections.ConfigDict
     workdir: str
     data: Data
     mesh: Any
+    teacher_mesh: Any = None
 
     def stage_dir(self, name: str) -> str:
         return os.path.join(self.workdir, STAGES_DIR, name)
@@ -55,7 +57,13 @@ def make_context(config: ml_collections.ConfigDict, workdir: str) -> Context:
     """Opens the data, builds the mesh, checks the batch sizes and records the config."""
     workdir = os.path.abspath(workdir)
     data = build_data(config.dataset, config.seed)
-    mesh = sharding.make_mesh(data=config.run.mesh_data, fsdp=config.run.mesh_fsdp)
+    k, every = config.run.teacher_devices, jax.devices()
+    if k >= len(every):
+        raise ConfigError(f"config.run.teacher_devices={k} leaves none of the {len(every)} devices "
+                          f"to the student; use fewer (0: the teacher runs inside the step).")
+    teacher_mesh = sharding.make_mesh(devices=every[len(every) - k:]) if k else None
+    mesh = sharding.make_mesh(data=config.run.mesh_data, fsdp=config.run.mesh_fsdp,
+                              devices=every[:len(every) - k])
     devices = mesh.devices.size
     for key in ("batch_size", "eval_batch_size"):
         value = config.dataset[key]
@@ -63,7 +71,7 @@ def make_context(config: ml_collections.ConfigDict, workdir: str) -> Context:
             raise ConfigError(f"config.dataset.{key}={value} must be a multiple of the {devices} "
                               f"devices (and {jax.process_count()} processes).")
     _record_config(config, workdir)
-    return Context(config=config, workdir=workdir, data=data, mesh=mesh)
+    return Context(config=config, workdir=workdir, data=data, mesh=mesh, teacher_mesh=teacher_mesh)
 
 
 def _record_config(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -149,6 +157,7 @@ def run_stage(stage: Stage, ctx: Context) -> StageOutcome:
         teacher=teacher_fn, teacher_variables=teacher_vars,
         eval_iter_fn=data.eval_iter if evaluate else None, sample_input=data.sample_input,
         seed=c.seed, mesh=ctx.mesh, param_mode=c.run.param_mode, teacher_mode=c.run.teacher_mode,
+        teacher_mesh=ctx.teacher_mesh if teacher_vars is not None else None,
         eval_every=c.run.eval_every_epochs * spe if evaluate else 0,
         checkpoint_every=c.run.checkpoint_every_epochs * spe, log_every=c.run.log_every_steps,
         keep=c.run.keep, best_metric=(c.run.best_metric if evaluate and (

@@ -291,6 +291,10 @@ def _validate_teacher(p: list, c, experiment: str) -> None:
         elif not os.path.isdir(t.path):
             p.append(f"config.teacher.path={t.path!r} is not a directory (teacher.source='checkpoint' "
                      f"reads a train_teacher workdir or an exported variables directory).")
+    if c.run.teacher_devices and experiment == "fitnet":
+        p.append(f"config.run.teacher_devices={c.run.teacher_devices}: FitNet stage 1 needs the "
+                 f"teacher's hint features and a teacher on its own devices hands over logits "
+                 f"only; set run.teacher_devices=0.")
     if t.precomputed:
         if experiment == "fitnet":
             p.append("config.teacher.precomputed=True: FitNet stage 1 needs the teacher's hint "
@@ -320,6 +324,7 @@ def _validate_run(p: list, c) -> None:
     if not (_is_int(r.mesh_data) and (r.mesh_data == -1 or r.mesh_data >= 1)):
         p.append(f"config.run.mesh_data={r.mesh_data!r} must be -1 (all devices) or >= 1.")
     _int_at_least(p, "run.mesh_fsdp", r.mesh_fsdp, 1)
+    _int_at_least(p, "run.teacher_devices", r.teacher_devices, 0)
     for e in r.save_epochs:
         if not _is_int(e) or e < 1:
             p.append(f"config.run.save_epochs={tuple(r.save_epochs)!r} must hold epochs >= 1.")

@@ -59,7 +59,7 @@ from kdjax import checkpointing, metrics as metrics_lib, sharding, teachers, tra
 from kdjax.data.pipeline import prefetch_to_device
 from kdjax.logit_store import LogitStore
 from kdjax.preemption import PreemptionWatcher
-from kdjax.recipe import Term
+from kdjax.recipe import Term, teacher_features as recipe_features
 from kdjax.teachers import Teacher
 
 logger = logging.getLogger(__name__)
@@ -558,6 +558,11 @@ def fit(*, workdir: str, student, tx: optax.GradientTransformation, recipe: Sequ
         if teacher is None:
             raise ValueError("teacher_mesh was given without a teacher; pass a live teacher "
                              "(teachers.from_linen(...)) and its teacher_variables.")
+        if recipe_features(recipe):
+            raise ValueError(
+                f"teacher_mesh hands the step the teacher's logits only, but the recipe reads its "
+                f"features {recipe_features(recipe)} (hint/attention terms); run the teacher "
+                f"inside the step (teacher_mesh=None; experiments: config.run.teacher_devices=0).")
         add_logits = teachers.on_devices(teacher, teacher_variables, teacher_mesh,
                                          student_mesh=mesh, mode=teacher_mode)
         teacher, teacher_variables = teachers.precomputed(), None

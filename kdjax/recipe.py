@@ -36,11 +36,13 @@ class StudentOutput(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class Term:
-    """One weighted loss term. ``loss(student, teacher, batch, step) -> [B]`` per-example values."""
+    """One weighted loss term. ``loss(student, teacher, batch, step) -> [B]`` per-example values;
+    ``teacher_features``: the teacher's feature taps it reads (none: logits only)."""
     name: str
     loss: Callable[[StudentOutput, TeacherOutput, Mapping[str, jax.Array], jax.Array], jax.Array]
     weight: float | Schedule = 1.0
     needs_teacher: bool = True
+    teacher_features: tuple[str, ...] = ()
 
 
 def _value(x, step):
@@ -80,7 +82,7 @@ def hint(student_feature: str, teacher_feature: str, weight: float | Schedule = 
         return losses.fitnet_hint(_feature(s.features, student_feature, "student"),
                                   _feature(t.features, teacher_feature, "teacher"),
                                   where=b.get("mask"), normalize=normalize)
-    return Term(f"hint/{student_feature}", loss, weight)
+    return Term(f"hint/{student_feature}", loss, weight, teacher_features=(teacher_feature,))
 
 
 def attention(pairs: Sequence[tuple[str, str]], weight: float | Schedule = 1000.0,
@@ -91,7 +93,7 @@ def attention(pairs: Sequence[tuple[str, str]], weight: float | Schedule = 1000.
                                              _feature(t.features, tf, "teacher"), p=p,
                                              where=b.get("mask"))
                    for sf, tf in pairs)
-    return Term("at", loss, weight)
+    return Term("at", loss, weight, teacher_features=tuple(tf for _, tf in pairs))
 
 
 def dkd(alpha: float = 1.0, beta: float = 8.0, temperature: float = 4.0,
@@ -104,6 +106,11 @@ def dkd(alpha: float = 1.0, beta: float = 8.0, temperature: float = 4.0,
 
 def needs_teacher(recipe: Sequence[Term]) -> bool:
     return any(term.needs_teacher for term in recipe)
+
+
+def teacher_features(recipe: Sequence[Term]) -> list[str]:
+    """The teacher's feature taps that the recipe's terms read."""
+    return sorted({f for term in recipe for f in term.teacher_features})
 
 
 def evaluate(recipe: Sequence[Term], student: StudentOutput, teacher: TeacherOutput | None,

@@ -149,6 +149,22 @@ def test_full_kd_from_checkpoint_teacher_and_report(full_kd_dir, teacher_dir, di
     assert [st["stage"] for st in results["stages"]] == ["student"]
 
 
+def test_full_kd_with_the_teacher_on_its_own_devices(full_kd_dir, teacher_dir, tmp_path):
+    """config.run.teacher_devices=4: the teacher on devices 4-7, the student on 0-3; the run's
+    losses and final eval equal the run with the teacher inside the step (full_kd_dir)."""
+    workdir = str(tmp_path / "ahead")
+    assert imagenet_eskd.main([cell("teacher=resnet50,mode=full", teacher_dir),
+                               "--config.run.teacher_devices=4", f"--workdir={workdir}"]) == 0
+    got, want = summary(workdir, "student")["final"], summary(full_kd_dir, "student")["final"]
+    for key in ("accuracy", "ce", "teacher_accuracy", "agreement", "kl"):
+        assert got[key] == pytest.approx(want[key], rel=1e-4, abs=1e-6), key
+    for a, b in zip(records(workdir, "student", "train"), records(full_kd_dir, "student", "train")):
+        assert a["loss/kd"] == pytest.approx(b["loss/kd"], rel=1e-4)
+    with pytest.raises(validate.ConfigError, match="teacher_devices=8 leaves none of the 8"):
+        imagenet_eskd.main([cell("teacher=resnet50,mode=full", teacher_dir),
+                            "--config.run.teacher_devices=8", f"--workdir={tmp_path / 'none'}"])
+
+
 def test_eskd_stop_kd_switches_kd_off_at_the_stop_epoch(tmp_path, teacher_dir):
     workdir = str(tmp_path / "eskd")
     assert imagenet_eskd.main([cell("teacher=resnet50,mode=eskd", teacher_dir),
@@ -588,6 +604,12 @@ def test_contradictory_configs_give_clear_errors(tmp_path):
     expect_config_error(tmp_path, imagenet_fitnet.main, [
         f"--config={DIGITS_FITNET}:smoke", "--config.teacher.precomputed=True",
         "--config.teacher.store=/tmp/s"], "FitNet stage 1 needs the teacher's hint features")
+    expect_config_error(tmp_path, imagenet_fitnet.main, [
+        f"--config={DIGITS_FITNET}:smoke", "--config.run.teacher_devices=1"],
+        "FitNet stage 1 needs the teacher's hint features and a teacher on its own devices")
+    expect_config_error(tmp_path, imagenet_eskd.main, [
+        f"--config={DIGITS_ESKD}:teacher=large,mode=full,smoke", "--config.run.teacher_devices=-1"],
+        "config.run.teacher_devices=-1")
     expect_config_error(tmp_path, imagenet_eskd.main, [
         f"--config={DIGITS_ESKD}:teacher=large,mode=full,precomputed,smoke"],
         "config.teacher.store is required with teacher.precomputed=True")

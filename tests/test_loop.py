@@ -300,6 +300,10 @@ def test_fit_with_the_teacher_on_its_own_devices_equals_the_teacher_in_the_step(
     assert "teacher_accuracy" in ahead.eval_history[-1] and "loss/kd" in ahead.history[-1]
     with pytest.raises(ValueError, match="teacher_mesh was given without a teacher"):
         fit_worker.run(str(tmp_path / "x"), 1, teacher_mesh=common["mesh"])
+    with pytest.raises(ValueError, match=r"the recipe reads its features \['stage1'\] "):
+        fit_worker.run(str(tmp_path / "y"), 1, **dict(
+            common, recipe=(recipe.ce(), recipe.hint("stage1", "stage1")),
+            teacher_mesh=sharding.make_mesh(devices=jax.devices()[4:])))
 
 
 def test_resume_drops_log_lines_past_the_checkpoint_and_finished_run_is_a_no_op(tmp_path):

@@ -50,8 +50,12 @@ Schema (``placeholder`` keys may be None):
 * ``run``: ``eval_every_epochs``, ``checkpoint_every_epochs``, ``log_every_steps``, ``keep``
   (checkpoints kept), ``best_metric``, ``nonfinite`` (``stop`` | ``skip``), ``progress``,
   ``mesh_data`` / ``mesh_fsdp`` (device mesh), ``param_mode`` / ``teacher_mode``
-  (``replicate`` | ``fsdp``), ``save_epochs`` (extra epochs at which a trained model's variables
-  are kept under ``<stage>/epochs/``).
+  (``replicate`` | ``fsdp``), ``teacher_devices`` (0: a live teacher runs inside the step on the
+  mesh; k > 0: on the last k devices of its own, ahead of the student, whose mesh takes the rest:
+  ``kdjax.teachers.on_devices``, one process; on a CPU with
+  ``XLA_FLAGS=--xla_force_host_platform_device_count=2`` and k = 1 the two overlap on its cores),
+  ``save_epochs`` (extra epochs at which a trained model's variables are kept under
+  ``<stage>/epochs/``).
 * ``paper``: the published numbers for this cell (display only; see the config files).
 """
 
@@ -200,6 +204,7 @@ def kd_config() -> ml_collections.ConfigDict:
     c.run.mesh_fsdp = 1
     c.run.param_mode = "replicate"
     c.run.teacher_mode = "replicate"
+    c.run.teacher_devices = 0
     c.run.save_epochs = ()
 
     c.paper = ml_collections.ConfigDict()
