@@ -143,8 +143,10 @@ def on_devices(teacher: Teacher, variables: Any, mesh: Mesh, *, student_mesh: Me
     replicated or FSDP-sharded by ``mode``) and adds ``teacher_logits [B, C]`` (float32, the
     student's batch sharding), which the student's step reads through :func:`precomputed`. Calls
     only dispatch work, so when batches are prepared ahead (prefetch) the teacher computes the
-    next batch while the student's step runs on its own devices. The logits are the live
-    teacher's, bit for bit; features (hint terms) need the teacher inside the step.
+    next batch while the student's step runs on its own devices. The logits are the in-step
+    teacher's (the same program on other devices; equal to float32 rounding, tested); features
+    (hint terms) need the teacher inside the step. The batch size must divide by both meshes'
+    device counts.
 
     On a CPU this overlaps the two on the same cores: with
     ``XLA_FLAGS=--xla_force_host_platform_device_count=2``, the student on CPU device 0 and the
