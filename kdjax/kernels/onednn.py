@@ -138,7 +138,6 @@ _RULES = {"fwd": "n h w c, kh kw c o -> n oh ow o",
 def _ffi(pass_: str, out_shape: tuple[int, ...], strides: tuple[int, int],
          padding: tuple[int, int, int, int], a: jax.Array, b: jax.Array) -> jax.Array:
     """One pass on the operands as given; ``out_shape``'s batch (``fwd``, ``bwd_data``) is ``a``'s."""
-    require()  # loads the library and registers its targets
     if pass_ != "bwd_weights":
         out_shape = (a.shape[0], *out_shape[1:])
     return jax.ffi.ffi_call(TARGETS[pass_][0], jax.ShapeDtypeStruct(out_shape, a.dtype),
@@ -208,6 +207,9 @@ def _pass(pass_: str, out_shape: tuple[int, ...], strides: tuple[int, int],
 
 def _call(pass_: str, out_shape: Sequence[int], a: jax.Array, b: jax.Array,
           strides: tuple[int, int], padding: tuple[int, int, int, int]) -> jax.Array:
+    # Here, on every call: JAX caches the traces of _pass's functions, so a check inside them
+    # would not run again.
+    require()  # loads the library and registers its targets
     return _pass(pass_, tuple(int(d) for d in out_shape), tuple(strides), tuple(padding))(a, b)
 
 
