@@ -41,13 +41,14 @@ from kdjax import recipe as recipe_lib, schedules, sharding, teachers
 
 @dataclasses.dataclass
 class Context:
-    """What every stage of a run shares: config, workdir, data, mesh (and the live teacher's own
-    devices, or None: it runs inside the step)."""
+    """What every stage of a run shares: config, workdir, data, mesh (all devices), and with
+    ``run.teacher_devices`` the ``(student mesh, teacher mesh)`` split that stages distilling from
+    a live teacher use (None: the teacher runs inside the step)."""
     config: ml_collections.ConfigDict
     workdir: str
     data: Data
     mesh: Any
-    teacher_mesh: Any = None
+    split: Any = None
 
     def stage_dir(self, name: str) -> str:
         return os.path.join(self.workdir, STAGES_DIR, name)
@@ -57,21 +58,39 @@ def make_context(config: ml_collections.ConfigDict, workdir: str) -> Context:
     """Opens the data, builds the mesh, checks the batch sizes and records the config."""
     workdir = os.path.abspath(workdir)
     data = build_data(config.dataset, config.seed)
+    mesh = _mesh(config, jax.devices(), "")
+    meshes = [mesh]
     k, every = config.run.teacher_devices, jax.devices()
-    if k >= len(every):
-        raise ConfigError(f"config.run.teacher_devices={k} leaves none of the {len(every)} devices "
-                          f"to the student; use fewer (0: the teacher runs inside the step).")
-    teacher_mesh = sharding.make_mesh(devices=every[len(every) - k:]) if k else None
-    mesh = sharding.make_mesh(data=config.run.mesh_data, fsdp=config.run.mesh_fsdp,
-                              devices=every[:len(every) - k])
-    devices = mesh.devices.size
+    split = None
+    if k:
+        if k >= len(every):
+            raise ConfigError(f"config.run.teacher_devices={k} leaves none of the {len(every)} "
+                              f"devices to the student; use fewer (0: the teacher runs inside the "
+                              f"step).")
+        where = f" (run.teacher_devices={k} of the {len(every)} run the teacher)"
+        teacher_fsdp = k if config.run.teacher_mode == "fsdp" else 1
+        split = (_mesh(config, every[:len(every) - k], where),
+                 sharding.make_mesh(data=k // teacher_fsdp, fsdp=teacher_fsdp,
+                                    devices=every[len(every) - k:]))
+        meshes += list(split)
     for key in ("batch_size", "eval_batch_size"):
         value = config.dataset[key]
-        if value % devices or value % jax.process_count():
-            raise ConfigError(f"config.dataset.{key}={value} must be a multiple of the {devices} "
-                              f"devices (and {jax.process_count()} processes).")
+        for m in meshes:
+            if value % m.devices.size or value % jax.process_count():
+                raise ConfigError(
+                    f"config.dataset.{key}={value} must be a multiple of the {m.devices.size} "
+                    f"devices of each mesh{where if k else ''} (and of the "
+                    f"{jax.process_count()} processes).")
     _record_config(config, workdir)
-    return Context(config=config, workdir=workdir, data=data, mesh=mesh, teacher_mesh=teacher_mesh)
+    return Context(config=config, workdir=workdir, data=data, mesh=mesh, split=split)
+
+
+def _mesh(config: ml_collections.ConfigDict, devices: list, where: str):
+    try:
+        return sharding.make_mesh(data=config.run.mesh_data, fsdp=config.run.mesh_fsdp,
+                                  devices=devices)
+    except ValueError as e:
+        raise ConfigError(f"config.run.mesh_data / mesh_fsdp: {e}{where}") from None
 
 
 def _record_config(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -156,8 +175,9 @@ def run_stage(stage: Stage, ctx: Context) -> StageOutcome:
         workdir=directory, student=stage.module, tx=stage.tx, recipe=stage.recipe,
         teacher=teacher_fn, teacher_variables=teacher_vars,
         eval_iter_fn=data.eval_iter if evaluate else None, sample_input=data.sample_input,
-        seed=c.seed, mesh=ctx.mesh, param_mode=c.run.param_mode, teacher_mode=c.run.teacher_mode,
-        teacher_mesh=ctx.teacher_mesh if teacher_vars is not None else None,
+        seed=c.seed, param_mode=c.run.param_mode, teacher_mode=c.run.teacher_mode,
+        **(dict(mesh=ctx.split[0], teacher_mesh=ctx.split[1])  # a live teacher on its own devices
+           if ctx.split and teacher_vars is not None else dict(mesh=ctx.mesh)),
         eval_every=c.run.eval_every_epochs * spe if evaluate else 0,
         checkpoint_every=c.run.checkpoint_every_epochs * spe, log_every=c.run.log_every_steps,
         keep=c.run.keep, best_metric=(c.run.best_metric if evaluate and (

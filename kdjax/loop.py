@@ -492,9 +492,10 @@ def fit(*, workdir: str, student, tx: optax.GradientTransformation, recipe: Sequ
       seed: initialisation and dropout seed.
       mesh: ``('data', 'fsdp')`` mesh (default :func:`kdjax.sharding.make_mesh` over all devices).
       param_mode, teacher_mode: ``'replicate'`` or ``'fsdp'`` for the student state / teacher.
-      teacher_mesh: run the live teacher on these devices (disjoint from ``mesh``'s), ahead of
-        the student's steps (:func:`kdjax.teachers.on_devices`; logits only, one process); by
-        default the teacher runs inside the step on ``mesh``.
+      teacher_mesh: run the live teacher on these devices (normally others than ``mesh``'s),
+        ahead of the student's steps (:func:`kdjax.teachers.on_devices`; logits only, one
+        process; ``teacher_mode`` shards it over the mesh's ``fsdp`` axis); by default the
+        teacher runs inside the step on ``mesh``.
       eval_every: evaluate every this many steps (0: only after the last step, if eval_iter_fn).
       checkpoint_every: checkpoint every this many steps (0: only at eval/preemption/the end).
       log_every: fetch, check and log train metrics every this many steps.
@@ -555,9 +556,11 @@ def fit(*, workdir: str, student, tx: optax.GradientTransformation, recipe: Sequ
                                                     mesh=mesh, mode=param_mode)
     add_logits = None
     if teacher_mesh is not None:
-        if teacher is None:
-            raise ValueError("teacher_mesh was given without a teacher; pass a live teacher "
-                             "(teachers.from_linen(...)) and its teacher_variables.")
+        if teacher is None or not teacher.live:
+            raise ValueError("teacher_mesh runs a live teacher on its own devices, but the "
+                             "teacher is " + ("missing" if teacher is None else "precomputed")
+                             + "; pass a live teacher (teachers.from_linen(...)) and its "
+                             "teacher_variables, or drop teacher_mesh.")
         if recipe_features(recipe):
             raise ValueError(
                 f"teacher_mesh hands the step the teacher's logits only, but the recipe reads its "

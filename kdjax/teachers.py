@@ -134,19 +134,23 @@ def from_nnx(model, **kwargs) -> tuple[Teacher, Any]:
 
 
 def on_devices(teacher: Teacher, variables: Any, mesh: Mesh, *, student_mesh: Mesh,
-               mode: sharding.ParamMode = "replicate") -> Callable[[dict], dict]:
+               mode: sharding.ParamMode = "replicate", min_size: int = 2 ** 14,
+               ) -> Callable[[dict], dict]:
     """A live teacher on devices of its own, computing each batch's logits ahead of the student.
 
     Returns ``add_logits(batch) -> batch`` for global batches on ``student_mesh`` (use it as
     ``kdjax.data.prefetch_to_device(..., device_fn=add_logits)`` or ``fit(teacher_mesh=...)``): it
     copies the batch to ``mesh``, runs ``teacher`` there on ``variables`` (placed on ``mesh`` once,
-    replicated or FSDP-sharded by ``mode``) and adds ``teacher_logits [B, C]`` (float32, the
+    replicated, or with ``mode='fsdp'`` its leaves of ``min_size`` elements or more split over the
+    mesh's ``fsdp`` axis: :func:`kdjax.sharding.leaf_spec`) and adds ``teacher_logits [B, C]`` (float32, the
     student's batch sharding), which the student's step reads through :func:`precomputed`. Calls
     only dispatch work, so when batches are prepared ahead (prefetch) the teacher computes the
     next batch while the student's step runs on its own devices. The logits are the in-step
     teacher's (the same program on other devices; equal to float32 rounding, tested); features
     (hint terms) need the teacher inside the step. The batch size must divide by both meshes'
-    device counts.
+    device counts. The teacher is traced in the thread that calls ``add_logits`` (prefetch's), so
+    JAX settings made with context managers in the caller's thread (``jax.default_matmul_precision``
+    and the like) do not reach it; set them with ``jax.config.update``.
 
     On a CPU this overlaps the two on the same cores: with
     ``XLA_FLAGS=--xla_force_host_platform_device_count=2``, the student on CPU device 0 and the
@@ -163,13 +167,19 @@ def on_devices(teacher: Teacher, variables: Any, mesh: Mesh, *, student_mesh: Me
                 f"on_devices: {name} holds devices of other processes; a teacher on its own "
                 f"devices runs within one process. On several hosts run the teacher inside the "
                 f"step (FSDP-shard it with teacher_mode='fsdp' if it is large).")
-    shardings = sharding.tree_shardings(variables, mesh, mode)
+    shardings = sharding.tree_shardings(variables, mesh, mode, min_size)
     variables = jax.device_put(variables, shardings)
     on_teacher, on_student = sharding.batch_sharding(mesh), sharding.batch_sharding(student_mesh)
     forward = jax.jit(lambda v, b: teacher(v, b).logits, in_shardings=(shardings, on_teacher),
                       out_shardings=on_teacher)
 
     def add_logits(batch: dict) -> dict:
+        rows = next(iter(batch.values())).shape[0]
+        if rows % mesh.devices.size:
+            raise ValueError(
+                f"on_devices: a batch of {rows} rows does not split over the teacher's "
+                f"{mesh.devices.size} devices; use a batch size that both the teacher's and the "
+                f"student's device counts divide (or another teacher mesh).")
         logits = forward(variables, jax.device_put(dict(batch), on_teacher))
         return {**batch, "teacher_logits": jax.device_put(logits, on_student)}
     return add_logits

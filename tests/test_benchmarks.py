@@ -79,7 +79,8 @@ def test_measured_matmul_peak(bench):
 
 @pytest.mark.slow
 def test_script_end_to_end(tmp_path):
-    """The script as a user runs it, shrunk (batch 8, width 8, 2 rounds), one device."""
+    """The script as a user runs it, shrunk (batch 8, width 8, 2 rounds); it gives itself a second
+    CPU device for the teacher-device variant."""
     out = tmp_path / "r.json"
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     cmd = [sys.executable, str(SCRIPT), "--json", str(out), "--batch", "8", "--width", "8",

@@ -163,6 +163,15 @@ def test_full_kd_with_the_teacher_on_its_own_devices(full_kd_dir, teacher_dir, t
     with pytest.raises(validate.ConfigError, match="teacher_devices=8 leaves none of the 8"):
         imagenet_eskd.main([cell("teacher=resnet50,mode=full", teacher_dir),
                             "--config.run.teacher_devices=8", f"--workdir={tmp_path / 'none'}"])
+    with pytest.raises(validate.ConfigError, match=r"must be a multiple of the 5 devices of each "
+                                                   r"mesh \(run.teacher_devices=3 of the 8"):
+        imagenet_eskd.main([cell("teacher=resnet50,mode=full", teacher_dir),
+                            "--config.run.teacher_devices=3", f"--workdir={tmp_path / 'odd'}"])
+    with pytest.raises(validate.ConfigError, match=r"mesh_fsdp: fsdp=8 must be a positive divisor "
+                                                   r"of the device count 4\. \(run.teacher_devices"):
+        imagenet_eskd.main([cell("teacher=resnet50,mode=full", teacher_dir),
+                            "--config.run.teacher_devices=4", "--config.run.mesh_fsdp=8",
+                            f"--workdir={tmp_path / 'fsdp'}"])
 
 
 def test_eskd_stop_kd_switches_kd_off_at_the_stop_epoch(tmp_path, teacher_dir):

@@ -298,8 +298,12 @@ def test_fit_with_the_teacher_on_its_own_devices_equals_the_teacher_in_the_step(
             if key not in ("time", "steps_per_sec"):
                 np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-6, err_msg=key)
     assert "teacher_accuracy" in ahead.eval_history[-1] and "loss/kd" in ahead.history[-1]
-    with pytest.raises(ValueError, match="teacher_mesh was given without a teacher"):
+    with pytest.raises(ValueError, match="teacher_mesh runs a live teacher .* the teacher is "
+                                         "missing"):
         fit_worker.run(str(tmp_path / "x"), 1, teacher_mesh=common["mesh"])
+    with pytest.raises(ValueError, match="a batch of 32 rows does not split over the teacher's 3"):
+        fit_worker.run(str(tmp_path / "z"), 1, **dict(
+            common, teacher_mesh=sharding.make_mesh(devices=jax.devices()[5:])))
     with pytest.raises(ValueError, match=r"the recipe reads its features \['stage1'\] "):
         fit_worker.run(str(tmp_path / "y"), 1, **dict(
             common, recipe=(recipe.ce(), recipe.hint("stage1", "stage1")),

@@ -315,7 +315,7 @@ def test_teacher_on_its_own_devices_gives_the_live_step():
     """teachers.on_devices: the teacher on devices 4-7, its logits added to batches on the student's
     devices 0-3 and read by precomputed(); the same 3 KD steps as the teacher inside the step."""
     student_mesh = sharding.make_mesh(devices=jax.devices()[:4])
-    teacher_mesh = sharding.make_mesh(devices=jax.devices()[4:])
+    teacher_mesh = sharding.make_mesh(data=2, fsdp=2, devices=jax.devices()[4:])
     teacher, t_vars, t_sh = teacher_setup(student_mesh)
     rec = (recipe.ce(weight=0.5), recipe.kd(temperature=4.0, weight=0.5))
     student, tx = TinyNet(width=8), optax.adam(1e-2)
@@ -324,8 +324,11 @@ def test_teacher_on_its_own_devices_gives_the_live_step():
     live = train.make_train_step(train.linen_student(student), tx, rec, teacher, mesh=student_mesh,
                                  state_shardings=st_sh, teacher_shardings=t_sh, donate=False)
     ref_state, ref = take_steps(live, state, t_vars, student_mesh)
-    add_logits = teachers.on_devices(teacher, jax.device_get(t_vars), teacher_mesh,
-                                     student_mesh=student_mesh, mode="fsdp")
+    t_host = jax.device_get(t_vars)
+    assert any(s.spec != jax.sharding.PartitionSpec() for s in jax.tree.leaves(
+        sharding.tree_shardings(t_host, teacher_mesh, "fsdp", min_size=64)))
+    add_logits = teachers.on_devices(teacher, t_host, teacher_mesh, student_mesh=student_mesh,
+                                     mode="fsdp", min_size=64)
     ahead = train.make_train_step(train.linen_student(student), tx, rec, teachers.precomputed(),
                                   mesh=student_mesh, state_shardings=st_sh, donate=False)
     got = []
