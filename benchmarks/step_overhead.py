@@ -112,12 +112,17 @@ def jax_variants(dtype, stem: str, conv: str, batch_size: int = 64, width: int =
     specs = {"ce": ((recipe.ce(),), None, {}, batch),
              "kd_precomputed": (kd_recipe, teachers.precomputed(), {}, stored),
              "kd_live": (kd_recipe, live, t_vars, batch)}
+
+    def state_and_step(rec, teacher, tv):
+        state, st_sh = train.init_train_state(student, tx, sample, seed=0, mesh=mesh)
+        return state, train.make_train_step(apply, tx, rec, teacher, mesh=mesh,
+                                            state_shardings=st_sh,
+                                            teacher_shardings=t_sh if tv else None,
+                                            guard_nonfinite=False)
+
     runs, flops = {}, {}
     for name, (rec, teacher, tv, b) in specs.items():
-        state, st_sh = train.init_train_state(student, tx, sample, seed=0, mesh=mesh)
-        step = train.make_train_step(apply, tx, rec, teacher, mesh=mesh, state_shardings=st_sh,
-                                     teacher_shardings=t_sh if tv else None,
-                                     guard_nonfinite=False)
+        state, step = state_and_step(rec, teacher, tv)
         if conv == "xla":
             flops[name] = flops_of(step, state, tv, b)
         holder = {"state": state}
@@ -129,9 +134,7 @@ def jax_variants(dtype, stem: str, conv: str, batch_size: int = 64, width: int =
     if teacher_device and len(jax.devices()) > 1:
         add_logits = teachers.on_devices(live, jax.device_get(t_vars), sharding.make_mesh(
             devices=jax.devices()[1:2]), student_mesh=mesh)
-        state, st_sh = train.init_train_state(student, tx, sample, seed=0, mesh=mesh)
-        step = train.make_train_step(apply, tx, kd_recipe, teachers.precomputed(), mesh=mesh,
-                                     state_shardings=st_sh, guard_nonfinite=False)
+        state, step = state_and_step(kd_recipe, teachers.precomputed(), {})
         holder = {"state": state, "next": add_logits(batch)}
 
         def run_ahead(step=step, holder=holder):

@@ -58,9 +58,9 @@ def make_context(config: ml_collections.ConfigDict, workdir: str) -> Context:
     """Opens the data, builds the mesh, checks the batch sizes and records the config."""
     workdir = os.path.abspath(workdir)
     data = build_data(config.dataset, config.seed)
-    mesh = _mesh(config, jax.devices(), "")
-    meshes = [mesh]
     k, every = config.run.teacher_devices, jax.devices()
+    mesh = _mesh(config, every, "")
+    meshes = [mesh]
     split = None
     if k:
         if k >= len(every):
@@ -171,13 +171,15 @@ def run_stage(stage: Stage, ctx: Context) -> StageOutcome:
     elif stage.teacher is not None:
         teacher_fn, teacher_vars = stage.teacher.live(), stage.teacher.variables
     evaluate = stage.evaluate
+    # A live teacher on its own devices (run.teacher_devices) beside the student's; else all.
+    mesh, teacher_mesh = (ctx.split if ctx.split and teacher_vars is not None
+                          else (ctx.mesh, None))
     kwargs = dict(
         workdir=directory, student=stage.module, tx=stage.tx, recipe=stage.recipe,
         teacher=teacher_fn, teacher_variables=teacher_vars,
         eval_iter_fn=data.eval_iter if evaluate else None, sample_input=data.sample_input,
-        seed=c.seed, param_mode=c.run.param_mode, teacher_mode=c.run.teacher_mode,
-        **(dict(mesh=ctx.split[0], teacher_mesh=ctx.split[1])  # a live teacher on its own devices
-           if ctx.split and teacher_vars is not None else dict(mesh=ctx.mesh)),
+        seed=c.seed, mesh=mesh, teacher_mesh=teacher_mesh, param_mode=c.run.param_mode,
+        teacher_mode=c.run.teacher_mode,
         eval_every=c.run.eval_every_epochs * spe if evaluate else 0,
         checkpoint_every=c.run.checkpoint_every_epochs * spe, log_every=c.run.log_every_steps,
         keep=c.run.keep, best_metric=(c.run.best_metric if evaluate and (
