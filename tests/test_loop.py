@@ -301,6 +301,10 @@ def test_fit_with_the_teacher_on_its_own_devices_equals_the_teacher_in_the_step(
     with pytest.raises(ValueError, match="teacher_mesh runs a live teacher .* the teacher is "
                                          "missing"):
         fit_worker.run(str(tmp_path / "x"), 1, teacher_mesh=common["mesh"])
+    with pytest.raises(ValueError, match="teacher_mesh runs a live teacher .* the teacher is "
+                                         "precomputed"):
+        fit_worker.run(str(tmp_path / "p"), 1, teacher=teachers.precomputed(),
+                       teacher_mesh=common["mesh"])
     with pytest.raises(ValueError, match="a batch of 32 rows does not split over the teacher's 3"):
         fit_worker.run(str(tmp_path / "z"), 1, **dict(
             common, teacher_mesh=sharding.make_mesh(devices=jax.devices()[5:])))
