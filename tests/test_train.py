@@ -525,16 +525,24 @@ jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=pid,
 from kdjax import sharding
 exec(sys.argv[4])
 state, metrics = two_steps(sharding.make_mesh(), slice(4 * pid, 4 * pid + 4))
+from kdjax import teachers
+try:  # a teacher on its own devices is one process's: a mesh over both processes is refused
+    teachers.on_devices(teachers.from_apply_fn(lambda v, x: x), {}, sharding.make_mesh(),
+                        student_mesh=sharding.make_mesh(devices=jax.local_devices()))
+    refusal = "accepted"
+except ValueError as e:
+    refusal = str(e)
 np.savez(out, kernel=np.asarray(state.params["head"]["kernel"][...].addressable_data(0)),
          mean=np.asarray(state.batch_stats["bn"]["mean"][...].addressable_data(0)),
-         loss=np.asarray(metrics["loss/ce"].addressable_data(0)))
+         loss=np.asarray(metrics["loss/ce"].addressable_data(0)), refusal=refusal)
 jax.distributed.shutdown()
 """
 
 
-def test_nnx_student_in_two_processes_matches_one_process(tmp_path):
+def test_two_processes_nnx_student_matches_one_process_and_on_devices_refuses(tmp_path):
     """An NNX student trained by two jax.distributed processes (gloo, loopback; 2 CPU devices
-    each, 4 rows of the batch each) ends where one process with 4 devices does."""
+    each, 4 rows of the batch each) ends where one process with 4 devices does; in each process
+    ``teachers.on_devices`` refuses a teacher mesh holding the other process's devices."""
     import local_processes
 
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
@@ -550,6 +558,7 @@ def test_nnx_student_in_two_processes_matches_one_process(tmp_path):
             np.testing.assert_allclose(got["mean"], state.batch_stats["bn"]["mean"][...],
                                        rtol=1e-5, atol=1e-6)
             np.testing.assert_allclose(got["loss"], metrics["loss/ce"], rtol=1e-5)
+            assert "mesh holds devices of other processes" in str(got["refusal"])
 
 
 def test_nnx_teacher_sown_taps_join_its_features():
