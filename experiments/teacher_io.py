@@ -9,6 +9,7 @@ into a :mod:`kdjax.logit_store` store; :func:`store_batch_transform` serves it t
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 from typing import Any, Callable, Mapping
 
@@ -79,14 +80,32 @@ def load_torchvision_teacher(config, data: Data) -> TeacherModel:
 # ------------------------------------------------------------------------------------------------
 
 
+def weights_digest(variables) -> str:
+    """12 hex digits of SHA-256 over each leaf's key path, shape, dtype and 32-bit checksum of its
+    bytes (:func:`kdjax.checkpointing.state_fingerprint`, computed where the leaves live, so
+    sharded ones too): any change of one weight changes it."""
+    from kdjax.checkpointing import state_fingerprint
+
+    leaves = jax.tree.map(jax.numpy.asarray, variables)
+    paths, _, sums = state_fingerprint(leaves)
+    shapes = [f"{x.shape}{x.dtype}" for x in jax.tree.leaves(leaves)]
+    text = ";".join(f"{p}{s}:{c}" for p, s, c in zip(paths, shapes, sums.tolist()))
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
 def store_spec(config, data: Data, split: str, teacher: TeacherModel):
-    """The :class:`kdjax.logit_store.StoreSpec` of ``teacher`` on ``split`` under ``config``."""
+    """The :class:`kdjax.logit_store.StoreSpec` of ``teacher`` on ``split`` under ``config``.
+
+    Its ``teacher`` names the teacher's origin and its weights' :func:`weights_digest`, so a store
+    written by another teacher (retrained, another file or epoch) is refused, not reused."""
     from kdjax import logit_store
 
     t = config.teacher
     return logit_store.StoreSpec(
         dataset=data.name, split=split, num_examples=data.num_examples(split),
-        num_classes=data.num_classes, teacher=teacher.label, preprocessing=data.preprocessing,
+        num_classes=data.num_classes,
+        teacher=f"{teacher.label}, weights {weights_digest(teacher.variables)}",
+        preprocessing=data.preprocessing,
         format=t.store_format, k=t.store_k if t.store_format == "topk" else None,
         dtype=t.store_dtype)
 

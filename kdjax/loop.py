@@ -190,6 +190,20 @@ def _validate_args(*, workdir, student, tx, train_iter, eval_iter_fn, num_steps,
                          f"got {best_mode!r}.")
 
 
+def _check_store_classes(num_classes: int, **transforms) -> None:
+    """Refuses a transform that is a :class:`LogitStore`'s ``add_to_batch`` for a teacher with
+    another class count than the student's ``num_classes`` (a top-k store's indices would
+    otherwise train the student silently on the wrong label space)."""
+    for arg, fn in transforms.items():
+        store = getattr(fn, "__self__", None)
+        if isinstance(store, LogitStore) and store.spec.num_classes != num_classes:
+            raise ValueError(
+                f"{arg} reads a logit store of a {store.spec.num_classes}-class teacher "
+                f"({store.spec.teacher}) but the student has {num_classes} classes; the teacher "
+                f"and student must share the label space (build the student with num_classes="
+                f"{store.spec.num_classes}, or use a store of a teacher on these classes).")
+
+
 def _check_batch(batch: Any, *, input_key: str, example_shape: tuple[int, ...], num_classes: int,
                  num_devices: int, where: str) -> None:
     """Host-side check of one host-local batch before it goes to the device (cheap: shapes and the
@@ -581,6 +595,8 @@ def fit(*, workdir: str, student, tx: optax.GradientTransformation, recipe: Sequ
                  if do_eval_at_all else None)
     logits_shape = jax.eval_shape(lambda s, x: apply(s.params, s.batch_stats, x, False, s.rng)[0]
                                   .logits, state, sample_input)
+    _check_store_classes(int(logits_shape.shape[-1]), batch_transform=batch_transform,
+                         eval_batch_transform=eval_batch_transform)
     check = functools.partial(_check_batch, input_key=input_key,
                               example_shape=tuple(np.shape(sample_input))[1:],
                               num_classes=int(logits_shape.shape[-1]),

@@ -266,6 +266,7 @@ def test_precomputed_store_matches_the_teacher_and_gives_the_live_losses(tmp_pat
         opened = logit_store.LogitStore.open(os.path.join(store, split))
         n = len(digits[split]["label"])
         assert opened.spec.num_examples == n and opened.spec.dtype == "float32"
+        assert opened.spec.teacher.endswith(f", weights {teacher_io.weights_digest(variables)}")
         logits, _ = module.apply({"params": variables["params"]}, digits[split]["image"])
         stored = opened.lookup(np.arange(n))["teacher_logits"]
         np.testing.assert_allclose(stored, np.asarray(logits), rtol=1e-5, atol=1e-5)
@@ -282,6 +283,33 @@ def test_precomputed_store_matches_the_teacher_and_gives_the_live_losses(tmp_pat
     for key in ("accuracy", "teacher_accuracy", "agreement", "kl"):
         assert summary(pre, "student")["final"][key] == pytest.approx(
             summary(live, "student")["final"][key], rel=1e-4, abs=1e-6)
+
+
+def test_weights_digest_changes_with_any_weight_and_not_with_placement():
+    """The teacher identity a store records: equal weights give one digest wherever they live
+    (NumPy, one device, sharded over 8); one changed float, a renamed or reshaped leaf, another."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from kdjax import sharding
+
+    rng = np.random.default_rng(0)
+    w = {"params": {"conv": {"kernel": rng.normal(size=(8, 4)).astype(np.float32)},
+                    "fc": {"bias": np.zeros(3, np.float32)}}}
+    digest = teacher_io.weights_digest(w)
+    assert len(digest) == 12 and int(digest, 16) >= 0
+    mesh = sharding.make_mesh()
+    spread = jax.tree.map(lambda x: jax.device_put(x, NamedSharding(mesh, P(mesh.axis_names[0]))
+                                                   if x.shape[0] % 8 == 0 else None), w)
+    assert spread["params"]["conv"]["kernel"].sharding.num_devices == 8
+    assert teacher_io.weights_digest(spread) == digest
+    assert teacher_io.weights_digest(jax.tree.map(jnp.asarray, w)) == digest
+    nudged = jax.tree.map(np.copy, w)
+    nudged["params"]["conv"]["kernel"][3, 1] = np.nextafter(nudged["params"]["conv"]["kernel"][3, 1],
+                                                            np.float32(np.inf))
+    renamed = {"params": {"conv": w["params"]["conv"], "head": w["params"]["fc"]}}
+    reshaped = jax.tree.map(lambda x: x.reshape(4, 8) if x.ndim == 2 else x, w)
+    others = {teacher_io.weights_digest(v) for v in (nudged, renamed, reshaped)}
+    assert len(others) == 3 and digest not in others
 
 
 def test_torchvision_teacher_loads_the_converted_weights(tmp_path, digits):

@@ -205,6 +205,27 @@ def test_precomputed_teacher_kd_and_eval_teacher_metrics_match_numpy(tmp_path, d
                                rtol=1e-4)
 
 
+def test_a_store_of_a_teacher_with_other_classes_is_refused_before_any_step(tmp_path, digits):
+    """A top-k store of a 7-class teacher carries no logits whose width the step could check: fit
+    compares the store's class count with the 10-class student's before it trains."""
+    n = len(digits["train"]["label"])
+    spec = logit_store.StoreSpec(dataset="digits", split="train", num_examples=n, num_classes=7,
+                                 teacher="seven-class", preprocessing="none", format="topk", k=3)
+    path = str(tmp_path / "store")
+    with logit_store.LogitStoreWriter(path, spec) as writer:
+        writer.write(np.arange(n), np.random.default_rng(0).normal(size=(n, 7)))
+    logit_store.finalize(path, 1)
+    store = logit_store.LogitStore.open(path)
+    for arg in ("batch_transform", "eval_batch_transform"):
+        transforms = {"batch_transform": lambda b: b, "eval_batch_transform": lambda b: b,
+                      arg: store.add_to_batch}
+        with pytest.raises(ValueError, match=f"{arg} reads a logit store of a 7-class teacher "
+                                             r"\(seven-class\) but the student has 10 classes"):
+            fit_worker.run(str(tmp_path / arg), 3, checkpoint_every=0, eval_every=3,
+                           teacher=teachers.precomputed(), recipe=(recipe.kd(2.0),), **transforms)
+        assert not os.path.exists(tmp_path / arg / "checkpoints" / "3")
+
+
 def test_batch_transform_serves_eval_batches_unless_an_eval_transform_is_given(tmp_path):
     seen = {"train": 0, "eval": 0, "eval_only": 0}
 
