@@ -478,21 +478,31 @@ def test_checksum_detects_every_single_word_change_and_ignores_sharding(mesh):
 _GOOD_LEAF = {"path": "['w']", "shape": [3], "dtype": "float32", "checksum": 7}
 
 
+
+
+def _signed(**manifest):
+    """A manifest of the current format with its digest, as _build_manifest writes it."""
+    manifest = {"format": ck._MANIFEST_FORMAT, **manifest}
+    return {**manifest, "sha256": ck._manifest_digest(manifest)}
+
+
 @pytest.mark.parametrize(
     "manifest, match",
     [
-        ([1, 2], "not a kdjax-checkpoint-integrity/1 manifest"),
-        ({"format": "other"}, "not a kdjax-checkpoint-integrity/1 manifest"),
-        ({"format": ck._MANIFEST_FORMAT, "step": 4}, "manifest is for step 4, not 5"),
-        ({"format": ck._MANIFEST_FORMAT, "step": 5, "has_data_iterator": "yes"},
-         "has_data_iterator is not a bool"),
-        ({"format": ck._MANIFEST_FORMAT, "step": 5, "has_data_iterator": False, "leaves": []},
-         "leaves is not a non-empty list"),
-        ({"format": ck._MANIFEST_FORMAT, "step": 5, "has_data_iterator": False,
-          "leaves": [_GOOD_LEAF, {**_GOOD_LEAF, "checksum": "7"}]},
+        ([1, 2], "not a kdjax-checkpoint-integrity/2 manifest"),
+        ({"format": "other"}, "not a kdjax-checkpoint-integrity/2 manifest"),
+        (_signed(step=4), "manifest is for step 4, not 5"),
+        (_signed(step=5, has_data_iterator="yes"), "has_data_iterator is not a bool"),
+        (_signed(step=5, has_data_iterator=False, leaves=[]), "leaves is not a non-empty list"),
+        (_signed(step=5, has_data_iterator=False,
+                 leaves=[_GOOD_LEAF, {**_GOOD_LEAF, "checksum": "7"}]),
          "manifest leaf entry 1 is malformed"),
+        (_signed(step=5, has_data_iterator=False, leaves=[{**_GOOD_LEAF, "shape": [3.0]}]),
+         "manifest leaf entry 0 is malformed"),
+        ({**_signed(step=5, has_data_iterator=False, leaves=[_GOOD_LEAF]), "step": 5.0},
+         "manifest content does not match its sha256"),
         ({"format": ck._MANIFEST_FORMAT, "step": 5, "has_data_iterator": False,
-          "leaves": [{**_GOOD_LEAF, "shape": [3.0]}]}, "manifest leaf entry 0 is malformed"),
+          "leaves": [_GOOD_LEAF]}, "manifest content does not match its sha256"),
     ],
 )
 def test_malformed_manifest_is_rejected(manifest, match):
@@ -501,9 +511,11 @@ def test_malformed_manifest_is_rejected(manifest, match):
 
 
 def test_wellformed_manifest_is_accepted():
-    manifest = {"format": ck._MANIFEST_FORMAT, "step": 5, "has_data_iterator": True,
-                "leaves": [_GOOD_LEAF]}
+    manifest = _signed(step=5, has_data_iterator=True, leaves=[_GOOD_LEAF])
     assert ck._parse_manifest(manifest, 5) == ([_GOOD_LEAF], True)
+    # Manifests written before the digest existed are still read.
+    older = {k: v for k, v in manifest.items() if k != "sha256"}
+    assert ck._parse_manifest({**older, "format": ck._MANIFEST_FORMAT_V1}, 5) == ([_GOOD_LEAF], True)
 
 
 class _FixedIterator:
@@ -612,6 +624,12 @@ CORRUPTIONS = {
                          "integrity manifest is missing or unreadable"),
     "manifest_deleted": (lambda d: shutil.rmtree(d / "integrity"),
                          "integrity manifest is missing or unreadable"),
+    # Still valid JSON, so only the manifest's own digest tells it from a target mismatch.
+    "manifest_shape_edited": (
+        lambda d: (d / "integrity" / "metadata").write_text(
+            re.sub(r'"shape": \[(\d+)', r'"shape": [1\1',
+                   (d / "integrity" / "metadata").read_text(), count=1)),
+        "manifest content does not match its sha256"),
     "iterator_state_edited": (
         lambda d: (d / "data" / "process_0-of-1.json").write_text(
             (d / "data" / "process_0-of-1.json").read_text().replace(

@@ -48,7 +48,9 @@ from kdjax.checkpointing.iterator_state import (  # noqa: F401
 from kdjax.checkpointing.layout import _TMP_MARKER  # noqa: F401
 from kdjax.checkpointing.manifest import (  # noqa: F401
     _MANIFEST_FORMAT,
+    _MANIFEST_FORMAT_V1,
     _layout_problem,
+    _manifest_digest,
     _parse_manifest,
 )
 

@@ -3,22 +3,35 @@ parsing it, and comparing it with a restored state or a restore target."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import Any, Optional
 
 import jax
 import numpy as np
 from etils import epath
 
-_MANIFEST_FORMAT = "kdjax-checkpoint-integrity/1"
+_MANIFEST_FORMAT = "kdjax-checkpoint-integrity/2"
+#: Written before the manifest carried its own digest; still read (without that check).
+_MANIFEST_FORMAT_V1 = "kdjax-checkpoint-integrity/1"
+_SIGNED_FIELDS = ("format", "step", "has_data_iterator", "leaves")
+
+
+def _manifest_digest(manifest: dict[str, Any]) -> str:
+    """SHA-256 of the manifest's :data:`_SIGNED_FIELDS` as canonical JSON (sorted keys, no
+    spaces): an edit that leaves valid JSON (a changed shape, path or checksum) changes it."""
+    body = {k: manifest.get(k) for k in _SIGNED_FIELDS}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def _build_manifest(
     step: int, state: Any, paths: list[str], checksums: np.ndarray, has_data_iterator: bool
 ) -> dict[str, Any]:
-    """The manifest of ``step``: format, step, ``has_data_iterator`` and, per array leaf of
-    ``state`` (in ``tree_flatten_with_path`` order), its key path, shape, dtype and checksum."""
+    """The manifest of ``step``: format, step, ``has_data_iterator``, per array leaf of ``state``
+    (in ``tree_flatten_with_path`` order) its key path, shape, dtype and checksum, and the
+    ``sha256`` of all that (:func:`_manifest_digest`)."""
     flat, _ = jax.tree_util.tree_flatten_with_path(state)
-    return {
+    manifest = {
         "format": _MANIFEST_FORMAT,
         "step": step,
         "has_data_iterator": has_data_iterator,
@@ -27,14 +40,19 @@ def _build_manifest(
             for p, (_, leaf), c in zip(paths, flat, checksums)
         ],
     }
+    return {**manifest, "sha256": _manifest_digest(manifest)}
 
 
 def _parse_manifest(manifest: Any, step: int) -> tuple[list[dict], bool]:
     """Validates the integrity manifest of ``step``; returns ``(leaves, has_data_iterator)``.
 
-    Raises ValueError naming the first malformed field (a garbled manifest is corruption)."""
-    if not isinstance(manifest, dict) or manifest.get("format") != _MANIFEST_FORMAT:
+    Raises ValueError naming the first malformed field, or a digest that does not match the
+    content (a garbled or edited manifest is corruption)."""
+    if not isinstance(manifest, dict) or manifest.get("format") not in (_MANIFEST_FORMAT,
+                                                                         _MANIFEST_FORMAT_V1):
         raise ValueError(f"not a {_MANIFEST_FORMAT} manifest")
+    if manifest["format"] == _MANIFEST_FORMAT and manifest.get("sha256") != _manifest_digest(manifest):
+        raise ValueError("manifest content does not match its sha256 (edited or garbled)")
     if manifest.get("step") != step:
         raise ValueError(f"manifest is for step {manifest.get('step')!r}, not {step}")
     if not isinstance(manifest.get("has_data_iterator"), bool):
