@@ -143,13 +143,11 @@ def compute_store(path: str, spec, teacher: TeacherModel, data: Data, mesh, *, r
 
 
 def open_store(path: str, spec):
-    """Opens a complete store, checking that it holds what ``spec`` describes."""
+    """Opens a complete store, checking that it holds what ``spec`` describes (every field:
+    dataset, split, counts, teacher and its weights, preprocessing, format, k, dtype)."""
     from kdjax import logit_store
 
-    return logit_store.LogitStore.open(
-        path, dataset=spec.dataset, split=spec.split, num_examples=spec.num_examples,
-        num_classes=spec.num_classes, teacher=spec.teacher, format=spec.format,
-        preprocessing=spec.preprocessing)
+    return logit_store.LogitStore.open(path, spec=spec)
 
 
 def store_batch_transform(train_store, eval_store) -> Callable[[Mapping[str, Any]], dict]:

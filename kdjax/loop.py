@@ -190,18 +190,50 @@ def _validate_args(*, workdir, student, tx, train_iter, eval_iter_fn, num_steps,
                          f"got {best_mode!r}.")
 
 
-def _check_store_classes(num_classes: int, **transforms) -> None:
+def _check_stores(num_classes: int, best_metric: str | None, **transforms) -> None:
     """Refuses a transform that is a :class:`LogitStore`'s ``add_to_batch`` for a teacher with
     another class count than the student's ``num_classes`` (a top-k store's indices would
-    otherwise train the student silently on the wrong label space)."""
+    otherwise train the student silently on the wrong label space), and a teacher ``best_metric``
+    with a top-k store for eval (its eval gives no teacher metrics)."""
     for arg, fn in transforms.items():
         store = getattr(fn, "__self__", None)
-        if isinstance(store, LogitStore) and store.spec.num_classes != num_classes:
+        if not isinstance(store, LogitStore):
+            continue
+        if store.spec.num_classes != num_classes:
             raise ValueError(
                 f"{arg} reads a logit store of a {store.spec.num_classes}-class teacher "
                 f"({store.spec.teacher}) but the student has {num_classes} classes; the teacher "
                 f"and student must share the label space (build the student with num_classes="
                 f"{store.spec.num_classes}, or use a store of a teacher on these classes).")
+        if arg == "eval_batch_transform" and store.spec.format == "topk":
+            _check_best_metric(best_metric, EVAL_METRICS)
+
+
+def _check_best_metric(best_metric: str | None, metrics) -> None:
+    if best_metric is not None and best_metric not in metrics:
+        raise ValueError(
+            f"best_metric {best_metric!r} is not among this run's eval metrics {sorted(metrics)}: "
+            f"teacher metrics need a teacher with full logits at eval (a top-k store gives none); "
+            f"use best_metric='accuracy' (or another of those).")
+
+
+def _with_index_check(transform: Callable[[Any], Any] | None, num_classes: int, where: str):
+    """``transform``, then a host check that the top-k teacher classes it adds
+    (``teacher_topk_indices``) are the student's ``[0, num_classes)``: out of range they would
+    make the loss NaN, and the run would stop blaming the learning rate."""
+    if transform is None:
+        return None
+
+    def checked(batch):
+        out = transform(batch)
+        idx = np.asarray(out.get("teacher_topk_indices", ())) if isinstance(out, Mapping) else ()
+        if np.size(idx) and (idx.min() < 0 or idx.max() >= num_classes):
+            raise ValueError(
+                f"{where} added teacher_topk_indices in [{idx.min()}, {idx.max()}] but the student "
+                f"has {num_classes} classes; the teacher and student must share the label space "
+                f"(use a store of a teacher on these classes).")
+        return out
+    return checked
 
 
 def _check_batch(batch: Any, *, input_key: str, example_shape: tuple[int, ...], num_classes: int,
@@ -321,7 +353,9 @@ def merge_init_params(state: train.TrainState, init_params: Mapping[str, Any], t
                     f"init_params[{collection!r}] leaf {path!r} is {tuple(value.shape)} "
                     f"{np.dtype(value.dtype)} but the student's is {tuple(want.shape)} {want.dtype}; "
                     f"shapes and dtypes must match (cast or rebuild the student).")
-            fresh[path] = jax.device_put(value, flat_sh[path])
+            # A copy: the step donates the state, which would delete the caller's arrays (and
+            # a teacher's own, when a student starts from its teacher's weights).
+            fresh[path] = jax.device_put(value, flat_sh[path], may_alias=False)
         merged[collection] = flax.traverse_util.unflatten_dict(fresh, sep="/")
     opt_state = jax.jit(tx.init, out_shardings=state_shardings.opt_state)(merged["params"])
     return state.replace(params=merged["params"], batch_stats=merged["batch_stats"],
@@ -595,11 +629,14 @@ def fit(*, workdir: str, student, tx: optax.GradientTransformation, recipe: Sequ
                  if do_eval_at_all else None)
     logits_shape = jax.eval_shape(lambda s, x: apply(s.params, s.batch_stats, x, False, s.rng)[0]
                                   .logits, state, sample_input)
-    _check_store_classes(int(logits_shape.shape[-1]), batch_transform=batch_transform,
-                         eval_batch_transform=eval_batch_transform)
+    num_classes = int(logits_shape.shape[-1])
+    _check_stores(num_classes, best_metric if track_best else None,
+                  batch_transform=batch_transform, eval_batch_transform=eval_transform)
+    train_transform = _with_index_check(batch_transform, num_classes, "batch_transform")
+    eval_transform = _with_index_check(eval_transform, num_classes, "the eval batch transform")
     check = functools.partial(_check_batch, input_key=input_key,
                               example_shape=tuple(np.shape(sample_input))[1:],
-                              num_classes=int(logits_shape.shape[-1]),
+                              num_classes=num_classes,
                               num_devices=int(mesh.devices.size))
 
     with contextlib.ExitStack() as stack:
@@ -625,7 +662,7 @@ def fit(*, workdir: str, student, tx: optax.GradientTransformation, recipe: Sequ
                                                               purge_step=start))
         watcher = (stack.enter_context(PreemptionWatcher()) if handle_preemption else None)
         batches = prefetch_to_device(_TrainBatches(train_iter, functools.partial(
-            check, where="train_iter"), batch_transform), sharding.batch_sharding(mesh),
+            check, where="train_iter"), train_transform), sharding.batch_sharding(mesh),
             size=prefetch, device_fn=add_logits)
         stack.callback(batches.close)
         bar = None
@@ -670,6 +707,7 @@ def fit(*, workdir: str, student, tx: optax.GradientTransformation, recipe: Sequ
                                        eval_transform, check=functools.partial(
                                            check, where="eval_iter_fn()"), device_fn=add_logits)
                 eval_history.append(_strip(writer.write("eval", done, eval_record)))
+                _check_best_metric(best_metric if track_best else None, eval_record)
             if save_now:
                 ckpt.save(done, state, data_iterator=batches,
                           metrics=eval_record if track_best else None, force=True)

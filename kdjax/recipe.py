@@ -22,6 +22,7 @@ from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from kdjax import losses, schedules
 from kdjax.teachers import TeacherOutput
@@ -49,6 +50,15 @@ def _value(x, step):
     return schedules.as_schedule(x)(step)
 
 
+def _positive(name: str, x: float | Schedule) -> float | Schedule:
+    """``x`` unless it is a constant that is not a finite number > 0 (a schedule is checked by the
+    loss, when its value is concrete); the error names the term's argument ``name``."""
+    if not callable(x) and not (np.ndim(x) == 0 and np.isfinite(x) and x > 0):
+        raise ValueError(f"{name} must be a finite number > 0 or a schedule step -> value; got "
+                         f"{x!r}.")
+    return x
+
+
 def _feature(features: Mapping[str, jax.Array] | None, name: str, who: str) -> jax.Array:
     if not features or name not in features:
         have = sorted(features) if features else []
@@ -66,6 +76,8 @@ def ce(weight: float | Schedule = 1.0) -> Term:
 
 def kd(temperature: float | Schedule = 4.0, weight: float | Schedule = 1.0) -> Term:
     """Hinton KD, ``T^2 KL(p_t^T || p_s^T)``; uses the top-k form if the teacher is stored top-k."""
+    _positive("kd: temperature", temperature)
+
     def loss(s, t, b, step):
         temp = _value(temperature, step)
         if t.logits is not None:
@@ -98,10 +110,37 @@ def attention(pairs: Sequence[tuple[str, str]], weight: float | Schedule = 1000.
 
 def dkd(alpha: float = 1.0, beta: float = 8.0, temperature: float = 4.0,
         weight: float | Schedule = 1.0) -> Term:
-    """Decoupled KD (Zhao et al. 2022), ``alpha * TCKD + beta * NCKD``."""
-    return Term("dkd", lambda s, t, b, step: losses.dkd(
-        s.logits, t.logits, b["label"], alpha=alpha, beta=beta, temperature=temperature,
-        where=b.get("mask")), weight)
+    """Decoupled KD (Zhao et al. 2022), ``alpha * TCKD + beta * NCKD``; needs the teacher's full
+    logits (its target-class and non-target parts)."""
+    _positive("dkd: temperature", temperature)
+
+    def loss(s, t, b, step):
+        if t.logits is None:
+            raise ValueError("dkd needs the teacher's full logits, but this teacher gives top-k "
+                             "outputs (a top-k logit store); write the store with format='full', "
+                             "or use kd(), which has a top-k form.")
+        return losses.dkd(s.logits, t.logits, b["label"], alpha=alpha, beta=beta,
+                          temperature=temperature, where=b.get("mask"))
+    return Term("dkd", loss, weight)
+
+
+def validate(recipe: Sequence[Term]) -> tuple[Term, ...]:
+    """``recipe`` as a tuple, or ValueError/TypeError when it is not a non-empty sequence of
+    :class:`Term` with distinct names."""
+    if isinstance(recipe, Term) or not isinstance(recipe, Sequence):
+        raise TypeError(f"recipe must be a tuple of terms, e.g. (recipe.ce(0.1), recipe.kd(4.0, "
+                        f"0.9)); got {type(recipe).__name__} (wrap a single term: (term,)).")
+    if not recipe:
+        raise ValueError("recipe is empty: the step would minimise nothing; give at least one "
+                         "term, e.g. (recipe.ce(),).")
+    for i, term in enumerate(recipe):
+        if not isinstance(term, Term):
+            raise TypeError(f"recipe[{i}] is a {type(term).__name__}, not a Term; call the term's "
+                            f"constructor (recipe.ce(), not recipe.ce).")
+    names = [term.name for term in recipe]
+    if len(set(names)) != len(names):
+        raise ValueError(f"recipe has duplicate term names {names}; each term must be unique.")
+    return tuple(recipe)
 
 
 def needs_teacher(recipe: Sequence[Term]) -> bool:
@@ -116,9 +155,7 @@ def teacher_features(recipe: Sequence[Term]) -> list[str]:
 def evaluate(recipe: Sequence[Term], student: StudentOutput, teacher: TeacherOutput | None,
              batch: Mapping[str, jax.Array], step: jax.Array) -> tuple[jax.Array, dict[str, Any]]:
     """Total loss and metrics ``{'loss/<name>': mean, 'weight/<name>': w}`` for one batch."""
-    names = [term.name for term in recipe]
-    if len(set(names)) != len(names):
-        raise ValueError(f"recipe has duplicate term names {names}; each term must be unique.")
+    recipe = validate(recipe)
     mask = batch.get("mask")
     total = jnp.zeros((), jnp.float32)
     metrics = {}

@@ -46,13 +46,23 @@ def make_mesh(data: int = -1, fsdp: int = 1, devices=None) -> Mesh:
                          devices=devices)
 
 
+def check_mesh(mesh: Mesh) -> Mesh:
+    """``mesh``, or ValueError unless its axes are ``('data', 'fsdp')`` (what every rule here
+    names)."""
+    if tuple(mesh.axis_names) != BATCH_AXES:
+        raise ValueError(f"kdjax needs a mesh with axes {BATCH_AXES}; this one has "
+                         f"{tuple(mesh.axis_names)}. Build it with kdjax.sharding.make_mesh("
+                         f"data=..., fsdp=..., devices=...).")
+    return mesh
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Leading (batch) axis split over every device of the mesh; other axes whole."""
-    return NamedSharding(mesh, P(BATCH_AXES))
+    return NamedSharding(check_mesh(mesh), P(BATCH_AXES))
 
 
 def leaf_spec(shape: tuple[int, ...], mesh: Mesh, mode: ParamMode,
@@ -65,7 +75,7 @@ def leaf_spec(shape: tuple[int, ...], mesh: Mesh, mode: ParamMode,
     """
     if mode not in ("replicate", "fsdp"):
         raise ValueError(f"unknown sharding mode {mode!r}; use 'replicate' or 'fsdp'.")
-    n = mesh.shape[FSDP]
+    n = check_mesh(mesh).shape[FSDP]
     if mode == "replicate" or n == 1 or int(np.prod(shape, dtype=np.int64)) < min_size:
         return P()
     for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):

@@ -72,6 +72,10 @@ def from_apply_fn(apply_fn: Callable, *, compute_dtype=None, input_key: str = "i
     logits come back as float32 either way.
     """
     def fn(variables, batch):
+        if input_key not in batch:
+            raise ValueError(f"the teacher reads batch[{input_key!r}] but the batch has keys "
+                             f"{sorted(batch)}; pass input_key= to teachers.from_linen / "
+                             f"from_nnx / from_apply_fn (it is separate from the step's).")
         x = batch[input_key]
         if compute_dtype is not None:
             variables, x = _cast_floats(variables, compute_dtype), x.astype(compute_dtype)
@@ -196,6 +200,11 @@ def precomputed() -> Teacher:
                 "precomputed teacher: the batch has neither 'teacher_logits' nor "
                 "'teacher_topk_values'; add the store's outputs to each batch with "
                 "LogitStore.add_to_batch(batch) before the step.")
+        if values is not None and "teacher_topk_indices" not in batch:
+            raise ValueError(
+                "precomputed teacher: the batch has 'teacher_topk_values' but no "
+                "'teacher_topk_indices' (the classes the values belong to); add both, as "
+                "LogitStore.add_to_batch does.")
         return TeacherOutput(
             logits=None if logits is None else logits.astype(jnp.float32),
             topk_values=None if values is None else values.astype(jnp.float32),

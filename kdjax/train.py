@@ -184,7 +184,7 @@ def make_train_step(student_apply: StudentApply, tx: optax.GradientTransformatio
     metrics: ``loss/<term>``, ``weight/<term>``, ``loss/total``, ``accuracy``,
     ``teacher_accuracy`` (if the teacher gives full logits), ``grad_norm``, ``finite``, ``skipped``.
     """
-    recipe = tuple(recipe)
+    recipe = recipe_lib.validate(recipe)
     if recipe_lib.needs_teacher(recipe) and teacher is None:
         raise ValueError("the recipe has teacher terms (e.g. kd, hint) but no teacher was given; "
                          "pass teacher=kdjax.teachers.from_linen(...) or teachers.precomputed().")
@@ -206,7 +206,9 @@ def make_train_step(student_apply: StudentApply, tx: optax.GradientTransformatio
             loss_fn, has_aux=True)(state.params)
         updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
         grad_norm = optax.global_norm(grads)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        # The updates too: an optimizer can turn finite gradients into NaN (eps=0, a bad schedule).
+        finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+                  & jnp.isfinite(optax.global_norm(updates)))
         new_state = state.replace(step=state.step + 1,
                                   params=optax.apply_updates(state.params, updates),
                                   batch_stats=new_stats, opt_state=new_opt_state)
@@ -238,21 +240,23 @@ def make_eval_step(student_apply: StudentApply, teacher: Teacher | None = None, 
     def eval_fn(state: TrainState, teacher_variables, batch):
         mask = batch.get("mask")
         mask = jnp.ones(batch["label"].shape, bool) if mask is None else mask
-        w = mask.astype(jnp.float32)
+
+        def total(per_row):  # over real rows; a padding row's value (even NaN) never enters
+            return jnp.where(mask, per_row, 0).astype(jnp.float32).sum()
         out, _ = student_apply(state.params, state.batch_stats, batch[input_key], False,
                                state.rng)
         labels = batch["label"]
-        sums = {"count": w.sum(),
-                "correct": (w * (jnp.argmax(out.logits, -1) == labels)).sum(),
-                "ce": (w * losses.cross_entropy(out.logits, labels)).sum()}
+        sums = {"count": total(jnp.ones_like(labels)),
+                "correct": total(jnp.argmax(out.logits, -1) == labels),
+                "ce": total(losses.cross_entropy(out.logits, labels))}
         if teacher is not None:
             t = teacher(teacher_variables, batch)
             if t.logits is not None:
                 _check_class_counts(out.logits, t)
                 t_top1 = jnp.argmax(t.logits, -1)
-                sums.update(teacher_correct=(w * (t_top1 == labels)).sum(),
-                            agreement=(w * (t_top1 == jnp.argmax(out.logits, -1))).sum(),
-                            kl=(w * losses.kd_kl(out.logits, t.logits, 1.0)).sum())
+                sums.update(teacher_correct=total(t_top1 == labels),
+                            agreement=total(t_top1 == jnp.argmax(out.logits, -1)),
+                            kl=total(losses.kd_kl(out.logits, t.logits, 1.0)))
         return sums
 
     return _jit_step(eval_fn, mesh, state_shardings, teacher_shardings,

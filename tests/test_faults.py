@@ -205,7 +205,8 @@ def test_precomputed_store_with_other_class_count(tmp_path, digits):
     from kdjax import recipe
 
     store = _store(str(tmp_path / "store"), len(digits["train"]["label"]), 5)
-    with pytest.raises(ValueError, match=r"teacher has 5 classes but the student has 10"):
+    with pytest.raises(ValueError, match=r"batch_transform reads a logit store of a 5-class "
+                                         r"teacher \(random\) but the student has 10 classes"):
         fit_worker.run(str(tmp_path / "run"), 5, teacher=teachers.precomputed(),
                        recipe=(recipe.ce(), recipe.kd()), batch_transform=store.add_to_batch,
                        eval_iter_fn=None)

@@ -2,6 +2,9 @@
 import json
 import os
 import pickle
+import socket
+import subprocess
+import sys
 import types
 
 import jax
@@ -255,6 +258,19 @@ def test_duplicate_ids_across_shards_refuse_to_finalize(tmp_path):
         ls.finalize(path, 2)
 
 
+def test_duplicate_ids_within_one_shard_are_named_as_such(tmp_path):
+    path, logits = str(tmp_path / "s"), make_logits()
+    for p, ids in enumerate([np.arange(20), np.arange(20, N)]):
+        with ls.LogitStoreWriter(path, make_spec(), process_index=p, process_count=2) as w:
+            w.write(ids, logits[ids])
+    with open(os.path.join(path, "shards", "shard-00001-of-00002", "ids.bin"), "r+b") as f:
+        f.write(np.array([21, 21], np.int64).tobytes())  # rows 0, 1 of shard 1 (ids 20, 21) -> 21, 21
+    with pytest.raises(ValueError, match=r"1 of 37 example ids were written more than once within shard "
+                                         r"shard-00001-of-00002, e.g. \[21\]; the shard is corrupt"):
+        ls.finalize(path, 2)
+    assert not ls.is_complete(path)
+
+
 def test_finalize_errors(tmp_path):
     path = str(tmp_path / "s")
     with pytest.raises(ValueError, match=r"1 of 1 shards are not done \(shard-00000-of-00001: missing\)"):
@@ -319,6 +335,36 @@ def test_open_mismatch_errors(tmp_path, expect, message):
     with pytest.raises(ValueError, match=message) as info:
         ls.LogitStore.open(path, **expect)
     assert "python -m experiments.precompute_teacher_logits" in str(info.value)
+
+
+def test_open_with_a_spec_names_every_differing_field(tmp_path):
+    path = str(tmp_path / "s")
+    stored = make_spec(format="topk", k=4, dtype="bfloat16")
+    write_all(path, stored, make_logits())
+    assert ls.LogitStore.open(path, spec=stored).spec == stored
+    with pytest.raises(ValueError, match=r"was written for k 4 but the run expects k = 3; for dtype 'bfloat16' "
+                                         r"but the run expects dtype 'float32' \(store: .*format 'topk', k 4, "
+                                         r"dtype 'bfloat16'\); .* or point the run at the matching store \(or "
+                                         rf"delete {path}, if nothing else uses it, and precompute it again\)"):
+        ls.LogitStore.open(path, spec=make_spec(format="topk", k=3, dtype="float32"))
+    with pytest.raises(ValueError, match="was written for format 'topk' but the run's loss expects format 'full'"):
+        ls.LogitStore.open(path, spec=make_spec(dtype="bfloat16"))
+    with pytest.raises(ValueError, match="written for teacher 'toy-linear:v1' but the run expects teacher 'u'"):
+        ls.LogitStore.open(path, spec=make_spec(format="topk", k=4, dtype="bfloat16", teacher="u"))
+    assert ls.LogitStore.open(path, k=4, dtype="bfloat16").spec == stored
+    with pytest.raises(ValueError, match="was written for k 4 but the run expects k = 5"):
+        ls.LogitStore.open(path, k=5)
+    with pytest.raises(ValueError, match="was written for dtype 'bfloat16' but the run expects dtype 'float16'"):
+        ls.LogitStore.open(path, dtype="float16")
+
+
+def test_open_spec_argument_errors(tmp_path):
+    path = str(tmp_path / "s")
+    write_all(path, make_spec(), make_logits())
+    with pytest.raises(TypeError, match=r"pass either spec or the field keywords \['num_classes', 'split'\]"):
+        ls.LogitStore.open(path, spec=make_spec(), split="train", num_classes=C)
+    with pytest.raises(TypeError, match="spec must be a StoreSpec or None, got dict"):
+        ls.LogitStore.open(path, spec=make_spec().to_dict())
 
 
 def test_open_missing_or_foreign_directory(tmp_path):
@@ -401,6 +447,125 @@ def test_resume_detects_shard_shorter_than_its_commit(tmp_path):
         f.truncate(10)
     with pytest.raises(ValueError, match=r"is corrupt: progress.json commits 5 rows but values.bin holds 10 bytes < 100"):
         ls.LogitStoreWriter(path, make_spec(), resume=True)
+
+
+@pytest.mark.parametrize("bad_id", [99, -3])
+def test_resume_refuses_shard_with_out_of_range_ids(tmp_path, bad_id):
+    path = str(tmp_path / "s")
+    w = ls.LogitStoreWriter(path, make_spec())
+    w.write(np.arange(5), make_logits()[:5])
+    del w
+    shard = os.path.join(path, "shards", "shard-00000-of-00001")
+    with open(os.path.join(shard, "ids.bin"), "r+b") as f:
+        f.seek(16)
+        f.write(np.int64(bad_id).tobytes())
+    with open(os.path.join(shard, "values.bin"), "ab") as f:
+        f.write(b"\x01\x02\x03")  # uncommitted tail: a refused resume must not truncate it either
+    before = shard_bytes(path)
+    with pytest.raises(ValueError, match=rf"shard .*shard-00000-of-00001 is corrupt: ids.bin holds id {bad_id} "
+                                         r"\(row 2, 1 such rows\) outside \[0, num_examples=37\); delete the "
+                                         r"shard directory .*shard-00000-of-00001 \(a resume recomputes"):
+        ls.LogitStoreWriter(path, make_spec(), resume=True)
+    assert shard_bytes(path) == before
+
+
+def test_resume_refuses_shard_with_repeated_ids(tmp_path):
+    path = str(tmp_path / "s")
+    w = ls.LogitStoreWriter(path, make_spec())
+    w.write(np.arange(5), make_logits()[:5])
+    del w
+    with open(os.path.join(path, "shards", "shard-00000-of-00001", "ids.bin"), "r+b") as f:
+        f.seek(8)
+        f.write(np.int64(3).tobytes())
+    with pytest.raises(ValueError, match=r"is corrupt: ids.bin holds id 3 more than once \(1 ids repeat; two "
+                                         r"writers appended to it at once\?\); delete the shard directory"):
+        ls.LogitStoreWriter(path, make_spec(), resume=True)
+
+
+def test_second_writer_on_a_locked_shard_is_refused(tmp_path):
+    path, logits = str(tmp_path / "s"), make_logits()
+    first = ls.LogitStoreWriter(path, make_spec())
+    first.write(np.arange(10), logits[:10])
+    before = shard_bytes(path)
+    me = f"{os.getpid()}@{socket.gethostname()}"
+    for resume in (True, False):
+        with pytest.raises(ValueError, match=rf"shard .*shard-00000-of-00001 is locked by another writer "
+                                             rf"\({me}, i.e. this process: close its other LogitStoreWriter.*"
+                                             r"Wait for that run to finish or stop it, or write this store to "
+                                             r"another directory"):
+            ls.LogitStoreWriter(path, make_spec(), resume=resume)
+    assert shard_bytes(path) == before  # the refused writer truncated nothing
+    first.write(np.arange(10, 20), logits[10:20])
+    first.close()
+    with ls.LogitStoreWriter(path, make_spec(), resume=True) as again:  # close() released the lock
+        assert again.rows_written == 20
+        again.write(np.arange(N), logits)
+    ls.finalize(path, 1)
+    np.testing.assert_array_equal(bits(ls.LogitStore.open(path).lookup(np.arange(N))["teacher_logits"]),
+                                  bits(logits.astype(np.float16)))
+
+
+# The child touches no JAX state and leaves by os._exit, so JAX's fork warning does not apply.
+@pytest.mark.filterwarnings(r"ignore:os.fork\(\) was called:RuntimeWarning")
+def test_forked_child_releasing_its_copy_keeps_the_parent_lock(tmp_path):
+    path = str(tmp_path / "s")
+    w = ls.LogitStoreWriter(path, make_spec())
+    pid = os.fork()
+    if pid == 0:  # child: drop its inherited copy of the writer's lock, as its garbage collection would
+        try:
+            w._lock.release()
+        finally:
+            os._exit(0)
+    assert os.waitpid(pid, 0)[1] == 0
+    with pytest.raises(ValueError, match="is locked by another writer"):
+        ls.LogitStoreWriter(path, make_spec(), resume=True)
+    w.close()
+    ls.LogitStoreWriter(path, make_spec(), resume=True).close()
+
+
+_LOCK_HOLDER = r'''
+import sys, time
+import numpy as np
+from kdjax import logit_store as ls
+path, n, c = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+spec = ls.StoreSpec(dataset="toy", split="train", num_examples=n, num_classes=c, teacher="toy-linear:v1",
+                    preprocessing="none")
+w = ls.LogitStoreWriter(path, spec)
+w.write(np.arange(12), np.ones((12, c), np.float32))
+print("READY", flush=True)
+time.sleep(60)
+'''
+
+
+def test_killed_writer_does_not_block_resume(tmp_path):
+    """A writer in another process holds the lock (the error names its pid@host); SIGKILL frees it."""
+    path, logits = str(tmp_path / "s"), make_logits()
+    script = tmp_path / "holder.py"
+    script.write_text(_LOCK_HOLDER)
+    proc = subprocess.Popen([sys.executable, str(script), path, str(N), str(C)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        output = []
+        for line in proc.stdout:
+            if line == "READY\n":
+                break
+            output.append(line)
+        else:
+            raise AssertionError(f"the lock holder exited {proc.wait()} before READY:\n{''.join(output)}")
+        with pytest.raises(ValueError, match=rf"is locked by another writer \(pid@host "
+                                             rf"{proc.pid}@{socket.gethostname()}\)"):
+            ls.LogitStoreWriter(path, make_spec(), resume=True)
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+        proc.stdout.close()
+    with ls.LogitStoreWriter(path, make_spec(), resume=True) as w:
+        assert w.rows_written == 12
+        assert w.write(np.arange(N), logits) == N - 12
+    ls.finalize(path, 1)
+    got = ls.LogitStore.open(path).lookup(np.arange(N))["teacher_logits"]
+    np.testing.assert_array_equal(got[:12], np.ones((12, C), np.float16))
+    np.testing.assert_array_equal(bits(got[12:]), bits(logits[12:].astype(np.float16)))
 
 
 def test_flush_after_close_is_an_error(tmp_path):

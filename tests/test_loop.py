@@ -504,6 +504,66 @@ def test_init_params_start_a_fresh_run_and_are_ignored_on_resume(tmp_path):
     np.testing.assert_allclose(np.asarray(resumed.state.params["head"]["bias"]), 3.0, atol=2e-2)
 
 
+def test_init_params_are_copied_so_born_again_training_keeps_the_teachers_arrays(tmp_path):
+    """Born-again training: the student starts from its teacher's own variables, the very arrays
+    passed as teacher_variables. fit copies init_params into the state, so donating the state to
+    the step deletes neither them nor the caller's (it used to: a donated-buffer error, or a
+    crash on several devices)."""
+    first = fit_worker.run(str(tmp_path / "teacher"), 2, checkpoint_every=0)
+    variables = {"params": first.state.params, "batch_stats": first.state.batch_stats}
+    before = jax.device_get(variables)
+    again = fit_worker.run(str(tmp_path / "student"), 3, checkpoint_every=0,
+                           teacher=teachers.from_linen(models.create("mlp", 10)),
+                           teacher_variables=variables, init_params=variables,
+                           recipe=(recipe.ce(0.5), recipe.kd(4.0, 0.5)))
+    assert int(again.state.step) == 3
+    assert not any(x.is_deleted() for x in jax.tree.leaves(variables))
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(variables), before)
+
+
+def test_topk_indices_outside_the_students_classes_are_refused(tmp_path, digits):
+    """Any transform (here a closure, not a store's bound method) that adds top-k teacher classes
+    the student does not have is refused at its first batch, not reported as a NaN loss."""
+    def add_topk(batch):
+        n = len(batch["label"])
+        return {**batch, "teacher_topk_values": np.zeros((n, 2), np.float32),
+                "teacher_topk_indices": np.tile(np.array([[3, 12]], np.int32), (n, 1))}
+    with pytest.raises(ValueError, match=r"batch_transform added teacher_topk_indices in \[3, 12\] "
+                                         r"but the student has 10 classes"):
+        fit_worker.run(str(tmp_path / "run"), 2, checkpoint_every=0, eval_iter_fn=None,
+                       teacher=teachers.precomputed(), recipe=(recipe.kd(2.0),),
+                       batch_transform=add_topk)
+
+
+def test_teacher_best_metric_with_a_topk_eval_store_is_refused(tmp_path, digits):
+    """A top-k store gives no teacher eval metrics: ranking checkpoints by 'agreement' is refused
+    before training (a store's add_to_batch) or at the first eval (any other transform), with the
+    metrics the run does have."""
+    stores = {}
+    for split in ("train", "test"):
+        n = len(digits[split]["label"])
+        spec = logit_store.StoreSpec(dataset="digits", split=split, num_examples=n,
+                                     num_classes=10, teacher="t", preprocessing="none",
+                                     format="topk", k=3)
+        with logit_store.LogitStoreWriter(str(tmp_path / split), spec) as writer:
+            writer.write(np.arange(n), np.random.default_rng(0).normal(size=(n, 10)))
+        logit_store.finalize(str(tmp_path / split), 1)
+        stores[split] = logit_store.LogitStore.open(str(tmp_path / split))
+    common = dict(checkpoint_every=0, eval_every=2, best_metric="agreement",
+                  teacher=teachers.precomputed(), recipe=(recipe.ce(), recipe.kd(2.0)),
+                  batch_transform=stores["train"].add_to_batch)
+    match = (r"best_metric 'agreement' is not among this run's eval metrics \[.*'accuracy'.*\]: "
+             r"teacher metrics need a teacher with full logits at eval")
+    with pytest.raises(ValueError, match=match):
+        fit_worker.run(str(tmp_path / "a"), 4, eval_batch_transform=stores["test"].add_to_batch,
+                       **common)
+    assert not os.path.exists(tmp_path / "a" / "metrics.jsonl")
+    with pytest.raises(ValueError, match=match):
+        fit_worker.run(str(tmp_path / "b"), 4, eval_batch_transform=lambda b: stores[
+            "test"].add_to_batch(b), **common)
+    assert not os.path.isdir(tmp_path / "b" / "checkpoints" / "2")
+
+
 # --------------------------------------------------------------------------------------------
 # Subprocess kill and resume (slow: three interpreter starts each).
 # --------------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """The sharded distillation step: sharded == single device, a frozen teacher, live == precomputed."""
 
+import functools
 import os
 import re
 import sys
@@ -233,6 +234,24 @@ def test_nonfinite_update_is_skipped():
     assert bool(m["finite"]) and int(m["skipped"]) == 1
 
 
+def test_nonfinite_optimizer_update_is_skipped_though_loss_and_gradients_are_finite():
+    """An optimizer can make NaN updates from finite gradients (here a learning rate that is NaN
+    from its second step): the guard skips them too, so the parameters stay finite."""
+    mesh = sharding.make_mesh()
+    student = TinyNet(width=8)
+    tx = optax.sgd(lambda count: jnp.where(count >= 1, jnp.nan, 0.1))
+    state, st_sh = train.init_train_state(student, tx, jnp.zeros((1, 8, 8, 3)), seed=0, mesh=mesh)
+    step = train.make_train_step(train.linen_student(student), tx, (recipe.ce(),), mesh=mesh,
+                                 state_shardings=st_sh, donate=False)
+    state, m = step(state, {}, sharding.global_batch(make_batch(0), mesh))
+    assert bool(m["finite"]) and int(m["skipped"]) == 0
+    after_one = jax.device_get(state.params)
+    state, m = step(state, {}, sharding.global_batch(make_batch(1), mesh))
+    assert np.isfinite(float(m["loss/total"])) and np.isfinite(float(m["grad_norm"]))
+    assert not bool(m["finite"]) and int(m["skipped"]) == 1
+    jax.tree.map(np.testing.assert_array_equal, after_one, jax.device_get(state.params))
+
+
 def test_class_count_mismatch_is_a_clear_error():
     mesh = sharding.make_mesh()
     student = TinyNet(width=8)
@@ -260,12 +279,54 @@ def test_recipe_errors():
                                  state_shardings=st_sh, teacher_shardings=t_sh)
     with pytest.raises(ValueError, match=r"student has no feature 'nope'.*stage1"):
         step(state, t_vars, sharding.global_batch(make_batch(0), mesh))
-    step = train.make_train_step(train.linen_student(student), tx, (recipe.ce(), recipe.ce()),
-                                 mesh=mesh, state_shardings=st_sh)
-    with pytest.raises(ValueError, match="duplicate term names"):
-        step(state, {}, sharding.global_batch(make_batch(0), mesh))
+    build = functools.partial(train.make_train_step, train.linen_student(student), tx,
+                              mesh=mesh, state_shardings=st_sh)
+    for bad, error, match in (
+            ((recipe.ce(), recipe.ce()), ValueError, "duplicate term names"),
+            ((), ValueError, "recipe is empty"),
+            ((recipe.ce, recipe.kd), TypeError, r"recipe\[0\] is a function, not a Term; call"),
+            (recipe.ce(), TypeError, r"wrap a single term: \(term,\)")):
+        with pytest.raises(error, match=match):
+            build(bad)
+    # A constant temperature is checked where the term is built (a traced one could not be).
+    for make, value in ((recipe.kd, -4.0), (recipe.kd, 0.0), (recipe.kd, float("nan")),
+                        (lambda t: recipe.dkd(temperature=t), 0)):
+        with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
+            make(value)
+    recipe.kd(temperature=lambda step: 4.0 - step / 100)  # a schedule is accepted
     with pytest.raises(ValueError, match="fsdp=3 must be a positive divisor"):
         sharding.make_mesh(fsdp=3)
+    one_axis = jax.make_mesh((8,), ("data",))
+    with pytest.raises(ValueError, match=r"needs a mesh with axes \('data', 'fsdp'\); this one "
+                                         r"has \('data',\)\. Build it with kdjax.sharding.make_mesh"):
+        train.init_train_state(student, tx, jnp.zeros((1, 8, 8, 3)), seed=0, mesh=one_axis)
+
+
+def test_teacher_input_and_topk_outputs_errors_name_the_fix():
+    """A teacher reading a key the batch lacks; DKD on a top-k teacher; top-k values without
+    their class indices: each a clear error at the first step, not a KeyError deep in a trace."""
+    mesh = sharding.make_mesh()
+    student = TinyNet(width=8)
+    tx = optax.sgd(0.1)
+    state, st_sh = train.init_train_state(student, tx, jnp.zeros((1, 8, 8, 3)), seed=0, mesh=mesh)
+    module = TinyNet(width=8)
+    t_vars = module.init(jax.random.PRNGKey(1), jnp.zeros((1, 8, 8, 3)))
+    step = train.make_train_step(
+        train.linen_student(student), tx, (recipe.kd(),),
+        teachers.from_linen(module, input_key="image_hr"), mesh=mesh, state_shardings=st_sh)
+    with pytest.raises(ValueError, match=r"the teacher reads batch\['image_hr'\] but the batch has "
+                                         r"keys \['image', 'label', 'mask'\]; pass input_key="):
+        step(state, t_vars, sharding.global_batch(make_batch(0), mesh))
+    topk = _precomputed_batches(mesh, topk=3)[0]
+    for rec, batch, match in (
+            ((recipe.dkd(),), topk, "dkd needs the teacher's full logits, but this teacher gives "
+                                    "top-k outputs"),
+            ((recipe.kd(),), {k: v for k, v in topk.items() if k != "teacher_topk_indices"},
+             "has 'teacher_topk_values' but no 'teacher_topk_indices'")):
+        step = train.make_train_step(train.linen_student(student), tx, rec, teachers.precomputed(),
+                                     mesh=mesh, state_shardings=st_sh)
+        with pytest.raises(ValueError, match=match):
+            step(state, {}, sharding.global_batch(batch, mesh))
 
 
 def test_bfloat16_teacher_computes_in_bfloat16():

@@ -10,6 +10,7 @@ A store is a directory::
         indices.bin                    int32 [rows, k]        class index of each value ('topk' only)
         progress.json                  {"rows": n}: the first n rows of every .bin file are durable
         DONE                           {"rows": n}: the writer closed cleanly after n rows
+        LOCK                           pid@host of the writer holding the shard's flock
       index.npy                        int64 [num_examples, 2]: (shard, row) of every example id
       metadata.json                    spec, kdjax version, shard layout
       COMPLETE                         written last by finalize(); a store without it is never read

@@ -22,8 +22,9 @@ def finalize(path: str | os.PathLike, process_count: int) -> None:
 
     Call it once every writer has closed (after a barrier the caller provides, e.g.
     ``jax.experimental.multihost_utils.sync_global_devices``). Raises ValueError, writing nothing,
-    if a shard is missing or not done, if shards disagree on the spec, or if the shards do not hold
-    every id in ``[0, num_examples)`` exactly once. Running it again rewrites the same files.
+    if a shard is missing or not done, if shards disagree on the spec, if one shard holds an id
+    twice (a corrupt shard), or if the shards do not hold every id in ``[0, num_examples)``
+    exactly once. Running it again rewrites the same files.
     """
     path = os.fspath(path)
     if not isinstance(process_count, int) or process_count < 1:
@@ -55,6 +56,13 @@ def finalize(path: str | os.PathLike, process_count: int) -> None:
             raise ValueError(f"shard {name} of logit store at {path} is corrupt: DONE says {rows} rows but "
                              f"ids.bin holds {ids.size}; delete the directory and precompute again")
         _check_id_range(ids, spec.num_examples, f"finalize: shard {name}")
+        uniq, counts = np.unique(ids, return_counts=True)
+        if (counts > 1).any():
+            what = f"were written more than once within shard {name}"
+            raise ValueError(f"cannot finalize logit store at {path}: "
+                             f"{_missing_message(what, uniq[counts > 1], spec.num_examples)}; the shard is "
+                             f"corrupt (two writers appended to it at once?); delete that shard directory "
+                             f"and resume its writer (resume=True), or delete the store and precompute again")
         index[ids, 0] = s
         index[ids, 1] = np.arange(rows)
         shard_ids.append(ids)

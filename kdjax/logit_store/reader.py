@@ -16,24 +16,45 @@ from kdjax.logit_store.spec import StoreSpec
 PRECOMPUTE_COMMAND = "python -m experiments.precompute_teacher_logits"
 
 
+_READS = {"dataset": "the run reads dataset", "split": "the run reads split",
+          "num_examples": "the run's split has num_examples =",
+          "num_classes": "the student predicts num_classes =",
+          "teacher": "the run expects teacher", "preprocessing": "the run expects preprocessing",
+          "format": "the run's loss expects format", "k": "the run expects k =",
+          "dtype": "the run expects dtype"}
+
+
 def _check_expectations(path: str, spec: StoreSpec, expect: Mapping[str, Any]) -> None:
-    """Raise a ValueError naming the first field of ``spec`` that differs from the run's ``expect``."""
-    hint = (f"precompute the teacher logits for the run's dataset/split with `{PRECOMPUTE_COMMAND}` "
-            f"or point the run at the matching store")
-    reads = {"dataset": "the run reads dataset", "split": "the run reads split",
-             "num_examples": "the run's split has num_examples =",
-             "num_classes": "the student predicts num_classes =",
-             "teacher": "the run expects teacher", "format": "the run's loss expects format",
-             "preprocessing": "the run expects preprocessing"}
-    for name, value in expect.items():
-        if value is None:
-            continue
-        have = getattr(spec, name)
-        if have != value:
-            raise ValueError(f"logit store at {path} was written for {name} {have!r} but {reads[name]} "
-                             f"{value!r} (store: dataset {spec.dataset!r}, split {spec.split!r}, "
-                             f"{spec.num_examples} examples, {spec.num_classes} classes, teacher "
-                             f"{spec.teacher!r}); {hint}")
+    """Raise a ValueError naming every field of ``spec`` that differs from the run's ``expect``.
+
+    ``expect`` maps StoreSpec field names to the run's values; a value of None is not checked.
+    """
+    wrong = [f"{name} {getattr(spec, name)!r} but {_READS[name]} {value!r}"
+             for name, value in expect.items() if value is not None and getattr(spec, name) != value]
+    if wrong:
+        raise ValueError(
+            f"logit store at {path} was written for {'; for '.join(wrong)} (store: dataset {spec.dataset!r}, "
+            f"split {spec.split!r}, {spec.num_examples} examples, {spec.num_classes} classes, teacher "
+            f"{spec.teacher!r}, format {spec.format!r}, k {spec.k!r}, dtype {spec.dtype!r}); precompute the "
+            f"teacher logits for the run's dataset/split with `{PRECOMPUTE_COMMAND}` or point the run at "
+            f"the matching store (or delete {path}, if nothing else uses it, and precompute it again)")
+
+
+def _expected_fields(spec: StoreSpec | None, fields: Mapping[str, Any]) -> dict[str, Any]:
+    """The expectations of ``LogitStore.open``: every field of ``spec``, or the given keywords.
+
+    A None value is not checked; with ``spec`` that is only ``k`` of a 'full' spec, whose
+    difference from a 'topk' store is reported through ``format``.
+    """
+    if spec is None:
+        return dict(fields)
+    if not isinstance(spec, StoreSpec):
+        raise TypeError(f"LogitStore.open: spec must be a StoreSpec or None, got {type(spec).__name__}")
+    given = sorted(name for name, value in fields.items() if value is not None)
+    if given:
+        raise TypeError(f"LogitStore.open: pass either spec or the field keywords {given}, not both "
+                        f"(spec already fixes every field)")
+    return spec.to_dict()
 
 
 class LogitStore:
@@ -56,31 +77,35 @@ class LogitStore:
     def open(cls, path: str | os.PathLike, *, dataset: str | None = None, split: str | None = None,
              num_examples: int | None = None, num_classes: int | None = None,
              teacher: str | None = None, format: str | None = None,
-             preprocessing: str | None = None) -> "LogitStore":
+             preprocessing: str | None = None, k: int | None = None, dtype: str | None = None,
+             spec: StoreSpec | None = None) -> "LogitStore":
         """Open the store at ``path``, checking it against what the run expects.
 
-        Every keyword that is not None must equal the store's spec field, else ValueError naming
-        the field, both values and the precompute command. A store without its COMPLETE marker
-        (half-written or never finalized) is refused with its shards' states.
+        Either ``spec`` (the whole :class:`StoreSpec` the run needs: every field must match) or
+        any of the field keywords (each one that is not None must match); passing both is a
+        TypeError. A mismatch raises ValueError naming every differing field with both values
+        and the fix. A store without its COMPLETE marker (half-written or never finalized) is
+        refused with its shards' states (after the expectations are checked).
         """
+        expect = _expected_fields(spec, {
+            "dataset": dataset, "split": split, "num_examples": num_examples,
+            "num_classes": num_classes, "teacher": teacher, "preprocessing": preprocessing,
+            "format": format, "k": k, "dtype": dtype})
         path = os.fspath(path)
         if not os.path.isdir(path):
             raise ValueError(f"no logit store at {path}; precompute one with `{PRECOMPUTE_COMMAND}`")
-        spec = _read_spec_any(path)
-        if spec is None:
+        stored = _read_spec_any(path)
+        if stored is None:
             raise ValueError(f"{path} is not a logit store (no metadata.json and no shards); precompute "
                              f"one with `{PRECOMPUTE_COMMAND}`")
-        _check_expectations(path, spec, {
-            "dataset": dataset, "split": split, "num_examples": num_examples,
-            "num_classes": num_classes, "teacher": teacher, "format": format,
-            "preprocessing": preprocessing})
+        _check_expectations(path, stored, expect)
         if not is_complete(path):
             raise ValueError(
                 f"logit store at {path} is incomplete (half-written or not finalized): "
                 f"{_describe_partial(path)}; resume the precompute (LogitStoreWriter(..., resume=True), "
                 f"the resume option of `{PRECOMPUTE_COMMAND}`) and finalize it, or delete the directory")
         meta = _read_json(os.path.join(path, _METADATA))
-        store = cls(path, spec, meta["shards"])
+        store = cls(path, stored, meta["shards"])
         store._check_files()
         return store
 

@@ -2,15 +2,18 @@
 from __future__ import annotations
 
 import os
+import socket
 from typing import Any
 
 import numpy as np
 
-from kdjax.logit_store.files import _fsync_dir, _read_json, _write_json
+from kdjax.logit_store.files import _FileLock, _fsync_dir, _read_json, _write_json
 from kdjax.logit_store.layout import (LAYOUT_VERSION, _DONE, _PROGRESS, _SHARDS_DIR, _SPEC, _list_shards,
                                       _shard_files, _shard_name, _shard_state, is_complete)
 from kdjax.logit_store.rows import _as_ids, _as_mask, _check_finite, _check_id_range, _is_float, topk_host
 from kdjax.logit_store.spec import _INDEX_DTYPE, StoreSpec
+
+_LOCK = "LOCK"
 
 
 class LogitStoreWriter:
@@ -23,6 +26,15 @@ class LogitStoreWriter:
     fsynced and committed (``progress.json``); ``close()`` commits and writes the shard's ``DONE``
     marker. Leaving the ``with`` block by an exception closes the files without committing or
     marking the shard done: the store stays incomplete until resumed.
+
+    A writer holds an exclusive lock on its shard (``flock`` on ``<shard dir>/LOCK``, which records
+    the holder as ``pid@host``) from construction until ``close()``, an exception that leaves the
+    ``with`` block, a failed write, or garbage collection; the kernel drops it when the process dies,
+    so a killed run never blocks its resume. A second writer on a locked shard (e.g. two runs
+    sharing one store directory) raises ValueError naming the holder, before touching any file.
+    Caveats: some network file systems do not propagate ``flock`` between hosts (there two hosts
+    can both take the lock; give each run its own directory), and a child forked while the lock is
+    held shares it until the child exits or the writer releases it.
 
     Args:
       path: store directory (created if missing).
@@ -51,18 +63,24 @@ class LogitStoreWriter:
         self.commit_every = commit_every
         self._files_spec = _shard_files(spec)
         self._shard_dir = os.path.join(self.path, _SHARDS_DIR, _shard_name(process_index, process_count))
-        self._check_store_dir(resume)
+        self._check_store_dir()
 
         os.makedirs(self._shard_dir, exist_ok=True)
-        self._done = np.zeros(spec.num_examples, dtype=bool)
-        self._rows = 0
-        if os.path.exists(os.path.join(self._shard_dir, _SPEC)):
-            self._rows = self._recover()
-        else:
-            _write_json(os.path.join(self._shard_dir, _SPEC), self._shard_spec_json())
-        self._committed = self._rows
-        self._writes_since_commit = 0
-        self._files = {name: open(self._file(name), "ab") for name in self._files_spec}
+        self._lock = self._acquire_lock()
+        try:
+            self._check_partial(resume)
+            self._done = np.zeros(spec.num_examples, dtype=bool)
+            self._rows = 0
+            if os.path.exists(os.path.join(self._shard_dir, _SPEC)):
+                self._rows = self._recover()
+            else:
+                _write_json(os.path.join(self._shard_dir, _SPEC), self._shard_spec_json())
+            self._committed = self._rows
+            self._writes_since_commit = 0
+            self._files = {name: open(self._file(name), "ab") for name in self._files_spec}
+        except BaseException:
+            self._lock.release()
+            raise
         self._state = "open"
 
     # -- setup ---------------------------------------------------------------------------------
@@ -74,7 +92,22 @@ class LogitStoreWriter:
         return {"spec": self.spec.to_dict(), "process_index": self.process_index,
                 "process_count": self.process_count, "layout_version": LAYOUT_VERSION}
 
-    def _check_store_dir(self, resume: bool) -> None:
+    def _acquire_lock(self) -> _FileLock:
+        """Lock this writer's shard, or raise naming the writer that holds it."""
+        lock = _FileLock(os.path.join(self._shard_dir, _LOCK))
+        holder = lock.acquire()
+        if holder is None:
+            return lock
+        if holder == f"{os.getpid()}@{socket.gethostname()}":
+            who = f"{holder}, i.e. this process: close its other LogitStoreWriter on the shard first"
+        else:
+            who = f"pid@host {holder}"
+        raise ValueError(
+            f"logit store shard {self._shard_dir} is locked by another writer ({who}); two writers on one "
+            f"shard would ruin it (e.g. two runs sharing one store directory). Wait for that run to "
+            f"finish or stop it, or write this store to another directory")
+
+    def _check_store_dir(self) -> None:
         if os.path.exists(self.path) and not os.path.isdir(self.path):
             raise ValueError(f"logit store path {self.path} exists and is not a directory")
         if is_complete(self.path):
@@ -93,6 +126,8 @@ class LogitStoreWriter:
                     raise ValueError(
                         f"logit store at {self.path} is being written for {other} ({name}) but this writer "
                         f"has {self.spec}; use another directory or delete this one")
+
+    def _check_partial(self, resume: bool) -> None:
         if os.path.exists(os.path.join(self._shard_dir, _SPEC)) and not resume:
             raise ValueError(
                 f"logit store at {self.path} already holds a partial write of "
@@ -100,25 +135,44 @@ class LogitStoreWriter:
                 f"interrupted run; pass resume=True to continue it, or delete the directory to start over")
 
     def _recover(self) -> int:
-        """Reopen an interrupted shard: truncate to the committed rows, mark their ids written."""
+        """Reopen an interrupted shard: check it, truncate to the committed rows, mark their ids written."""
         progress = os.path.join(self._shard_dir, _PROGRESS)
         rows = _read_json(progress)["rows"] if os.path.exists(progress) else 0
+        sizes = {}
         for name, (dtype, width) in self._files_spec.items():
             file, size = self._file(name), rows * width * dtype.itemsize
             have = os.path.getsize(file) if os.path.exists(file) else 0
             if have < size:
                 raise ValueError(f"logit store shard {self._shard_dir} is corrupt: {_PROGRESS} commits {rows} "
                                  f"rows but {name}.bin holds {have} bytes < {size}; delete the directory")
-            if have > size or not os.path.exists(file):
+            sizes[file] = size
+        ids = np.fromfile(self._file("ids"), dtype=np.int64, count=rows)
+        self._check_committed_ids(ids)
+        for file, size in sizes.items():
+            if not os.path.exists(file) or os.path.getsize(file) > size:
                 with open(file, "ab") as f:
                     f.truncate(size)
-        ids = np.fromfile(self._file("ids"), dtype=np.int64, count=rows)
         self._done[ids] = True
         done_marker = os.path.join(self._shard_dir, _DONE)
         if os.path.exists(done_marker):
             os.remove(done_marker)
             _fsync_dir(self._shard_dir)
         return rows
+
+    def _check_committed_ids(self, ids: np.ndarray) -> None:
+        """Raise if the committed ids ``[rows]`` are out of range or repeat (a corrupt shard)."""
+        fix = f"delete the shard directory {self._shard_dir} (a resume recomputes its rows)"
+        n = self.spec.num_examples
+        bad = np.flatnonzero((ids < 0) | (ids >= n))
+        if bad.size:
+            raise ValueError(f"logit store shard {self._shard_dir} is corrupt: ids.bin holds id {ids[bad[0]]} "
+                             f"(row {bad[0]}, {bad.size} such rows) outside [0, num_examples={n}); {fix}")
+        uniq, counts = np.unique(ids, return_counts=True)
+        if (counts > 1).any():
+            repeated = uniq[counts > 1]
+            raise ValueError(f"logit store shard {self._shard_dir} is corrupt: ids.bin holds id {repeated[0]} "
+                             f"more than once ({repeated.size} ids repeat; two writers appended to it at "
+                             f"once?); {fix}")
 
     # -- writing -------------------------------------------------------------------------------
 
@@ -245,19 +299,25 @@ class LogitStoreWriter:
         self._writes_since_commit = 0
 
     def _fail(self) -> None:
-        """Close the files after an I/O error; the shard keeps its last commit and stays not done."""
+        """Close the files and unlock after an I/O error; the shard keeps its last commit, not done."""
         for f in self._files.values():
             f.close()
+        self._lock.release()
         self._state = "failed (an earlier write raised)"
 
     def close(self) -> None:
-        """Commit and mark this shard done (``DONE`` holds its row count). Idempotent."""
+        """Commit, mark this shard done (``DONE`` holds its row count) and unlock it. Idempotent."""
         if self._state == "closed":
             return
         self.flush()
-        for f in self._files.values():
-            f.close()
-        _write_json(os.path.join(self._shard_dir, _DONE), {"rows": self._rows})
+        try:
+            for f in self._files.values():
+                f.close()
+            _write_json(os.path.join(self._shard_dir, _DONE), {"rows": self._rows})
+        except BaseException:
+            self._fail()
+            raise
+        self._lock.release()
         self._state = "closed"
 
     def __enter__(self) -> "LogitStoreWriter":
@@ -269,4 +329,5 @@ class LogitStoreWriter:
         elif self._state == "open":
             for f in self._files.values():
                 f.close()
+            self._lock.release()
             self._state = "aborted (left by an exception)"
