@@ -62,6 +62,8 @@ def _steps(step) -> jax.Array:
     step = jnp.asarray(step)
     if not (jnp.issubdtype(step.dtype, jnp.integer) or jnp.issubdtype(step.dtype, jnp.floating)):
         raise TypeError(f"step must be an integer step count, got dtype {step.dtype}")
+    if jnp.issubdtype(step.dtype, jnp.unsignedinteger):  # step - begin_step must not wrap around
+        step = step.astype(jnp.int64 if jax.config.jax_enable_x64 else jnp.int32)
     return step
 
 

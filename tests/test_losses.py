@@ -614,17 +614,61 @@ def test_minus_inf_logits_leave_classes_out():
     labels = np.array([0, 3, 1])
     s_pad = jnp.asarray(np.concatenate([s, np.full((3, 2), -np.inf)], axis=1), jnp.float32)
     t_pad = jnp.asarray(np.concatenate([t, np.full((3, 2), -np.inf)], axis=1), jnp.float32)
+    weights = np.array([1.5, 1, 1, 1, 1, 1, 1, 1])
+    idx = np.argsort(-t, axis=-1)[:, :3]
     cases = [
-        (lambda a: losses.kd_kl(a, t_pad, 2.0), ref_kd_kl(s, t, 2.0)),
-        (lambda a: losses.soft_cross_entropy(a, t_pad, 2.0), ref_soft_ce(s, t, 2.0)),
+        (lambda a, T=2.0: losses.kd_kl(a, t_pad, T), ref_kd_kl(s, t, 2.0)),
+        (lambda a, T=2.0: losses.soft_cross_entropy(a, t_pad, T), ref_soft_ce(s, t, 2.0)),
+        (lambda a, T=2.0: losses.class_weighted_soft_cross_entropy(a, t_pad, weights, T),
+         ref_soft_ce(s, t, 2.0, weights[:6])),
         (lambda a: losses.cross_entropy(a, labels), ref_ce(s, labels)),
-        (lambda a: losses.dkd(a, t_pad, labels, 1.0, 8.0, 4.0), ref_dkd(s, t, labels, 1.0, 8.0, 4.0)),
+        (lambda a, T=4.0: losses.dkd(a, t_pad, labels, 1.0, 8.0, T), ref_dkd(s, t, labels, 1.0, 8.0, 4.0)),
+        (lambda a: losses.logit_mse(a, t_pad), 0.5 * np.sum((s - t) ** 2, -1)),
+        (lambda a, T=2.0: losses.kd_kl_topk(a, np.take_along_axis(t, idx, -1), idx, T),
+         ref_kd_kl_topk(s, np.take_along_axis(t, idx, -1), idx, 2.0)),
     ]
     for loss, want in cases:
         np.testing.assert_allclose(loss(s_pad), want, rtol=1e-5, atol=1e-6)
         grad = jax.jit(jax.grad(lambda a: jnp.sum(loss(a))))(s_pad)
         assert np.all(np.isfinite(grad))
         np.testing.assert_array_equal(grad[:, 6:], 0.0)
+    # The gradient with respect to the temperature (learned temperatures) ignores the padding too.
+    trimmed = {"kd_kl": lambda T: losses.kd_kl(s_pad[:, :6], t_pad[:, :6], T),
+               "dkd": lambda T: losses.dkd(s_pad[:, :6], t_pad[:, :6], labels, 1.0, 8.0, T)}
+    for name, (loss, temperature) in {"kd_kl": (cases[0][0], 2.0), "dkd": (cases[4][0], 4.0)}.items():
+        got = jax.grad(lambda T: jnp.sum(loss(s_pad, T)))(temperature)
+        np.testing.assert_allclose(got, jax.grad(lambda T: jnp.sum(trimmed[name](T)))(temperature),
+                                   rtol=1e-5, atol=1e-6)
+    # The top-k bound: a tail class the teacher leaves out adds nothing to it.
+    np.testing.assert_allclose(losses.kd_kl_topk_bound(s_pad, t_pad, idx, 2.0),
+                               losses.kd_kl_topk_bound(s_pad[:, :6], t_pad[:, :6], idx, 2.0), rtol=1e-6)
+
+
+def test_dkd_with_a_teacher_without_non_target_mass_is_its_tckd():
+    """A teacher that puts -inf on every non-target class has no non-target distribution: NCKD is
+    0 (its weight 1 - p_t,y in KD = TCKD + (1 - p_t,y) NCKD), and the loss and its gradient stay
+    finite (they were NaN)."""
+    s = np.array([[2.0, 1.0, 0.0], [0.5, -1.0, 3.0]])
+    t = np.array([[3.0, -np.inf, -np.inf], [-np.inf, -np.inf, 1.0]])
+    labels = np.array([0, 2])
+    loss = lambda a: losses.dkd(a, jnp.asarray(t, jnp.float32), labels, alpha=1.0, beta=8.0, temperature=2.0)
+    # TCKD alone: the teacher's binary distribution is [1, 0], so KL = -log b_s,target.
+    z = s / 2.0
+    want = 4.0 * -(z[[0, 1], labels] - logsumexp(z, axis=-1))
+    np.testing.assert_allclose(loss(jnp.asarray(s, jnp.float32)), want, rtol=1e-5)
+    assert np.all(np.isfinite(jax.grad(lambda a: jnp.sum(loss(a)))(jnp.asarray(s, jnp.float32))))
+
+
+def test_attention_transfer_gradient_is_finite_for_p_below_one_at_zero_features():
+    """ReLU features hold exact zeros, where d|A|^p/dA is infinite for p < 1: those entries
+    contribute 0 (as |0|^p = 0) and a zero gradient instead of NaN; the value matches float64."""
+    a = np.maximum(np.arange(-8.0, 10.0).reshape(1, 3, 3, 2), 0.0)
+    b = a + 1.0
+    for p in (0.5, 1.0, 2.0):
+        loss = lambda x, p=p: losses.attention_transfer(x, jnp.asarray(b, jnp.float32), p)
+        np.testing.assert_allclose(loss(jnp.asarray(a, jnp.float32)), ref_attention(a, b, p, False),
+                                   rtol=1e-5)
+        assert np.all(np.isfinite(jax.grad(lambda x: jnp.sum(loss(x)))(jnp.asarray(a, jnp.float32))))
 
 
 def test_out_of_range_labels_and_indices_give_nan_under_jit():
@@ -637,6 +681,11 @@ def test_out_of_range_labels_and_indices_give_nan_under_jit():
     idx = jnp.argsort(-t, axis=-1)[:, :3].at[1, 0].set(17)
     out = np.asarray(jax.jit(losses.kd_kl_topk)(s, jnp.take_along_axis(t, jnp.clip(idx, 0, 5), -1), idx))
     np.testing.assert_array_equal(np.isnan(out), [False, True, False, False])
+    # A class repeated within a row (eagerly a ValueError) would be weighed twice: NaN for that row.
+    idx = jnp.argsort(-t, axis=-1)[:, :3]
+    idx = idx.at[3, 2].set(idx[3, 0])
+    out = np.asarray(jax.jit(losses.kd_kl_topk)(s, jnp.take_along_axis(t, idx, -1), idx))
+    np.testing.assert_array_equal(np.isnan(out), [False, False, False, True])
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -67,6 +67,16 @@ def test_cosine_matches_reference(init, end, step_range, step):
     np.testing.assert_allclose(float(out), ref_cosine(step, init, end, begin, stop), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [jnp.uint8, jnp.uint16, jnp.uint32])
+def test_unsigned_steps_give_the_signed_steps_values(dtype):
+    """``step - begin_step`` on an unsigned step used to wrap around before begin_step."""
+    for make in (schedules.linear, schedules.cosine):
+        schedule = make(1.0, 3.0, 5, 15)
+        for step in (0, 4, 5, 10, 15, 20):
+            assert float(schedule(jnp.asarray(step, dtype))) == float(schedule(jnp.int32(step)))
+    assert float(schedules.linear(1.0, 3.0, 5, 15)(jnp.uint32(0))) == 1.0
+
+
 @pytest.mark.parametrize("make", [schedules.linear, schedules.cosine])
 def test_range_schedules_hit_endpoints_exactly(make):
     schedule = make(0.3, 0.7, 100, 200)

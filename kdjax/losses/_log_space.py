@@ -9,6 +9,13 @@ import jax
 import jax.numpy as jnp
 
 
+def _tempered(z: jax.Array, temp: jax.Array) -> jax.Array:
+    """``z / temp`` with ``-inf`` entries kept ``-inf`` without dividing them, so the gradient with
+    respect to ``temp`` stays finite (``d(-inf / T)/dT`` would be ``inf * 0``)."""
+    out = z == -jnp.inf
+    return jnp.where(out, -jnp.inf, jnp.where(out, 0.0, z) / temp)
+
+
 def _gather_class(x: jax.Array, index: jax.Array, num_classes: int) -> jax.Array:
     """``x[..., index]`` per row; NaN where the index is out of range (only reachable under jit)."""
     valid = (index >= 0) & (index < num_classes)

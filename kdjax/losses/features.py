@@ -60,7 +60,10 @@ def _attention_map(features: jax.Array, p) -> jax.Array:
     # first (without gradient: the exact gradient through it is zero) to keep |A|^p and the norm in range.
     scale = jax.lax.stop_gradient(jnp.max(jnp.abs(flat), axis=(1, 2), keepdims=True))
     flat = flat / jnp.where(scale > 0, scale, 1.0)
-    q = jnp.sum(jnp.abs(flat) ** p, axis=-1)
+    # |A|^p, with 0 where A = 0 by a double where: for p < 1 the derivative of |A|^p there is
+    # inf * 0 (NaN), and ReLU features hold exact zeros.
+    nonzero = flat != 0
+    q = jnp.sum(jnp.where(nonzero, jnp.abs(jnp.where(nonzero, flat, 1.0)) ** p, 0.0), axis=-1)
     sq_norm = jnp.sum(q**2, axis=-1, keepdims=True)
     safe = jnp.where(sq_norm > 0, sq_norm, 1.0)
     return jnp.where(sq_norm > 0, q / jnp.sqrt(safe), 0.0)

@@ -10,7 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kdjax.losses._log_space import _cross_entropy_from_log_probs, _gather_class, _kl_from_log_probs
+from kdjax.losses._log_space import (_cross_entropy_from_log_probs, _gather_class, _kl_from_log_probs,
+                                     _tempered)
 from kdjax.losses._validation import (
     _CLASS_MASK_HINT,
     _compute_dtype,
@@ -35,7 +36,8 @@ def _tempered_log_probs(student_logits, teacher_logits, temperature, where):
     temp = temp.astype(dtype)
     s = _keep_rows(s.astype(dtype), where)
     t = _keep_rows(t.astype(dtype), where)
-    return jax.nn.log_softmax(s / temp, axis=-1), jax.nn.log_softmax(t / temp, axis=-1), temp, where
+    return (jax.nn.log_softmax(_tempered(s, temp), axis=-1),
+            jax.nn.log_softmax(_tempered(t, temp), axis=-1), temp, where)
 
 
 def kd_kl(student_logits, teacher_logits, temperature=1.0, where=None) -> jax.Array:
@@ -137,7 +139,10 @@ def class_weighted_soft_cross_entropy(
 
     ``loss = -T^2 * sum_c w_c p_t,c log p_s,c`` with ``p = softmax(logits / T)``. Chen et al. weight the
     background class more heavily than the foreground ones (1.5 vs 1), because the teacher is often
-    confidently background. With all ``w_c = 1`` this is :func:`soft_cross_entropy`.
+    confidently background. With all ``w_c = 1`` this is :func:`soft_cross_entropy`. The ``T^2``
+    factor is Hinton's convention, kept by every soft-target loss here; Chen et al.'s
+    ``L_soft = -sum_c w_c p_t,c log p_s,c`` has none, so to use their loss weights at ``T != 1``
+    divide the weight by ``T^2`` (at ``T = 1`` the two agree).
 
     Args:
       student_logits, teacher_logits: ``[..., C]`` float, same shape (e.g. ``[num_rois, C]``).
@@ -178,7 +183,9 @@ def logit_mse(student_logits, teacher_logits, where=None) -> jax.Array:
     s, t = _logit_pair(student_logits, teacher_logits)
     where = _where(where, s.shape[:-1], f"logits of shape {s.shape}", _CLASS_MASK_HINT)
     dtype = _compute_dtype(s, t)
-    diff = _keep_rows(s.astype(dtype), where) - _keep_rows(t.astype(dtype), where)
+    s, t = _keep_rows(s.astype(dtype), where), _keep_rows(t.astype(dtype), where)
+    same = s == t  # includes classes both leave out with -inf: no difference, no gradient
+    diff = jnp.where(same, 0.0, jnp.where(same, 0.0, s) - jnp.where(same, 0.0, t))
     return _finish(0.5 * jnp.sum(diff**2, axis=-1), where)
 
 
@@ -222,18 +229,22 @@ def dkd(student_logits, teacher_logits, labels, alpha=1.0, beta=8.0, temperature
     labels = _labels(labels, s.shape[:-1], num_classes, where)
     dtype = _compute_dtype(s, t)
     temp = temp.astype(dtype)
-    s = _keep_rows(s.astype(dtype), where) / temp
-    t = _keep_rows(t.astype(dtype), where) / temp
+    s = _tempered(_keep_rows(s.astype(dtype), where), temp)
+    t = _tempered(_keep_rows(t.astype(dtype), where), temp)
     labels = _keep_rows(labels, where)
     is_target = jnp.arange(num_classes) == labels[..., None]
 
     def split(z):
-        # log p_y, log(1 - p_y), and the non-target log-distribution (-inf at the target class).
+        # log p_y, log(1 - p_y), and the non-target log-distribution (-inf at the target class;
+        # all -inf when every non-target class is left out, so that NCKD is 0 for a teacher
+        # without non-target mass, its weight (1 - p_t,y) in KD = TCKD + (1 - p_t,y) NCKD).
         lse_all = jax.nn.logsumexp(z, axis=-1)
         z_other = jnp.where(is_target, -jnp.inf, z)
         lse_other = jax.nn.logsumexp(z_other, axis=-1)
+        some = jnp.isfinite(lse_other)[..., None]
+        other = jnp.where(some, z_other - jnp.where(some, lse_other[..., None], 0.0), -jnp.inf)
         log_target = _gather_class(z, labels, num_classes) - lse_all
-        return jnp.stack([log_target, lse_other - lse_all], axis=-1), z_other - lse_other[..., None]
+        return jnp.stack([log_target, lse_other - lse_all], axis=-1), other
 
     binary_s, other_s = split(s)
     binary_t, other_t = split(t)

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kdjax.losses._log_space import _kl_from_log_probs
+from kdjax.losses._log_space import _kl_from_log_probs, _tempered
 from kdjax.losses._validation import (
     _CLASS_MASK_HINT,
     _check_index_range,
@@ -97,7 +97,7 @@ def kd_kl_topk(student_logits, teacher_topk_values, teacher_topk_indices, temper
       teacher_topk_values: ``[..., k]`` float, the teacher's raw logits (not divided by ``T``) at the
         stored classes, e.g. ``jax.lax.top_k(teacher_logits, k)[0]``; any order.
       teacher_topk_indices: ``[..., k]`` integer, distinct class indices in ``[0, C)`` per row (checked
-        when concrete; under jit an out-of-range index gives NaN for its example).
+        when concrete; under jit an out-of-range or repeated index gives NaN for its example).
       temperature: scalar ``T > 0``.
       where: optional bool, broadcastable to ``[...]``; masked examples give 0.
 
@@ -112,10 +112,14 @@ def kd_kl_topk(student_logits, teacher_topk_values, teacher_topk_indices, temper
     s = _keep_rows(s.astype(dtype), where)
     values = _keep_rows(values.astype(dtype), where)
     indices = _keep_rows(indices, where)
-    log_ps = jax.nn.log_softmax(s / temp, axis=-1)
-    valid = jnp.all((indices >= 0) & (indices < num_classes), axis=-1)
+    log_ps = jax.nn.log_softmax(_tempered(s, temp), axis=-1)
+    # Under jit the indices are not checked: a row with an index out of range or a repeated one
+    # gives NaN (a repeat would weigh one class twice and could make the "KL" negative).
+    ordered = jnp.sort(indices, axis=-1)
+    valid = (jnp.all((indices >= 0) & (indices < num_classes), axis=-1)
+             & jnp.all(ordered[..., 1:] != ordered[..., :-1], axis=-1))
     log_ps_at = jnp.take_along_axis(log_ps, jnp.clip(indices, 0, num_classes - 1), axis=-1)
-    log_q = jax.nn.log_softmax(values / temp, axis=-1)
+    log_q = jax.nn.log_softmax(_tempered(values, temp), axis=-1)
     loss = temp**2 * _kl_from_log_probs(log_q, log_ps_at)
     return _finish(jnp.where(valid, loss, jnp.nan), where)
 
@@ -125,7 +129,8 @@ def kd_kl_topk_bound(student_logits, teacher_logits, teacher_topk_indices, tempe
 
     ``bound = max(a, T^2 * eps * L - a)`` with ``a = eps * kd_kl_topk + T^2 * H(eps)``, where
     ``eps = sum_{c not stored} softmax(t / T)_c`` is the teacher's tail mass, ``L`` the largest
-    ``-log softmax(s / T)_c`` over the tail classes (0 when ``k = C``) and
+    ``-log softmax(s / T)_c`` over the tail classes that hold teacher mass (0 when ``k = C``; classes
+    the teacher leaves out with ``-inf`` add nothing to ``D``) and
     ``H(eps) = -eps log eps - (1 - eps) log(1 - eps)``. Valid in exact arithmetic when the stored values
     are the teacher logits at the stored indices; storing them in bf16/f16 adds a quantisation error on
     top. See :func:`kd_kl_topk` and docs/losses.md for the derivation.
@@ -161,10 +166,11 @@ def kd_kl_topk_bound(student_logits, teacher_logits, teacher_topk_indices, tempe
     t = _keep_rows(t.astype(dtype), where)
     indices = _keep_rows(indices, where)
     stored = jnp.any(indices[..., None, :] == jnp.arange(num_classes)[:, None], axis=-1)
-    log_pt = jax.nn.log_softmax(t / temp, axis=-1)
-    neg_log_ps = -jax.nn.log_softmax(s / temp, axis=-1)
+    log_pt = jax.nn.log_softmax(_tempered(t, temp), axis=-1)
+    neg_log_ps = -jax.nn.log_softmax(_tempered(s, temp), axis=-1)
+    tail = ~stored & (log_pt > -jnp.inf)
     eps = jnp.clip(jnp.sum(jnp.where(stored, 0.0, jnp.exp(log_pt)), axis=-1), 0.0, 1.0)
-    tail_nll = jnp.max(jnp.where(stored, 0.0, neg_log_ps), axis=-1)
+    tail_nll = jnp.max(jnp.where(tail, neg_log_ps, 0.0), axis=-1)
     binary_entropy = -jax.scipy.special.xlogy(eps, eps) - jax.scipy.special.xlog1py(1.0 - eps, -eps)
     a = eps * topk + temp**2 * binary_entropy
     upper = jnp.where(eps > 0, temp**2 * eps * tail_nll, 0.0) - a
