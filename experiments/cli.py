@@ -9,6 +9,7 @@ Entry points call :func:`parse_command_line` (``--config=FILE[:ARG] [--config.ke
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
@@ -68,13 +69,18 @@ def _load_config_file(argv: Sequence[str], prog: str) -> ml_collections.ConfigDi
     if not values:
         raise ConfigError(f"{prog}: --config=FILE[:ARG] is required, e.g. "
                           f"--config=experiments/configs/mnist1d_eskd.py:teacher=large,mode=eskd.")
+    path = values[-1][len("--config="):].split(":", 1)[0]
+    if not os.path.isfile(path):
+        raise ConfigError(f"{prog}: --config={path}: no such config file; the configs are in "
+                          f"experiments/configs/ (e.g. --config=experiments/configs/mnist1d_eskd.py"
+                          f":teacher=large,mode=eskd).")
     fv = flags.FlagValues()
     config_flags.DEFINE_config_file("config", None, "experiment config", flag_values=fv,
                                     lock_config=True, sys_argv=[prog, values[-1]])
     try:
         fv([prog, values[-1]])
-    except flags.Error as e:
-        raise ConfigError(f"{prog}: {e}") from None
+    except flags.Error as e:  # ml_collections prefixes the config's own error with its traceback
+        raise ConfigError(f"{prog}: {str(e).strip().splitlines()[-1]}") from None
     return fv.config
 
 

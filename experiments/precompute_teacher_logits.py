@@ -30,7 +30,8 @@ PROG = "python -m experiments.precompute_teacher_logits"
 
 def precompute_teacher_logits(config, store: str, splits: Sequence[str] | None = None, *,
                               resume: bool = False, progress: bool | None = None) -> dict:
-    """Writes (or opens, if complete) ``<store>/<split>`` for each split; returns split -> store.
+    """Writes (or opens, if complete) ``<store>/<split>`` for each split; returns split -> store,
+    or None when a preemption stopped it (rerun with ``resume=True`` to continue).
 
     ``splits`` default: the config's train and eval splits.
     """
@@ -52,7 +53,10 @@ def precompute_teacher_logits(config, store: str, splits: Sequence[str] | None =
                                        f"{', '.join(valid)} (config.dataset.train_split/eval_split).")
     from kdjax import sharding
 
-    mesh = sharding.make_mesh(data=config.run.mesh_data, fsdp=config.run.mesh_fsdp)
+    try:
+        mesh = sharding.make_mesh(data=config.run.mesh_data, fsdp=config.run.mesh_fsdp)
+    except ValueError as e:
+        raise validate.ConfigError(f"config.run.mesh_data / mesh_fsdp: {e}") from None
     if data.eval_batch_size % mesh.devices.size:
         raise validate.ConfigError(f"config.dataset.eval_batch_size={data.eval_batch_size} must be a "
                                    f"multiple of the {mesh.devices.size} devices.")
@@ -64,6 +68,8 @@ def precompute_teacher_logits(config, store: str, splits: Sequence[str] | None =
         spec = teacher_io.store_spec(config, data, split, teacher)
         out[split] = teacher_io.compute_store(os.path.join(store, split), spec, teacher, data, mesh,
                                               resume=resume, progress=show)
+        if out[split] is None:
+            return None
     return out
 
 
@@ -78,6 +84,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     store = args.flags["store"] or args.config.teacher.store
     splits = [s for s in args.flags["splits"].split(",") if s]
     stores = precompute_teacher_logits(args.config, store, splits, resume=args.flags["resume"])
+    if stores is None:
+        cli.log(f"stopped early (preemption); rerun the same command with --resume to continue "
+                f"{store}.")
+        return 0
     for split, s in stores.items():
         cli.log(f"{split}: {s.path} ({s.spec.num_examples} examples, {s.spec.format}, "
                 f"{s.spec.dtype})")

@@ -25,6 +25,7 @@ VARIABLES_DIR = "variables"
 META_FILE = "meta.json"
 SUMMARY_FILE = "summary.json"
 CONFIG_FILE = "config.json"
+CONFIG_CHANGES_FILE = "config_changes.jsonl"
 RESULTS_FILE = "results.json"
 TEACHER_STAGE = "teacher"
 

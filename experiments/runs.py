@@ -46,7 +46,13 @@ def run_kd(config: ml_collections.ConfigDict, workdir: str) -> RunOutcome:
         outcomes += teacher_outcomes
         if teacher is None:
             return run_outcome(ctx, outcomes)
-    stores = teacher_stores(ctx, teacher) if teacher is not None and c.teacher.precomputed else None
+    stores = None
+    if teacher is not None and c.teacher.precomputed:
+        stores = teacher_stores(ctx, teacher)
+        if stores is None:  # preempted while computing them
+            outcomes.append(StageOutcome(name="teacher_store", directory=c.teacher.store,
+                                         summary=None, stopped_early=True))
+            return run_outcome(ctx, outcomes)
     for i, spec in enumerate(c.assistants, start=1):
         stage = kd_stage(ctx, name=f"assistant{i}", role="assistant", spec=spec, teacher=teacher,
                          mode=mode, stores=stores)
@@ -139,12 +145,13 @@ def run_fitnet(config: ml_collections.ConfigDict, workdir: str) -> RunOutcome:
     validate_config(config, "fitnet")
     ctx = make_context(config, workdir)
     c, data, f = ctx.config, ctx.data, ctx.config.fitnet
-    teacher, outcomes = obtain_teacher(ctx)
-    if teacher is None:
-        return run_outcome(ctx, outcomes)
-    hint_shape = _feature_shape(teacher.module, teacher.variables, data.sample_input, f.hint_layer,
-                                "fitnet.hint_layer")
+    # The layers are checked on shapes alone (no weights, no compute) before any teacher work.
+    t_module = build_model(c.teacher.model, data.num_classes, c.teacher.dtype, key="teacher.model")
+    hint_shape = _feature_shape(t_module, abstract_variables(t_module, data.sample_input),
+                                data.sample_input, f.hint_layer, "fitnet.hint_layer")
     bare = build_model(c.student.model, data.num_classes, c.student.dtype)
+    _feature_shape(bare, abstract_variables(bare, data.sample_input), data.sample_input,
+                   f.guided_layer, "fitnet.guided_layer")
     student1 = WithRegressor(bare, guided=f.guided_layer, hint_channels=hint_shape[-1],
                              kind=f.regressor_kind, kernel_size=f.regressor_kernel,
                              padding=f.regressor_padding, use_relu=bool(f.regressor_relu))
@@ -156,6 +163,9 @@ def run_fitnet(config: ml_collections.ConfigDict, workdir: str) -> RunOutcome:
                           f"{f.hint_layer!r} {hint_shape[1:]}: choose layers of matching spatial "
                           f"size or a 'VALID' regressor with kernel = guided size - hint size + 1 "
                           f"(config.fitnet.regressor_padding / regressor_kernel).")
+    teacher, outcomes = obtain_teacher(ctx)
+    if teacher is None:
+        return run_outcome(ctx, outcomes)
     bare_vars = {**abstract,
                  "params": {k: v for k, v in abstract["params"].items() if k != "regressor"}}
     trained = guided_modules(bare, bare_vars, data.sample_input, f.guided_layer) | {"regressor"}

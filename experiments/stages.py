@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import time
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -32,8 +33,8 @@ from experiments.recipes import kd_recipe, learning_rate_schedule, make_optimize
 from experiments.teacher_io import (TeacherModel, compute_store, load_checkpoint_teacher,
                                     load_torchvision_teacher, store_batch_transform, store_spec)
 from experiments.validate import ConfigError, build_model, teacher_epoch, teacher_epochs
-from experiments.rundir import (CONFIG_FILE, EPOCHS_DIR, FINAL_DIR, META_FILE, RESULTS_FILE,
-                                STAGES_DIR, SUMMARY_FILE, TEACHER_STAGE, abstract_variables,
+from experiments.rundir import (CONFIG_CHANGES_FILE, CONFIG_FILE, EPOCHS_DIR, FINAL_DIR,
+                                META_FILE, RESULTS_FILE, STAGES_DIR, SUMMARY_FILE, TEACHER_STAGE, abstract_variables,
                                 flatten_record, load_variables, read_json, save_variables,
                                 write_json)
 from kdjax import recipe as recipe_lib, schedules, sharding, teachers
@@ -93,18 +94,47 @@ def _mesh(config: ml_collections.ConfigDict, devices: list, where: str):
         raise ConfigError(f"config.run.mesh_data / mesh_fsdp: {e}{where}") from None
 
 
+#: Keys a resumed run may change: where the data and stores live, how the run is spread over
+#: devices, reported and checkpointed. Every other key shapes the results.
+RESUMABLE_KEYS = ("name", "paper.", "dataset.data_dir", "dataset.num_threads", "dataset.prefetch",
+                  "teacher.store", "run.eval_every_epochs", "run.checkpoint_every_epochs",
+                  "run.log_every_steps", "run.keep", "run.progress", "run.mesh_data",
+                  "run.mesh_fsdp", "run.param_mode", "run.teacher_mode", "run.teacher_devices",
+                  "run.allow_config_change")
+
+
 def _record_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-    """Writes ``config.json``; on a resume, warns about keys that changed since the first start."""
+    """Writes ``config.json`` on the first start and keeps it: it is the config the run was
+    started with. A resume whose config differs appends the differences to
+    ``config_changes.jsonl``; it is refused (ConfigError) when a key outside
+    :data:`RESUMABLE_KEYS` changed, unless ``run.allow_config_change``: a half-trained stage
+    would go on under other settings than the ones its results are reported with."""
     path = os.path.join(workdir, CONFIG_FILE)
-    now = json.loads(config.to_json_best_effort())
-    if os.path.exists(path):
-        before = read_json(path)
-        changed = sorted(k for k in set(flatten_record(before)) | set(flatten_record(now))
-                         if flatten_record(before).get(k) != flatten_record(now).get(k))
-        if changed:
-            log(f"WARNING: resuming {workdir} with a changed config ({', '.join(changed)}); "
-                f"completed stages are not rerun.")
-    write_json(path, now)
+    now = flatten_record(json.loads(config.to_json_best_effort()))
+    if not os.path.exists(path):
+        write_json(path, json.loads(config.to_json_best_effort()))
+        return
+    before = flatten_record(read_json(path))
+    changed = {k: [before.get(k), now.get(k)] for k in sorted(set(before) | set(now))
+               if before.get(k) != now.get(k)}
+    if not changed:
+        return
+    shaping = [k for k in changed if not k.startswith(RESUMABLE_KEYS)]
+    listing = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items() if k in shaping)
+    if shaping and not config.run.allow_config_change:
+        raise ConfigError(
+            f"{workdir} was started with another config ({listing}); a resumed run would mix the "
+            f"two, and its results would be reported under the new one. Use a new --workdir, or "
+            f"pass --config.run.allow_config_change=True to resume anyway (the changes are then "
+            f"logged in {CONFIG_CHANGES_FILE}).")
+    if shaping:
+        log(f"WARNING: resuming {workdir} with changed keys that shape the results ({listing}); "
+            f"completed stages are not rerun.")
+    if jax.process_index() != 0:
+        return
+    with open(os.path.join(workdir, CONFIG_CHANGES_FILE), "a") as f:
+        f.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "changed": changed})
+                + "\n")
 
 
 @dataclasses.dataclass
@@ -287,13 +317,16 @@ def obtain_teacher(ctx: Context) -> tuple[TeacherModel | None, list[StageOutcome
 
 
 def teacher_stores(ctx: Context, teacher: TeacherModel) -> tuple:
-    """``(train_store, eval_store)`` of ``teacher`` under ``teacher.store``, computed if missing."""
+    """``(train_store, eval_store)`` of ``teacher`` under ``teacher.store``, computed if missing;
+    None when a preemption stopped the computation (the next start resumes it)."""
     c, data = ctx.config, ctx.data
     stores = []
     for split in (data.train_split, data.eval_split):
         spec = store_spec(c, data, split, teacher)
         stores.append(compute_store(os.path.join(c.teacher.store, split), spec, teacher, data,
                                     ctx.mesh, resume=True, progress=c.run.progress))
+        if stores[-1] is None:
+            return None
     return tuple(stores)
 
 

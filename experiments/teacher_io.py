@@ -116,11 +116,14 @@ def compute_store(path: str, spec, teacher: TeacherModel, data: Data, mesh, *, r
 
     Every process writes its own shard of the rows its eval iterator yields; process 0 finalizes
     after all writers closed. A complete store is opened without recomputing. Returns the open
-    :class:`kdjax.logit_store.LogitStore`.
+    :class:`kdjax.logit_store.LogitStore`, or None when a preemption (SIGTERM, JAX's notice on a
+    pod) stopped the pass: the rows so far are committed, and the same call with ``resume=True``
+    continues after them.
     """
     from jax.experimental import multihost_utils
 
     from kdjax import data as data_lib, logit_store, train
+    from kdjax.preemption import PreemptionWatcher
 
     if logit_store.is_complete(path):
         return open_store(path, spec)
@@ -129,9 +132,15 @@ def compute_store(path: str, spec, teacher: TeacherModel, data: Data, mesh, *, r
     batch_sharding = sharding.batch_sharding(mesh)
     variables, _ = train.put_teacher(teacher.variables, mesh)
     total = data_lib.eval_num_batches(spec.num_examples, data.eval_batch_size)
-    with writer:
+    with writer, PreemptionWatcher() as watcher:
         stats = logit_store.precompute(teacher.live(), variables, data.eval_iter(spec.split), writer,
-                                       sharding=batch_sharding, show_progress=progress, total=total)
+                                       sharding=batch_sharding, show_progress=progress, total=total,
+                                       should_stop=watcher.should_stop)
+        if stats.get("stopped"):
+            writer.suspend()
+            log(f"logit store {path}: stopped by a preemption after {stats['rows_written']} new "
+                f"rows (committed); rerun to resume it.")
+            return None
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices(f"logit store {path} written")
     if jax.process_index() == 0:

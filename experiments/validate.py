@@ -162,7 +162,8 @@ def validate_config(config: ml_collections.ConfigDict, experiment: str | None = 
         if c.experiment != experiment:
             p.append(f"config.experiment={c.experiment!r} but this entry point runs {experiment!r} "
                      f"experiments; use the matching entry point or config file.")
-    _int_at_least(p, "seed", c.seed, 0)
+    if _int_at_least(p, "seed", c.seed, 0) and c.seed >= 2**32:
+        p.append(f"config.seed={c.seed} must be below 2**32 (the data order's seed is 32-bit).")
     _int_at_least(p, "num_epochs", c.num_epochs, 1)
 
     d = c.dataset
@@ -173,8 +174,12 @@ def validate_config(config: ml_collections.ConfigDict, experiment: str | None = 
         if d.rgb and d.name == "imagenet2012":
             p.append("config.dataset.rgb=True applies to the grey small datasets only; ImageNet is "
                      "RGB already.")
-    for key in ("batch_size", "eval_batch_size", "image_size", "resize_size"):
-        _int_at_least(p, f"dataset.{key}", d[key], 1)
+    sizes = all([_int_at_least(p, f"dataset.{key}", d[key], 1)
+                 for key in ("batch_size", "eval_batch_size", "image_size", "resize_size")])
+    if sizes and d.name == "imagenet2012" and d.resize_size < d.image_size:
+        p.append(f"config.dataset.resize_size={d.resize_size} is below image_size="
+                 f"{d.image_size}: the eval centre crop would pad with black; resize to at least "
+                 f"the crop (the protocol: 256 for 224).")
     _int_at_least(p, "dataset.num_threads", d.num_threads, 0)
     _int_at_least(p, "dataset.prefetch", d.prefetch, 0)
     if d.num_samples is not None:

@@ -241,7 +241,8 @@ def test_teacher_assistant_chain_distils_through_the_assistant(tmp_path, teacher
 
 
 def test_precomputed_store_matches_the_teacher_and_gives_the_live_losses(tmp_path, teacher_dir,
-                                                                         full_kd_dir, digits):
+                                                                         full_kd_dir, digits,
+                                                                         monkeypatch):
     from kdjax import logit_store
 
     store = str(tmp_path / "store")
@@ -271,9 +272,43 @@ def test_precomputed_store_matches_the_teacher_and_gives_the_live_losses(tmp_pat
         stored = opened.lookup(np.arange(n))["teacher_logits"]
         np.testing.assert_allclose(stored, np.asarray(logits), rtol=1e-5, atol=1e-5)
 
+    # A preemption mid-way: exit 0 with the rows so far committed; --resume completes the same store.
+    real_precompute = logit_store.precompute
+
+    def preempted(fn, variables, batches, writer, **kwargs):
+        def signal_at_second(it=iter(batches)):
+            for i, batch in enumerate(it):
+                if i == 0:  # the pass stops after this batch, the first of three
+                    signal.raise_signal(signal.SIGTERM)
+                yield batch
+        return real_precompute(fn, variables, signal_at_second(), writer, **kwargs)
+    again = [full, f"--store={tmp_path / 'again'}", "--splits=test",
+             "--config.dataset.eval_batch_size=128"]
+    monkeypatch.setattr(logit_store, "precompute", preempted)
+    assert precompute_teacher_logits.main(again) == 0
+    shard, = glob.glob(str(tmp_path / "again" / "test" / "shards" / "*"))
+    assert not logit_store.is_complete(str(tmp_path / "again" / "test"))
+    assert rundir.read_json(os.path.join(shard, "progress.json")) == {"rows": 128}
+    monkeypatch.setattr(logit_store, "precompute", real_precompute)
+    with pytest.raises(ValueError, match=r"partial write.*--resume"):
+        precompute_teacher_logits.main(again)
+    assert precompute_teacher_logits.main(again + ["--resume"]) == 0
+    ids = np.arange(len(digits["test"]["label"]))
+    np.testing.assert_array_equal(
+        logit_store.LogitStore.open(str(tmp_path / "again" / "test")).lookup(ids)["teacher_logits"],
+        logit_store.LogitStore.open(os.path.join(store, "test")).lookup(ids)["teacher_logits"])
+
     live, pre = full_kd_dir, str(tmp_path / "pre")
-    assert imagenet_eskd.main([full.replace(",smoke", ",precomputed,smoke"),
-                               f"--config.teacher.store={store}", f"--workdir={pre}"]) == 0
+    kd_argv = [full.replace(",smoke", ",precomputed,smoke"), f"--workdir={pre}"]
+    # A KD run computes a missing store first; preempted there, it stops (exit 0, no stage)...
+    monkeypatch.setattr(logit_store, "precompute", preempted)
+    fresh = f"--config.teacher.store={tmp_path / 'fresh'}"
+    assert imagenet_eskd.main(kd_argv + [fresh]) == 0
+    assert not os.path.exists(os.path.join(pre, "stages", "student"))
+    monkeypatch.setattr(logit_store, "precompute", real_precompute)
+    # ... and resumes it on the next start, then trains.
+    assert imagenet_eskd.main(kd_argv + [fresh]) == 0
+    assert logit_store.is_complete(str(tmp_path / "fresh" / "train"))
     assert summary(pre, "student")["precomputed"] is True
     live_train, pre_train = records(live, "student", "train"), records(pre, "student", "train")
     assert [r["step"] for r in live_train] == [r["step"] for r in pre_train]
@@ -489,7 +524,17 @@ def test_preempted_run_exits_zero_runs_no_later_stage_and_resumes(tmp_path, monk
     assert 0 < stopped_at < 2 * SPE
 
     monkeypatch.setattr(loop, "fit", real_fit)
-    assert imagenet_eskd.main(argv) == 0
+    # A key that shapes the results may not change under a half-trained stage ...
+    with pytest.raises(validate.ConfigError, match=(
+            r"was started with another config \(optimizer.lr: 0.05 -> 0.5\); a resumed run would "
+            r"mix the two.*--config.run.allow_config_change=True")):
+        imagenet_eskd.main(argv + ["--config.optimizer.lr=0.5"])
+    first_config = rundir.read_json(os.path.join(workdir, "config.json"))
+    # ... one that does not (checkpoints kept) may: logged, config.json stays the first one.
+    assert imagenet_eskd.main(argv + ["--config.run.keep=5"]) == 0
+    assert rundir.read_json(os.path.join(workdir, "config.json")) == first_config
+    with open(os.path.join(workdir, "config_changes.jsonl")) as f:
+        assert [json.loads(line)["changed"] for line in f] == [{"run.keep": [3, 5]}]
     train = records(workdir, "teacher", "train")
     steps = [r["step"] for r in train]
     assert steps == sorted(set(steps)) and steps[-1] == 2 * SPE
@@ -615,6 +660,7 @@ SMOKE = f"--config={DIGITS_ESKD}:smoke"
                                      "'none', 'train', 'checkpoint', 'torchvision'")),
     ("--config.optimizer.name=lion", ("config.optimizer.name='lion' is not valid", "'sgd'")),
     ("--config.num_epochs=abc", ("--config.num_epochs=abc", "invalid literal for int()")),
+    ("--config.seed=4294967296", ("config.seed=4294967296 must be below 2**32",)),
 ])
 def test_bad_config_values_give_clear_errors(tmp_path, override, patterns):
     expect_config_error(tmp_path, imagenet_eskd.main, [SMOKE, override], *patterns)
@@ -653,6 +699,25 @@ def test_contradictory_configs_give_clear_errors(tmp_path):
     expect_config_error(tmp_path, imagenet_eskd.main, [
         f"--config={DIGITS_ESKD}:teacher=large,mode=full,smoke",
         "--config.teacher.store_format=topk"], "config.teacher.store_k is required")
+    expect_config_error(tmp_path, imagenet_eskd.main, [
+        f"--config={IMAGENET_ESKD}:teacher=resnet50,mode=full", "--config.dataset.resize_size=200"],
+        "config.dataset.resize_size=200 is below image_size=224")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--config.fitnet.guided_layer=stage9",
+     "config.fitnet.guided_layer='stage9' is not a feature of the model; available: "),
+    ("--config.fitnet.hint_layer=stage9",
+     "config.fitnet.hint_layer='stage9' is not a feature of the model; available: "),
+    ("--config.fitnet.hint_layer=stage2",
+     "FitNet regressor output (8, 8, 64) != teacher hint 'stage2' (4, 4, 64)")])
+def test_fitnet_layers_are_checked_before_the_teacher_trains(tmp_path, override, message):
+    """On shapes alone: a teacher trained here (hours on ImageNet) is not trained in vain."""
+    with pytest.raises(validate.ConfigError) as info:
+        imagenet_fitnet.main([f"--config={DIGITS_FITNET}:smoke", override,
+                              f"--workdir={tmp_path}"])
+    assert message in str(info.value)
+    assert not os.path.exists(tmp_path / "stages")
 
 
 def test_train_teacher_and_precompute_errors(tmp_path):
@@ -686,6 +751,13 @@ def test_command_line_errors(tmp_path):
         imagenet_eskd.main([f"--config={DIGITS_ESKD}:colour=red", f"--workdir={tmp_path}"])
     with pytest.raises(validate.ConfigError, match=r"Unknown command line flag 'wrokdir'"):
         imagenet_eskd.main([SMOKE, f"--wrokdir={tmp_path}"])
+    with pytest.raises(validate.ConfigError, match=r"--config=experiments/configs/nonexist.py: no "
+                                                   r"such config file; the configs are in"):
+        imagenet_eskd.main(["--config=experiments/configs/nonexist.py", f"--workdir={tmp_path}"])
+    # The config file's own error, in one line (not ml_collections' traceback around it).
+    with pytest.raises(validate.ConfigError) as info:
+        imagenet_eskd.main([f"--config={DIGITS_ESKD}:teacher=huge", f"--workdir={tmp_path}"])
+    assert "\n" not in str(info.value) and "teacher='huge'" in str(info.value)
 
 
 def test_parse_arg_types_and_switches():

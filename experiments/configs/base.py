@@ -55,7 +55,8 @@ Schema (``placeholder`` keys may be None):
   ``kdjax.teachers.on_devices``, one process; on a CPU with
   ``XLA_FLAGS=--xla_force_host_platform_device_count=2`` and k = 1 the two overlap on its cores),
   ``save_epochs`` (extra epochs at which a trained model's variables are kept under
-  ``<stage>/epochs/``).
+  ``<stage>/epochs/``), ``allow_config_change`` (resume a workdir although keys that shape the
+  results changed since it started: refused otherwise, see ``experiments.stages.RESUMABLE_KEYS``).
 * ``paper``: the published numbers for this cell (display only; see the config files).
 """
 
@@ -206,6 +207,7 @@ def kd_config() -> ml_collections.ConfigDict:
     c.run.teacher_mode = "replicate"
     c.run.teacher_devices = 0
     c.run.save_epochs = ()
+    c.run.allow_config_change = False
 
     c.paper = ml_collections.ConfigDict()
     c.paper.source = ""

@@ -37,7 +37,8 @@ def _all_processes_agree(flag: bool, collective: bool) -> bool:
 def precompute(teacher_fn: Callable[[Any, dict[str, Any]], Any], teacher_variables: Any,
                batches: Iterable[Mapping[str, np.ndarray]], writer: LogitStoreWriter, *,
                sharding: jax.sharding.NamedSharding | None = None, show_progress: bool = True,
-               total: int | None = None) -> dict[str, int]:
+               total: int | None = None,
+               should_stop: Callable[[int], bool] | None = None) -> dict[str, int]:
     """Run a teacher over host-local batches and write its outputs to ``writer``.
 
     ``teacher_fn(teacher_variables, batch)`` returns logits ``[B, C]``, an object with a ``logits``
@@ -54,8 +55,14 @@ def precompute(teacher_fn: Callable[[Any, dict[str, Any]], Any], teacher_variabl
     A batch whose real rows (``'mask'`` True) are all written already is skipped without running the
     teacher (a resumed run); with several processes the skip is agreed on by all of them.
 
-    Returns ``{'batches', 'batches_skipped', 'rows_written'}`` counts for this process. The caller
-    closes the writer, synchronises the processes and calls ``finalize`` on process 0.
+    ``should_stop(n)`` (e.g. :meth:`kdjax.preemption.PreemptionWatcher.should_stop`; on several
+    processes a collective, called by all with the same ``n``) is asked after each batch ``n``
+    (1, 2, ...); True ends the pass there, and the result has ``'stopped': 1``.
+
+    Returns ``{'batches', 'batches_skipped', 'rows_written'}`` counts for this process (plus
+    ``'stopped': 1`` when ``should_stop`` ended it). The caller closes the writer (or, when
+    stopped, suspends it: :meth:`LogitStoreWriter.suspend`), synchronises the processes and calls
+    ``finalize`` on process 0.
     """
     spec = writer.spec
     if sharding is not None and not isinstance(sharding, jax.sharding.NamedSharding):
@@ -90,6 +97,16 @@ def precompute(teacher_fn: Callable[[Any, dict[str, Any]], Any], teacher_variabl
     def to_host(x: Any) -> np.ndarray:
         return np.asarray(x) if sharding is None else _local_rows(x)
 
+    def write_batch(batch, ids: np.ndarray, mask: np.ndarray) -> int:
+        device_batch = {key: to_device(np.asarray(val)) for key, val in batch.items() if key != "id"}
+        outputs = fwd(teacher_variables, device_batch)
+        local_ids = to_host(to_device(np.where(mask, ids, 0).astype(np.int32)))
+        local_mask = to_host(to_device(mask))
+        host = [to_host(o) for o in outputs]
+        if spec.format == "topk":
+            return writer.write_topk(local_ids, host[0], host[1], local_mask)
+        return writer.write(local_ids, host[0], local_mask)
+
     from tqdm import tqdm
 
     if total is None and hasattr(batches, "__len__"):
@@ -108,18 +125,12 @@ def precompute(teacher_fn: Callable[[Any, dict[str, Any]], Any], teacher_variabl
             bar.update(1)
             if _all_processes_agree(bool(writer.is_written(ids[mask]).all()), sharding is not None):
                 stats["batches_skipped"] += 1
-                continue
-            device_batch = {key: to_device(np.asarray(val)) for key, val in batch.items() if key != "id"}
-            outputs = fwd(teacher_variables, device_batch)
-            local_ids = to_host(to_device(np.where(mask, ids, 0).astype(np.int32)))
-            local_mask = to_host(to_device(mask))
-            host = [to_host(o) for o in outputs]
-            if spec.format == "topk":
-                n = writer.write_topk(local_ids, host[0], host[1], local_mask)
             else:
-                n = writer.write(local_ids, host[0], local_mask)
-            stats["rows_written"] += n
-            bar.set_postfix(rows=stats["rows_written"], refresh=False)
+                stats["rows_written"] += write_batch(batch, ids, mask)
+                bar.set_postfix(rows=stats["rows_written"], refresh=False)
+            if should_stop is not None and should_stop(stats["batches"]):
+                stats["stopped"] = 1
+                break
     finally:
         bar.close()
     return stats

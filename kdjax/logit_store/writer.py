@@ -132,7 +132,7 @@ class LogitStoreWriter:
             raise ValueError(
                 f"logit store at {self.path} already holds a partial write of "
                 f"{os.path.basename(self._shard_dir)} ({_shard_state(self._shard_dir)}), probably from an "
-                f"interrupted run; pass resume=True to continue it, or delete the directory to start over")
+                f"interrupted run; pass resume=True (the precompute command: --resume) to continue it, or delete the directory to start over")
 
     def _recover(self) -> int:
         """Reopen an interrupted shard: check it, truncate to the committed rows, mark their ids written."""
@@ -320,12 +320,22 @@ class LogitStoreWriter:
         self._lock.release()
         self._state = "closed"
 
+    def suspend(self) -> None:
+        """Commit and unlock without marking the shard done (a preempted writer): the store stays
+        incomplete, and a writer opened with ``resume=True`` continues after these rows."""
+        self.flush()
+        for f in self._files.values():
+            f.close()
+        self._lock.release()
+        self._state = "suspended (open a writer with resume=True to continue)"
+
     def __enter__(self) -> "LogitStoreWriter":
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
-            self.close()
+            if not self._state.startswith("suspended"):
+                self.close()
         elif self._state == "open":
             for f in self._files.values():
                 f.close()
