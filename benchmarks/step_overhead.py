@@ -19,6 +19,10 @@ on a shared CPU) cancels out of it:
   CPU, or on the GPU with a CUDA build of torch (skipped with a message otherwise)
 * ``onednn_speedup`` = live-KD step with XLA's convolutions / with oneDNN's (``--conv``: on CPU the
   models use :mod:`kdjax.kernels.onednn` when it is built, as PyTorch uses oneDNN)
+* ``vs_plain_jax`` = kdjax live-KD step / the same step written plainly in JAX, Flax and optax (the
+  same modules, no ``kdjax.train``): what kdjax's step machinery costs; and
+  ``plain_jax_live_overhead`` = that plain step / (CE step + teacher forward): how much of
+  ``live_overhead`` a hand-written step pays too
 * ``fraction_of_peak``: XLA's ``cost_analysis()`` flops of each step / its median time / the peak
   (``--peak-gflops``: 333 for this 2-core AVX-512 CPU; on a GPU, or with ``--measure-peak``, the
   FLOP/s of a large matmul measured by the script); ``images_per_second`` per variant. The peak is
@@ -63,6 +67,8 @@ RATIOS = {"precomputed_overhead": ("kd_precomputed", ("ce",)),
           "live_overhead": ("kd_live", ("ce", "teacher_forward")),
           "live_teacher_device_overhead": ("kd_live_teacher_device", ("ce", "teacher_forward")),
           "vs_pytorch": ("kd_live", ("torch_kd_live",)),
+          "vs_plain_jax": ("kd_live", ("plain_jax_kd_live",)),
+          "plain_jax_live_overhead": ("plain_jax_kd_live", ("ce", "teacher_forward")),
           "onednn_speedup": ("kd_live_xla_conv", ("kd_live",))}
 TARGETS = {"precomputed_overhead": 1.05, "live_overhead": 1.00,
            "live_teacher_device_overhead": 1.00, "vs_pytorch": 1.0}
@@ -146,7 +152,46 @@ def jax_variants(dtype, stem: str, conv: str, batch_size: int = 64, width: int =
     if conv == "xla":
         flops["teacher_forward"] = flops_of(teacher_fwd, t_vars, batch)
     runs["teacher_forward"] = lambda: jax.block_until_ready(teacher_fwd(t_vars, batch))
+    runs["plain_jax_kd_live"] = plain_jax_kd_step(student, teacher_module, teacher_dtype or dtype,
+                                                  tx, t_vars, batch, sharding.replicated(mesh))
     return runs, flops
+
+
+def plain_jax_kd_step(student, teacher, teacher_dtype, tx, t_vars, batch, placement):
+    """The live-KD step written plainly with Flax's ``apply`` and optax (no kdjax.train, recipe or
+    teacher wrappers): the same modules, loss, optimizer, donation and device (``placement``, one
+    device's sharding); returns a zero-arg callable running one step."""
+    teacher = teacher.clone(dtype=teacher_dtype)
+    variables = student.init(jax.random.PRNGKey(0), batch["image"][:1])
+    state = jax.device_put({"params": variables["params"], "batch_stats": variables["batch_stats"],
+                            "opt": tx.init(variables["params"])}, placement)
+
+    def step(state, t_vars, batch):
+        t_cast = jax.tree.map(lambda x: x.astype(teacher_dtype), t_vars)
+        t_logits, _ = teacher.apply(t_cast, batch["image"].astype(teacher_dtype), train=False)
+        t_logits = jax.lax.stop_gradient(t_logits.astype(jnp.float32))
+
+        def loss_fn(params):
+            (logits, _), updates = student.apply(
+                {"params": params, "batch_stats": state["batch_stats"]}, batch["image"],
+                train=True, mutable=["batch_stats"])
+            logits = logits.astype(jnp.float32)
+            ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
+            log_pt = jax.nn.log_softmax(t_logits / TEMPERATURE)
+            kd = (jnp.exp(log_pt) * (log_pt - jax.nn.log_softmax(logits / TEMPERATURE))).sum(-1)
+            return (1 - ALPHA) * ce + ALPHA * TEMPERATURE ** 2 * kd.mean(), updates
+        (loss, updates), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+        deltas, opt = tx.update(grads, state["opt"], state["params"])
+        return {"params": optax.apply_updates(state["params"], deltas),
+                "batch_stats": updates["batch_stats"], "opt": opt}, loss
+
+    jitted = jax.jit(step, donate_argnums=0, out_shardings=placement)
+    holder = {"state": state}
+
+    def run():
+        holder["state"], loss = jitted(holder["state"], t_vars, batch)
+        jax.block_until_ready(loss)
+    return run
 
 
 def torch_variant(stem: str, device: str = "cpu", batch_size: int = 64, width: int = 64,

@@ -88,9 +88,11 @@ def test_script_end_to_end(tmp_path):
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads(out.read_text())
-    variants = {"ce", "kd_precomputed", "kd_live", "teacher_forward", "kd_live_teacher_device"}
+    variants = {"ce", "kd_precomputed", "kd_live", "teacher_forward", "kd_live_teacher_device",
+                "plain_jax_kd_live"}
     assert variants <= set(r["seconds"]) and set(r["seconds"]) == set(r["images_per_second"])
-    assert variants - {"kd_live_teacher_device"} <= set(r["fraction_of_peak"])
+    assert variants - {"kd_live_teacher_device", "plain_jax_kd_live"} <= set(r["fraction_of_peak"])
+    assert {"vs_plain_jax", "plain_jax_live_overhead"} <= set(r["ratio_range_over_rounds"])
     assert r["peak_measured"] and r["peak_gflops"] > 0.1 and r["ld_preload"] == ""
     assert r["devices"] == 2 and "--xla_force_host_platform_device_count=2" in r["xla_flags"]
     for key in ("precomputed_overhead", "live_overhead", "live_teacher_device_overhead"):
