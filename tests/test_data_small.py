@@ -434,6 +434,39 @@ def test_prefetch_errors(data_sharding):
         next(dev)
 
 
+PREFETCH_LEFT_OPEN = """
+import gc, sys, threading
+import jax
+from jax.sharding import NamedSharding, PartitionSpec as P
+from kdjax import data
+
+source = data.ArraySource(data.digits_arrays()["train"])
+mesh = jax.make_mesh((jax.device_count(),), ("data",))
+first = data.prefetch_to_device(data.make_train_iterator(source, global_batch_size=16, seed=0),
+                                NamedSharding(mesh, P("data")))
+next(first)  # its thread now waits, the queue full, for the batch after the next
+del first
+gc.collect()
+assert not any(t.name == "kdjax-prefetch-to-device" for t in threading.enumerate()), "leaked"
+left_open = data.prefetch_to_device(data.make_train_iterator(source, global_batch_size=16, seed=0),
+                                    NamedSharding(mesh, P("data")))
+next(left_open)  # never closed: the interpreter exits with its thread running
+"""
+
+
+def test_prefetch_thread_stops_when_collected_and_at_exit():
+    """An iterator nobody closes: collected, its thread stops; alive at interpreter exit, its
+    thread is stopped first (it used to abort the process: 'terminate called without an active
+    exception', exit status 134)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", PREFETCH_LEFT_OPEN], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "terminate called" not in proc.stderr
+
+
 def test_pipeline_module_imports_no_tensorflow():
     import subprocess
     import sys

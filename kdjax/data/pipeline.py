@@ -37,6 +37,7 @@ from __future__ import annotations
 import copy
 import queue
 import threading
+import weakref
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -387,13 +388,26 @@ def _produce(
         put((error, None))
 
 
+def _halt(thread: threading.Thread, q: queue.Queue, stop: threading.Event) -> None:
+    """Stops a producer thread: sets ``stop`` and drains ``q`` until the thread exits."""
+    stop.set()
+    while thread.is_alive():
+        try:
+            q.get(timeout=0.05)
+        except queue.Empty:
+            continue
+    thread.join()
+
+
 class DevicePrefetchIterator(grain.DatasetIterator):
     """Iterator of global, sharded batches produced ``size`` steps ahead in a background thread.
 
     ``get_state()`` is the wrapped iterator's state right after the last batch *returned* to the
     caller (not after the batches buffered ahead), so saving it and restoring with ``set_state`` (or
     with ``grain.checkpoint.CheckpointSave`` / ``CheckpointRestore``) resumes exactly at the next
-    unseen batch. The thread starts on the first ``next`` (or ``start_prefetch``).
+    unseen batch. The thread starts on the first ``next`` (or ``start_prefetch``) and stops on
+    ``close()``, on exhaustion, when the iterator is garbage-collected, or at interpreter exit
+    (a producer still inside JAX while the runtime shuts down would abort the process).
     """
 
     def __init__(
@@ -419,33 +433,29 @@ class DevicePrefetchIterator(grain.DatasetIterator):
         self._checkpointable = hasattr(iterator, "get_state") and hasattr(iterator, "set_state")
         self._state = iterator.get_state() if self._checkpointable else None
         self._queue: queue.Queue | None = None
-        self._stop: threading.Event | None = None
+        self._halt: weakref.finalize | None = None
         self._exhausted = False
 
     def start_prefetch(self) -> None:
         if self._thread is None and not self._exhausted:
             self._queue = queue.Queue(maxsize=self._size)
-            self._stop = threading.Event()
+            stop = threading.Event()
             self._thread = threading.Thread(
                 target=_produce,
                 args=(self._inner, self._checkpointable, self._shardings, self._device_fn,
-                      self._queue, self._stop),
+                      self._queue, stop),
                 daemon=True,
                 name="kdjax-prefetch-to-device",
             )
             self._thread.start()
+            # Runs once: from _stop_thread, when self is collected, or at exit (weakref.finalize).
+            self._halt = weakref.finalize(self, _halt, self._thread, self._queue, stop)
 
     def _stop_thread(self) -> None:
         if self._thread is None:
             return
-        self._stop.set()
-        while self._thread.is_alive():
-            try:
-                self._queue.get(timeout=0.05)
-            except queue.Empty:
-                continue
-        self._thread.join()
-        self._thread = self._queue = self._stop = None
+        self._halt()
+        self._thread = self._queue = self._halt = None
 
     def __next__(self) -> dict[str, jax.Array]:
         self._assert_not_closed()
