@@ -281,14 +281,20 @@ print("ok")
 
 
 @needs_onednn
-def test_implementation_keeps_the_callers_openmp_threads():
-    # Building a plan holds OpenMP to one thread for oneDNN; the caller (here the Python thread,
-    # which PyTorch would share) gets its setting back.
+def test_the_callers_openmp_threads_are_kept():
+    # Building a plan and running a call hold OpenMP to one thread for oneDNN; the caller (here
+    # the Python thread, on which XLA runs small programs, and which PyTorch would share) gets its
+    # setting back.
     gomp = ctypes.CDLL("libgomp.so.1")
     before = gomp.omp_get_max_threads()
     gomp.omp_set_num_threads(3)
     try:
         onednn.implementation("fwd", (5, 7, 7, 3), (3, 3, 3, 5), (1, 1), ((1, 1), (1, 1)))  # new
+        assert gomp.omp_get_max_threads() == 3
+        x, w = random_inputs(21, (1, 4, 4, 3), (3, 3, 3, 4))
+        jax.block_until_ready(jax.jit(lambda a, b: onednn.conv_nhwc(a, b, (1, 1), (1, 1, 1, 1)))(x, w))
+        assert gomp.omp_get_max_threads() == 3
+        jax.block_until_ready(sin_loss_grads(x, w))
         assert gomp.omp_get_max_threads() == 3
     finally:
         gomp.omp_set_num_threads(before)
@@ -627,6 +633,34 @@ def sin_loss_grads_f64(x, w):
         return jax.device_get(jax.grad(lambda a, b: jnp.sum(jnp.sin(lax.conv_general_dilated(
             a, b, (1, 1), ((1, 1), (1, 1)), dimension_numbers=NHWC))), argnums=(0, 1))(
             np.asarray(x, np.float64), np.asarray(w, np.float64)))
+
+
+@needs_onednn
+def test_inside_shard_map_with_its_type_checks():
+    """Under shard_map with check_vma (its default) the convolution is typed as lax's: gradients
+    equal float64's (the replicated kernel's summed over the devices by JAX itself), and a
+    per-device result cannot pass as replicated (it used to return device 0's part silently)."""
+    x, w = random_inputs(12, (8, 8, 8, 4), (3, 3, 4, 6))
+    mesh = sharding.make_mesh(data=8)
+    fn = jax.jit(jax.shard_map(sin_loss_grads, mesh=mesh, in_specs=(P("data"), P()),
+                               out_specs=(P("data"), P())))
+    for got, want in zip(fn(x, w), sin_loss_grads_f64(x, w)):
+        assert normalized_error(got, want) <= F32_TOL
+    total = jax.shard_map(lambda a, b: jnp.sum(onednn.conv_nhwc(a, b, (1, 1), (1, 1, 1, 1))),
+                          mesh=mesh, in_specs=(P("data"), P()), out_specs=P())
+    with pytest.raises(ValueError, match="out_specs which require replication"):
+        jax.jit(total)(x, w)
+
+
+def test_no_channels_go_to_lax():
+    """A convolution with no input or output channels is lax's (an empty or zero result), not a
+    oneDNN descriptor error."""
+    x = jnp.ones((2, 6, 6, 3))
+    for lhs, rhs in ((x, jnp.ones((3, 3, 3, 0))), (x[..., :0], jnp.ones((3, 3, 0, 4)))):
+        got = onednn.conv_general_dilated(lhs, rhs, (1, 1), "SAME", dimension_numbers=NHWC)
+        want = lax.conv_general_dilated(lhs, rhs, (1, 1), "SAME", dimension_numbers=NHWC)
+        assert got.shape == want.shape
+        np.testing.assert_array_equal(got, want)
 
 
 @needs_onednn

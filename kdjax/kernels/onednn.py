@@ -20,8 +20,10 @@ So a model that passes ``conv_general_dilated=kdjax.kernels.onednn.conv_general_
 over the batch (``jax.experimental.custom_partitioning``): every device convolves its own examples
 with the whole kernel (XLA gathers an FSDP-sharded one) and the weight gradients are summed over
 the devices (an all-reduce); any other sharding of the operands is gathered first, and a batch
-that does not split evenly over its axes runs whole on every device. Under ``vmap``
-the passes run example by example. Limit: first derivatives only (the backward kernels are not
+that does not split evenly over its axes runs whole on every device. Inside ``shard_map`` it is
+typed as lax's convolution is (its result varies over the manual axes its operands vary over;
+a replicated kernel's gradient is summed over them). Under ``vmap`` the passes run example by
+example. Limit: first derivatives only (the backward kernels are not
 differentiable again).
 
 Build: ``python -m kdjax.kernels.build`` compiles ``onednn_conv.cc`` against the installed jaxlib's
@@ -135,14 +137,28 @@ _RULES = {"fwd": "n h w c, kh kw c o -> n oh ow o",
           "bwd_weights": "n h w c, n oh ow o -> kh kw c o"}
 
 
+def _varying(*xs: jax.Array) -> frozenset:
+    """The manual mesh axes (inside ``shard_map``) over which any of ``xs`` varies."""
+    return frozenset().union(*(jax.typeof(x).manual_axis_type.varying for x in xs))
+
+
+def _vary_over(x: jax.Array, axes: frozenset) -> jax.Array:
+    """``x`` typed as varying over ``axes`` too (``lax.pcast``; inside ``shard_map`` only)."""
+    missing = tuple(sorted(axes - _varying(x)))
+    return lax.pcast(x, missing, to="varying") if missing else x
+
+
 def _ffi(pass_: str, out_shape: tuple[int, ...], strides: tuple[int, int],
          padding: tuple[int, int, int, int], a: jax.Array, b: jax.Array) -> jax.Array:
-    """One pass on the operands as given; ``out_shape``'s batch (``fwd``, ``bwd_data``) is ``a``'s."""
+    """One pass on the operands as given; ``out_shape``'s batch (``fwd``, ``bwd_data``) is ``a``'s.
+    Inside ``shard_map`` the result varies over the manual axes its operands vary over (an FFI
+    call's result would otherwise be typed as equal on every device)."""
     if pass_ != "bwd_weights":
         out_shape = (a.shape[0], *out_shape[1:])
-    return jax.ffi.ffi_call(TARGETS[pass_][0], jax.ShapeDtypeStruct(out_shape, a.dtype),
-                            vmap_method="sequential")(
+    y = jax.ffi.ffi_call(TARGETS[pass_][0], jax.ShapeDtypeStruct(out_shape, a.dtype),
+                         vmap_method="sequential")(
         a, b, strides=np.asarray(strides, np.int64), padding=np.asarray(padding, np.int64))
+    return _vary_over(y, _varying(a, b))
 
 
 def _batch_axes(arg_shapes) -> Any:
@@ -213,21 +229,29 @@ def _call(pass_: str, out_shape: Sequence[int], a: jax.Array, b: jax.Array,
     return _pass(pass_, tuple(int(d) for d in out_shape), tuple(strides), tuple(padding))(a, b)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def conv_nhwc(x: jax.Array, w: jax.Array, strides: tuple[int, int],
               padding: tuple[int, int, int, int]) -> jax.Array:
     """``y [N, OH, OW, O] = conv(x [N, H, W, C], w [KH, KW, C, O])`` on oneDNN, in the inputs' dtype
     (float32 or bfloat16).
 
     ``padding = (top, bottom, left, right)``; ``OH = (H + top + bottom - KH) // strides[0] + 1``.
+    Inside ``shard_map`` both operands are first made to vary over the same manual axes, as lax's
+    convolution does (a replicated kernel's gradient is then summed over them).
     """
+    axes = _varying(x, w)
+    return _conv_nhwc(_vary_over(x, axes), _vary_over(w, axes), strides, padding)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _conv_nhwc(x: jax.Array, w: jax.Array, strides: tuple[int, int],
+               padding: tuple[int, int, int, int]) -> jax.Array:
     oh = (x.shape[1] + padding[0] + padding[1] - w.shape[0]) // strides[0] + 1
     ow = (x.shape[2] + padding[2] + padding[3] - w.shape[1]) // strides[1] + 1
     return _call("fwd", (x.shape[0], oh, ow, w.shape[3]), x, w, strides, padding)
 
 
 def _conv_nhwc_fwd(x, w, strides, padding):
-    return conv_nhwc(x, w, strides, padding), (x, w)
+    return _conv_nhwc(x, w, strides, padding), (x, w)
 
 
 def _conv_nhwc_bwd(strides, padding, residuals, dy):
@@ -236,7 +260,7 @@ def _conv_nhwc_bwd(strides, padding, residuals, dy):
             _call("bwd_weights", w.shape, x, dy, strides, padding))
 
 
-conv_nhwc.defvjp(_conv_nhwc_fwd, _conv_nhwc_bwd)
+_conv_nhwc.defvjp(_conv_nhwc_fwd, _conv_nhwc_bwd)
 
 
 def _explicit_padding(padding: Any, x: jax.Array, w: jax.Array, strides: Sequence[int]):
@@ -261,6 +285,7 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequenc
         and lhs.dtype == rhs.dtype and lhs.dtype in (jnp.float32, jnp.bfloat16)
         and preferred_element_type in (None, lhs.dtype)
         and feature_group_count == 1 and batch_group_count == 1
+        and lhs.shape[3] > 0 and rhs.shape[3] > 0  # no channels: lax's empty or zero result
         and all(int(st) >= 1 for st in window_strides)
         and all(d == 1 for d in (lhs_dilation or (1, 1))) and all(d == 1 for d in (rhs_dilation or (1, 1)))
         and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) == _NHWC_HWIO)

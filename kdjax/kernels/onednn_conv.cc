@@ -166,6 +166,15 @@ class Workspace {
   size_t size_ = 0;
 };
 
+// One OpenMP thread for oneDNN while it lives. The calling thread may share OpenMP with other
+// code (the Python thread, when XLA runs a call on it, or through implementation()): it gets its
+// own setting back, even if what runs meanwhile throws.
+struct OneOmpThread {
+  const int saved = omp_get_max_threads();
+  OneOmpThread() { omp_set_num_threads(1); }
+  ~OneOmpThread() { omp_set_num_threads(saved); }
+};
+
 // Plans are built for one thread: XLA's pool, not OpenMP, spreads the batch over the cores.
 const Plan& GetPlan(Pass pass, const Geometry& g) {
   static std::mutex mu;
@@ -173,14 +182,8 @@ const Plan& GetPlan(Pass pass, const Geometry& g) {
   std::lock_guard<std::mutex> lock(mu);
   auto& slot = cache[{pass, static_cast<int>(g.dt), g.v}];
   if (!slot) {
-    // oneDNN sizes its work split by the threads at creation. The caller may be a thread that
-    // shares OpenMP with others (the Python thread, through implementation()): it gets its own
-    // setting back, even if Build throws.
-    struct OneOmpThread {
-      const int saved = omp_get_max_threads();
-      OneOmpThread() { omp_set_num_threads(1); }
-      ~OneOmpThread() { omp_set_num_threads(saved); }
-    } one_thread;
+    // oneDNN sizes its work split by the threads at creation.
+    OneOmpThread one_thread;
     slot = Build(pass, g);
   }
   return *slot;
@@ -368,8 +371,8 @@ ffi::Future Ready(const ffi::Error& error) {
 
 ffi::Future Run(Pass pass, const Geometry& g, const void* a, const void* b, void* out,
                 ffi::ThreadPool pool) {
+  OneOmpThread one_thread;  // the caller runs chunks too (Work below)
   try {
-    omp_set_num_threads(1);
     Job job{pass, g, static_cast<const char*>(a), static_cast<const char*>(b),
             static_cast<char*>(out)};
     job.chunks = std::max<int64_t>(1, std::min<int64_t>(pool.num_threads(), g.v[0]));
