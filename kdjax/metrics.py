@@ -25,6 +25,7 @@ import math
 import os
 import sys
 import time
+import uuid
 from typing import Any, Mapping
 
 JSONL_NAME = "metrics.jsonl"
@@ -132,8 +133,12 @@ class MetricWriter:
         os.makedirs(workdir, exist_ok=True)
         self._jsonl = open(os.path.join(workdir, JSONL_NAME), "a", encoding="utf-8")
         if tensorboard:
+            # Event files are named by the second they were opened in and the host: a suffix
+            # unique to this writer keeps a run resumed within that second from overwriting
+            # the previous run's file.
             self._tb = _summary_writer_class()(os.path.join(workdir, TB_DIR),
-                                               purge_step=purge_step, flush_secs=30)
+                                               purge_step=purge_step, flush_secs=30,
+                                               filename_suffix=f".{os.getpid()}.{uuid.uuid4().hex[:8]}")
 
     def write(self, kind: str, step: int, values: Mapping[str, Any]) -> dict[str, Any]:
         """Logs ``values`` (metric name -> number) at ``step``; returns the JSON record written.

@@ -44,27 +44,29 @@ def assert_bitwise_equal(a: dict, b: dict):
 
 
 def read_tb_events(directory):
-    """Every Event proto of the TensorBoard event files in ``directory`` (TFRecord framing), in
-    file order."""
+    """{event file name: its Event protos in order} of the TensorBoard event files in
+    ``directory`` (TFRecord framing)."""
     metrics._summary_writer_class()  # import tensorboardX without torch before its proto module
     from tensorboardX.proto import event_pb2
 
-    events = []
+    files = {}
     for path in sorted(glob.glob(os.path.join(directory, "events.out.tfevents.*"))):
         with open(path, "rb") as f:
             raw = f.read()
-        pos = 0
+        events, pos = [], 0
         while pos < len(raw):
             (length,) = struct.unpack("<Q", raw[pos:pos + 8])
             events.append(event_pb2.Event.FromString(raw[pos + 12:pos + 12 + length]))
             pos += 12 + length + 4
-    return events
+        files[os.path.basename(path)] = events
+    return files
 
 
 def read_tb_scalars(directory):
     """{(tag, step): value} from TensorBoard event files."""
     return {(value.tag, event.step): value.simple_value
-            for event in read_tb_events(directory) for value in event.summary.value}
+            for events in read_tb_events(directory).values() for event in events
+            for value in event.summary.value}
 
 
 def mlp_forward_f64(params, images):
@@ -355,12 +357,12 @@ def test_resume_drops_log_lines_past_the_checkpoint_and_finished_run_is_a_no_op(
     # checkpoint's step (purge_step), so its readers drop what the first run logged after it.
     from tensorboardX.proto.event_pb2 import SessionLog
 
-    events = read_tb_events(tmp_path / "tb")
-    starts = [i for i, e in enumerate(events) if e.session_log.status == SessionLog.START]
-    assert [events[i].step for i in starts] == [0, 10]  # the first run's, the resumed one's
-    resumed_at = starts[1]
-    assert [e.step for e in events[resumed_at:] if e.summary.value and
-            e.summary.value[0].tag == "train/loss/ce"] == [12]
+    by_start = {}
+    for events in read_tb_events(tmp_path / "tb").values():  # one file per run
+        start, = [e.step for e in events if e.session_log.status == SessionLog.START]
+        by_start[start] = [e.step for e in events
+                           if e.summary.value and e.summary.value[0].tag == "train/loss/ce"]
+    assert by_start == {0: [2, 4, 6, 8, 10, 12], 10: [12]}
     again = fit_worker.run(str(tmp_path), 12, checkpoint_every=10, log_every=2)
     assert int(again.state.step) == 12 and not again.stopped_early
     assert [r["step"] for r in again.history] == steps
