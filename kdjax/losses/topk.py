@@ -165,7 +165,11 @@ def kd_kl_topk_bound(student_logits, teacher_logits, teacher_topk_indices, tempe
     s = _keep_rows(s.astype(dtype), where)
     t = _keep_rows(t.astype(dtype), where)
     indices = _keep_rows(indices, where)
-    stored = jnp.any(indices[..., None, :] == jnp.arange(num_classes)[:, None], axis=-1)
+    # [..., C]: whether each class is stored (a scatter, not a [..., C, k] comparison).
+    rows = indices.reshape(-1, indices.shape[-1])
+    stored = (jnp.zeros((rows.shape[0], num_classes), bool)
+              .at[jnp.arange(rows.shape[0])[:, None], rows].set(True, mode="drop")
+              .reshape(t.shape))
     log_pt = jax.nn.log_softmax(_tempered(t, temp), axis=-1)
     neg_log_ps = -jax.nn.log_softmax(_tempered(s, temp), axis=-1)
     tail = ~stored & (log_pt > -jnp.inf)
