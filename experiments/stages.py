@@ -34,8 +34,8 @@ from experiments.teacher_io import (TeacherModel, compute_store, load_checkpoint
                                     load_torchvision_teacher, store_batch_transform, store_spec)
 from experiments.validate import ConfigError, build_model, teacher_epoch, teacher_epochs
 from experiments.rundir import (CONFIG_CHANGES_FILE, CONFIG_FILE, EPOCHS_DIR, FINAL_DIR,
-                                META_FILE, RESULTS_FILE, STAGES_DIR, SUMMARY_FILE, TEACHER_STAGE, abstract_variables,
-                                flatten_record, load_variables, read_json, save_variables,
+                                META_FILE, RESULTS_FILE, STAGES_DIR, SUMMARY_FILE, TEACHER_STAGE,
+                                abstract_variables, flatten_record, load_variables, read_json, save_variables,
                                 write_json)
 from kdjax import recipe as recipe_lib, schedules, sharding, teachers
 
@@ -110,11 +110,11 @@ def _record_config(config: ml_collections.ConfigDict, workdir: str) -> None:
     :data:`RESUMABLE_KEYS` changed, unless ``run.allow_config_change``: a half-trained stage
     would go on under other settings than the ones its results are reported with."""
     path = os.path.join(workdir, CONFIG_FILE)
-    now = flatten_record(json.loads(config.to_json_best_effort()))
+    resolved = json.loads(config.to_json_best_effort())
     if not os.path.exists(path):
-        write_json(path, json.loads(config.to_json_best_effort()))
+        write_json(path, resolved)
         return
-    before = flatten_record(read_json(path))
+    before, now = flatten_record(read_json(path)), flatten_record(resolved)
     changed = {k: [before.get(k), now.get(k)] for k in sorted(set(before) | set(now))
                if before.get(k) != now.get(k)}
     if not changed:

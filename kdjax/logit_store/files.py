@@ -44,6 +44,11 @@ def _read_json(path: str) -> Any:
         return json.loads(f.read())
 
 
+def _this_holder() -> str:
+    """How a lock file records its holder: ``'<pid>@<hostname>'`` of this process."""
+    return f"{os.getpid()}@{socket.gethostname()}"
+
+
 def _unlock_and_close(fd: int, owner_pid: int) -> None:
     """Unlock (only in the process that locked: a forked child shares the lock) and close ``fd``."""
     try:
@@ -80,7 +85,7 @@ class _FileLock:
         self._release = weakref.finalize(self, _unlock_and_close, fd, os.getpid())
         try:
             os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}@{socket.gethostname()}\n".encode(), 0)
+            os.pwrite(fd, f"{_this_holder()}\n".encode(), 0)
         except BaseException:
             self.release()
             raise

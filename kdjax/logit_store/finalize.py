@@ -9,7 +9,7 @@ import kdjax
 from kdjax.logit_store.files import _atomic_write, _read_json, _write_json
 from kdjax.logit_store.layout import (LAYOUT_VERSION, _COMPLETE, _DONE, _INDEX, _METADATA, _SHARDS_DIR, _SPEC,
                                       _list_shards, _shard_name, _shard_state)
-from kdjax.logit_store.rows import _check_id_range
+from kdjax.logit_store.rows import _check_id_range, _repeated_ids
 from kdjax.logit_store.spec import StoreSpec
 
 
@@ -56,11 +56,11 @@ def finalize(path: str | os.PathLike, process_count: int) -> None:
             raise ValueError(f"shard {name} of logit store at {path} is corrupt: DONE says {rows} rows but "
                              f"ids.bin holds {ids.size}; delete the directory and precompute again")
         _check_id_range(ids, spec.num_examples, f"finalize: shard {name}")
-        uniq, counts = np.unique(ids, return_counts=True)
-        if (counts > 1).any():
+        repeated = _repeated_ids(ids)
+        if repeated.size:
             what = f"were written more than once within shard {name}"
             raise ValueError(f"cannot finalize logit store at {path}: "
-                             f"{_missing_message(what, uniq[counts > 1], spec.num_examples)}; the shard is "
+                             f"{_missing_message(what, repeated, spec.num_examples)}; the shard is "
                              f"corrupt (two writers appended to it at once?); delete that shard directory "
                              f"and resume its writer (resume=True), or delete the store and precompute again")
         index[ids, 0] = s

@@ -36,6 +36,12 @@ def _check_id_range(ids: np.ndarray, num_examples: int, where: str) -> None:
                          f"record index of the example in its split")
 
 
+def _repeated_ids(ids: np.ndarray) -> np.ndarray:
+    """The ids that occur more than once in ``ids`` (sorted, each once)."""
+    uniq, counts = np.unique(ids, return_counts=True)
+    return uniq[counts > 1]
+
+
 def _is_float(dtype: np.dtype) -> bool:
     """Whether ``dtype`` is a NumPy float or an ml_dtypes float (bfloat16 has kind 'V' in NumPy)."""
     return np.issubdtype(dtype, np.floating) or dtype in (np.dtype(ml_dtypes.bfloat16),)

@@ -2,15 +2,15 @@
 from __future__ import annotations
 
 import os
-import socket
 from typing import Any
 
 import numpy as np
 
-from kdjax.logit_store.files import _FileLock, _fsync_dir, _read_json, _write_json
+from kdjax.logit_store.files import _FileLock, _fsync_dir, _read_json, _this_holder, _write_json
 from kdjax.logit_store.layout import (LAYOUT_VERSION, _DONE, _PROGRESS, _SHARDS_DIR, _SPEC, _list_shards,
                                       _shard_files, _shard_name, _shard_state, is_complete)
-from kdjax.logit_store.rows import _as_ids, _as_mask, _check_finite, _check_id_range, _is_float, topk_host
+from kdjax.logit_store.rows import (_as_ids, _as_mask, _check_finite, _check_id_range, _is_float,
+                                    _repeated_ids, topk_host)
 from kdjax.logit_store.spec import _INDEX_DTYPE, StoreSpec
 
 _LOCK = "LOCK"
@@ -98,7 +98,7 @@ class LogitStoreWriter:
         holder = lock.acquire()
         if holder is None:
             return lock
-        if holder == f"{os.getpid()}@{socket.gethostname()}":
+        if holder == _this_holder():
             who = f"{holder}, i.e. this process: close its other LogitStoreWriter on the shard first"
         else:
             who = f"pid@host {holder}"
@@ -132,7 +132,8 @@ class LogitStoreWriter:
             raise ValueError(
                 f"logit store at {self.path} already holds a partial write of "
                 f"{os.path.basename(self._shard_dir)} ({_shard_state(self._shard_dir)}), probably from an "
-                f"interrupted run; pass resume=True (the precompute command: --resume) to continue it, or delete the directory to start over")
+                f"interrupted run; pass resume=True (the precompute command: --resume) to continue it, "
+                f"or delete the directory to start over")
 
     def _recover(self) -> int:
         """Reopen an interrupted shard: check it, truncate to the committed rows, mark their ids written."""
@@ -167,9 +168,8 @@ class LogitStoreWriter:
         if bad.size:
             raise ValueError(f"logit store shard {self._shard_dir} is corrupt: ids.bin holds id {ids[bad[0]]} "
                              f"(row {bad[0]}, {bad.size} such rows) outside [0, num_examples={n}); {fix}")
-        uniq, counts = np.unique(ids, return_counts=True)
-        if (counts > 1).any():
-            repeated = uniq[counts > 1]
+        repeated = _repeated_ids(ids)
+        if repeated.size:
             raise ValueError(f"logit store shard {self._shard_dir} is corrupt: ids.bin holds id {repeated[0]} "
                              f"more than once ({repeated.size} ids repeat; two writers appended to it at "
                              f"once?); {fix}")
@@ -198,9 +198,9 @@ class LogitStoreWriter:
         mask = _as_mask(mask, n)
         real = ids[mask]
         _check_id_range(real, self.spec.num_examples, "LogitStoreWriter.write")
-        uniq, counts = np.unique(real, return_counts=True)
-        if (counts > 1).any():
-            raise ValueError(f"LogitStoreWriter.write: ids {uniq[counts > 1][:5].tolist()} appear more than "
+        repeated = _repeated_ids(real)
+        if repeated.size:
+            raise ValueError(f"LogitStoreWriter.write: ids {repeated[:5].tolist()} appear more than "
                              f"once among the real (mask=True) rows of one batch")
         keep = mask.copy()
         keep[mask] = ~self._done[real]
@@ -298,36 +298,34 @@ class LogitStoreWriter:
         self._committed = self._rows
         self._writes_since_commit = 0
 
-    def _fail(self) -> None:
-        """Close the files and unlock after an I/O error; the shard keeps its last commit, not done."""
+    def _end(self, state: str) -> None:
+        """Close the files, unlock the shard and enter ``state`` (no further writes)."""
         for f in self._files.values():
             f.close()
         self._lock.release()
-        self._state = "failed (an earlier write raised)"
+        self._state = state
+
+    def _fail(self) -> None:
+        """End after an I/O error; the shard keeps its last commit and stays not done."""
+        self._end("failed (an earlier write raised)")
 
     def close(self) -> None:
         """Commit, mark this shard done (``DONE`` holds its row count) and unlock it. Idempotent."""
         if self._state == "closed":
             return
-        self.flush()
+        self.flush()  # the rows are durable: DONE may come before the files are closed
         try:
-            for f in self._files.values():
-                f.close()
             _write_json(os.path.join(self._shard_dir, _DONE), {"rows": self._rows})
         except BaseException:
             self._fail()
             raise
-        self._lock.release()
-        self._state = "closed"
+        self._end("closed")
 
     def suspend(self) -> None:
         """Commit and unlock without marking the shard done (a preempted writer): the store stays
         incomplete, and a writer opened with ``resume=True`` continues after these rows."""
         self.flush()
-        for f in self._files.values():
-            f.close()
-        self._lock.release()
-        self._state = "suspended (open a writer with resume=True to continue)"
+        self._end("suspended (open a writer with resume=True to continue)")
 
     def __enter__(self) -> "LogitStoreWriter":
         return self
@@ -337,7 +335,4 @@ class LogitStoreWriter:
             if not self._state.startswith("suspended"):
                 self.close()
         elif self._state == "open":
-            for f in self._files.values():
-                f.close()
-            self._lock.release()
-            self._state = "aborted (left by an exception)"
+            self._end("aborted (left by an exception)")
