@@ -127,25 +127,15 @@ def _feature_shape(module, variables, sample_input, name: str, key: str) -> tupl
     return tuple(features[name].shape)
 
 
-def run_fitnet(config: ml_collections.ConfigDict, workdir: str) -> RunOutcome:
-    """FitNets (Romero et al., 2015): hint training, then KD of the whole student.
-
-    Stage ``fitnet_stage1``: the student wrapped in :class:`kdjax.models.WithRegressor` (a
-    regressor ``r`` on ``fitnet.guided_layer`` mapping to the teacher's ``fitnet.hint_layer``
-    channels), loss ``1/2 ||u_h - r(v_g)||^2`` (``recipe.hint``; divided by the number of feature
-    elements with ``fitnet.hint_normalize``); only the modules the guided layer
-    depends on and the regressor are trained (:func:`guided_modules`; the rest get
-    ``optax.set_to_zero``), for ``fitnet.stage1_epochs`` with the ``fitnet.stage1_schedule``.
-    Stage ``fitnet_stage2``: the bare student starting from stage 1's weights (regressor dropped),
-    loss ``CE + lambda(step) * H(p_t^T, p_s^T)`` with lambda annealed linearly from
-    ``weight_start`` to ``weight_end`` over the stage (:func:`experiments.stages.fitnet_kd_stage`).
-    """
+def fitnet_students(ctx) -> tuple[Any, Any, frozenset[str]]:
+    """FitNet's students, checked on shapes alone (no weights, no compute): ``(bare, student1,
+    trained)`` with ``bare`` the student, ``student1`` it wrapped in
+    :class:`kdjax.models.WithRegressor` (a regressor on ``fitnet.guided_layer`` to the teacher's
+    ``fitnet.hint_layer`` channels) and ``trained`` the top-level modules stage 1 trains (those
+    the guided layer depends on, :func:`guided_modules`, and the regressor)."""
     from kdjax.models import WithRegressor
 
-    validate_config(config, "fitnet")
-    ctx = make_context(config, workdir)
     c, data, f = ctx.config, ctx.data, ctx.config.fitnet
-    # The layers are checked on shapes alone (no weights, no compute) before any teacher work.
     t_module = build_model(c.teacher.model, data.num_classes, c.teacher.dtype, key="teacher.model")
     hint_shape = _feature_shape(t_module, abstract_variables(t_module, data.sample_input),
                                 data.sample_input, f.hint_layer, "fitnet.hint_layer")
@@ -163,26 +153,53 @@ def run_fitnet(config: ml_collections.ConfigDict, workdir: str) -> RunOutcome:
                           f"{f.hint_layer!r} {hint_shape[1:]}: choose layers of matching spatial "
                           f"size or a 'VALID' regressor with kernel = guided size - hint size + 1 "
                           f"(config.fitnet.regressor_padding / regressor_kernel).")
-    teacher, outcomes = obtain_teacher(ctx)
-    if teacher is None:
-        return run_outcome(ctx, outcomes)
     bare_vars = {**abstract,
                  "params": {k: v for k, v in abstract["params"].items() if k != "regressor"}}
     trained = guided_modules(bare, bare_vars, data.sample_input, f.guided_layer) | {"regressor"}
-    stage1 = Stage(
+    return bare, student1, trained
+
+
+def fitnet_hint_stage(ctx, teacher: TeacherModel, student1, trained: frozenset[str]) -> Stage:
+    """FitNet's stage 1 (:func:`run_fitnet`): ``student1`` on the hint loss, only ``trained``
+    modules updated, for ``fitnet.stage1_epochs`` with the ``fitnet.stage1_schedule``."""
+    c, f = ctx.config, ctx.config.fitnet
+    return Stage(
         name="fitnet_stage1", role="fitnet_stage1", model=c.student.model, module=student1,
         recipe=(recipe_lib.hint(f"{f.guided_layer}_regressed", f.hint_layer, weight=1.0,
                                 normalize=bool(f.hint_normalize)),),
-        tx=stage_tx(c, data, f.stage1_epochs, trainable=lambda name: name in trained,
+        tx=stage_tx(c, ctx.data, f.stage1_epochs, trainable=lambda name: name in trained,
                     kind=f.stage1_schedule, lr=f.stage1_lr),
         num_epochs=f.stage1_epochs, teacher=teacher, evaluate=False,
         row={"teacher": teacher.label, "kd_mode": "hint", "reading": "none",
              "trained_modules": sorted(trained)})
+
+
+def run_fitnet(config: ml_collections.ConfigDict, workdir: str) -> RunOutcome:
+    """FitNets (Romero et al., 2015): hint training, then KD of the whole student.
+
+    Stage ``fitnet_stage1``: the student wrapped in :class:`kdjax.models.WithRegressor` (a
+    regressor ``r`` on ``fitnet.guided_layer`` mapping to the teacher's ``fitnet.hint_layer``
+    channels), loss ``1/2 ||u_h - r(v_g)||^2`` (``recipe.hint``; divided by the number of feature
+    elements with ``fitnet.hint_normalize``); only the modules the guided layer
+    depends on and the regressor are trained (:func:`guided_modules`; the rest get
+    ``optax.set_to_zero``), for ``fitnet.stage1_epochs`` with the ``fitnet.stage1_schedule``.
+    Stage ``fitnet_stage2``: the bare student starting from stage 1's weights (regressor dropped),
+    loss ``CE + lambda(step) * H(p_t^T, p_s^T)`` with lambda annealed linearly from
+    ``weight_start`` to ``weight_end`` over the stage (:func:`experiments.stages.fitnet_kd_stage`).
+    """
+    validate_config(config, "fitnet")
+    ctx = make_context(config, workdir)
+    c = ctx.config
+    bare, student1, trained = fitnet_students(ctx)  # checked on shapes before any teacher work
+    teacher, outcomes = obtain_teacher(ctx)
+    if teacher is None:
+        return run_outcome(ctx, outcomes)
+    stage1 = fitnet_hint_stage(ctx, teacher, student1, trained)
     outcome1 = run_stage(stage1, ctx)
     outcomes.append(outcome1)
     if outcome1.stopped_early:
         return run_outcome(ctx, outcomes)
-    stage1_vars = outcome1.variables(student1, data.sample_input)
+    stage1_vars = outcome1.variables(student1, ctx.data.sample_input)
     init2 = {"params": {k: v for k, v in stage1_vars["params"].items() if k != "regressor"},
              "batch_stats": stage1_vars["batch_stats"]}
     stage2 = fitnet_kd_stage(

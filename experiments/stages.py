@@ -59,7 +59,15 @@ def make_context(config: ml_collections.ConfigDict, workdir: str) -> Context:
     """Opens the data, builds the mesh, checks the batch sizes and records the config."""
     workdir = os.path.abspath(workdir)
     data = build_data(config.dataset, config.seed)
-    k, every = config.run.teacher_devices, jax.devices()
+    mesh, split = make_meshes(config, jax.devices(), jax.process_count())
+    _record_config(config, workdir)
+    return Context(config=config, workdir=workdir, data=data, mesh=mesh, split=split)
+
+
+def make_meshes(config: ml_collections.ConfigDict, devices: Sequence, processes: int) -> tuple:
+    """``(mesh, split)`` of a run over ``devices`` of ``processes`` hosts (see :class:`Context`),
+    after checking that both batch sizes divide over every mesh and the hosts (ConfigError)."""
+    k, every = config.run.teacher_devices, list(devices)
     mesh = _mesh(config, every, "")
     meshes = [mesh]
     split = None
@@ -77,13 +85,12 @@ def make_context(config: ml_collections.ConfigDict, workdir: str) -> Context:
     for key in ("batch_size", "eval_batch_size"):
         value = config.dataset[key]
         for m in meshes:
-            if value % m.devices.size or value % jax.process_count():
+            if value % m.devices.size or value % processes:
                 raise ConfigError(
                     f"config.dataset.{key}={value} must be a multiple of the {m.devices.size} "
                     f"devices of each mesh{where if k else ''} (and of the "
-                    f"{jax.process_count()} processes).")
-    _record_config(config, workdir)
-    return Context(config=config, workdir=workdir, data=data, mesh=mesh, split=split)
+                    f"{processes} processes).")
+    return mesh, split
 
 
 def _mesh(config: ml_collections.ConfigDict, devices: list, where: str):

@@ -150,11 +150,13 @@ def teacher_epochs(config) -> int:
     return config.teacher.num_epochs if config.teacher.num_epochs is not None else config.num_epochs
 
 
-def validate_config(config: ml_collections.ConfigDict, experiment: str | None = None) -> None:
+def validate_config(config: ml_collections.ConfigDict, experiment: str | None = None, *,
+                    files: bool = True) -> None:
     """Checks every value before any heavy work; raises ConfigError listing all problems.
 
     ``experiment``: what the entry point runs (``'kd'``, ``'fitnet'``, ``'teacher'``; None skips
-    the match with ``config.experiment``). Missing files named by ``teacher.path`` are reported.
+    the match with ``config.experiment``). Missing files named by ``teacher.path`` are reported
+    unless ``files=False`` (a run that reads no weights: ``experiments.compile_check``).
     """
     p: list[str] = []
     c = config
@@ -208,7 +210,7 @@ def validate_config(config: ml_collections.ConfigDict, experiment: str | None = 
 
     _model_ok(p, "student.model", c.student.model)
     _choice(p, "student.dtype", c.student.dtype, DTYPES)
-    _validate_teacher(p, c, experiment or c.experiment)
+    _validate_teacher(p, c, experiment or c.experiment, files)
     _validate_run(p, c)
     if (experiment or c.experiment) == "fitnet":
         _validate_fitnet(p, c)
@@ -216,7 +218,7 @@ def validate_config(config: ml_collections.ConfigDict, experiment: str | None = 
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(p))
 
 
-def _validate_teacher(p: list, c, experiment: str) -> None:
+def _validate_teacher(p: list, c, experiment: str, files: bool = True) -> None:
     t, k = c.teacher, c.kd
     uses_teacher = experiment == "fitnet" or (experiment == "kd" and k.mode in ("full", "eskd"))
     if experiment == "kd":
@@ -274,7 +276,7 @@ def _validate_teacher(p: list, c, experiment: str) -> None:
         elif t.source == "train":
             _epoch_in_run(p, "teacher.early_epoch", t.early_epoch, teacher_epochs(c), "teacher")
     if t.source in ("checkpoint", "torchvision"):
-        if not t.path:
+        if not t.path and files:
             what = ("a train_teacher workdir or an exported variables directory"
                     if t.source == "checkpoint" else "a torchvision state_dict .npz / .safetensors "
                     "file")
@@ -288,12 +290,14 @@ def _validate_teacher(p: list, c, experiment: str) -> None:
                 p.append(f"config.teacher.model={t.model!r}: torchvision's ResNets are "
                          f"{TORCHVISION_WIDTH} wide; teacher.source='torchvision' needs "
                          f"width={TORCHVISION_WIDTH} (drop ':width=...').")
-            if os.path.splitext(t.path)[1].lower() not in (".npz", ".safetensors"):
+            if not files:
+                pass
+            elif os.path.splitext(t.path)[1].lower() not in (".npz", ".safetensors"):
                 p.append(f"config.teacher.path={t.path!r} must be a .npz or .safetensors file for "
                          f"teacher.source='torchvision'.")
             elif not os.path.isfile(t.path):
                 p.append(f"config.teacher.path={t.path!r} does not exist.")
-        elif not os.path.isdir(t.path):
+        elif files and not os.path.isdir(t.path):
             p.append(f"config.teacher.path={t.path!r} is not a directory (teacher.source='checkpoint' "
                      f"reads a train_teacher workdir or an exported variables directory).")
     if c.run.teacher_devices and experiment == "fitnet":

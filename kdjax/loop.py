@@ -617,16 +617,12 @@ def fit(*, workdir: str, student, tx: optax.GradientTransformation, recipe: Sequ
         add_logits = teachers.on_devices(teacher, teacher_variables, teacher_mesh,
                                          student_mesh=mesh, mode=teacher_mode)
         teacher, teacher_variables = teachers.precomputed(), None
-    t_vars, t_shardings = train.put_teacher({} if teacher_variables is None else teacher_variables,
-                                            mesh, teacher_mode)
+    train_step, eval_step, t_shardings = train.make_steps(
+        student, tx, recipe, teacher, teacher_variables, mesh=mesh,
+        state_shardings=state_shardings, teacher_mode=teacher_mode, input_key=input_key,
+        evaluate=do_eval_at_all)
+    t_vars = jax.device_put({} if teacher_variables is None else teacher_variables, t_shardings)
     apply = train.student_apply(student)
-    train_step = train.make_train_step(apply, tx, recipe, teacher, mesh=mesh,
-                                       state_shardings=state_shardings,
-                                       teacher_shardings=t_shardings, input_key=input_key,
-                                       guard_nonfinite=True)
-    eval_step = (train.make_eval_step(apply, teacher, mesh=mesh, state_shardings=state_shardings,
-                                      teacher_shardings=t_shardings, input_key=input_key)
-                 if do_eval_at_all else None)
     logits_shape = jax.eval_shape(lambda s, x: apply(s.params, s.batch_stats, x, False, s.rng)[0]
                                   .logits, state, sample_input)
     num_classes = int(logits_shape.shape[-1])

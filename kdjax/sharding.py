@@ -42,8 +42,20 @@ def make_mesh(data: int = -1, fsdp: int = 1, devices=None) -> Mesh:
         raise ValueError(
             f"mesh data={data} x fsdp={fsdp} = {data * fsdp} devices, but {n} are available; "
             f"pass data=-1 to use all of them.")
-    return jax.make_mesh((data, fsdp), (DATA, FSDP), (AxisType.Auto, AxisType.Auto),
-                         devices=devices)
+    slices = sorted({getattr(d, "slice_index", 0) or 0 for d in devices})
+    if len(slices) == 1:
+        return jax.make_mesh((data, fsdp), (DATA, FSDP), (AxisType.Auto, AxisType.Auto),
+                             devices=devices)
+    # Multi-slice (several TPU slices over the data-centre network): the data axis spans the
+    # slices, so only the gradient all-reduce crosses between them; fsdp stays within a slice.
+    if data % len(slices):
+        raise ValueError(f"mesh data={data} must be a multiple of the {len(slices)} slices the "
+                         f"devices come from (the data axis spans the slices).")
+    from jax.experimental import mesh_utils
+
+    grid = mesh_utils.create_hybrid_device_mesh((data // len(slices), fsdp), (len(slices), 1),
+                                                devices)
+    return Mesh(grid, (DATA, FSDP), axis_types=(AxisType.Auto, AxisType.Auto))
 
 
 def check_mesh(mesh: Mesh) -> Mesh:
@@ -89,6 +101,16 @@ def tree_shardings(tree: Any, mesh: Mesh, mode: ParamMode = "replicate",
     """A pytree of ``NamedSharding`` matching ``tree`` (arrays or ``ShapeDtypeStruct``s)."""
     return jax.tree.map(
         lambda x: NamedSharding(mesh, leaf_spec(tuple(x.shape), mesh, mode, min_size)), tree)
+
+
+def with_shardings(shapes: Any, shardings: Any) -> Any:
+    """``jax.ShapeDtypeStruct``s of ``shapes`` (arrays or structs) carrying ``shardings`` (one
+    ``Sharding`` for all leaves or a matching tree): abstract arguments for ``jit(...).lower``."""
+    if isinstance(shardings, Sharding):
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=shardings),
+                            shapes)
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        shapes, shardings)
 
 
 def _device_dtype(key: str, local: np.ndarray) -> np.ndarray:

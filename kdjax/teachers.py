@@ -171,11 +171,9 @@ def on_devices(teacher: Teacher, variables: Any, mesh: Mesh, *, student_mesh: Me
                 f"on_devices: {name} holds devices of other processes; a teacher on its own "
                 f"devices runs within one process. On several hosts run the teacher inside the "
                 f"step (FSDP-shard it with teacher_mode='fsdp' if it is large).")
-    shardings = sharding.tree_shardings(variables, mesh, mode, min_size)
+    forward, shardings = logits_program(teacher, variables, mesh, mode, min_size)
     variables = jax.device_put(variables, shardings)
     on_teacher, on_student = sharding.batch_sharding(mesh), sharding.batch_sharding(student_mesh)
-    forward = jax.jit(lambda v, b: teacher(v, b).logits, in_shardings=(shardings, on_teacher),
-                      out_shardings=on_teacher)
 
     def add_logits(batch: dict) -> dict:
         rows = next(iter(batch.values())).shape[0]
@@ -187,6 +185,19 @@ def on_devices(teacher: Teacher, variables: Any, mesh: Mesh, *, student_mesh: Me
         logits = forward(variables, jax.device_put(dict(batch), on_teacher))
         return {**batch, "teacher_logits": jax.device_put(logits, on_student)}
     return add_logits
+
+
+def logits_program(teacher: Teacher, variables: Any, mesh: Mesh,
+                   mode: sharding.ParamMode = "replicate", min_size: int = 2 ** 14):
+    """The program :func:`on_devices` runs on the teacher's mesh: ``(forward, shardings)`` with
+    ``forward(variables, batch) -> logits [B, C]`` jitted over ``mesh`` (the batch split over its
+    devices) and ``shardings`` the variables' (``mode``; ``variables`` may be
+    ``jax.ShapeDtypeStruct``s)."""
+    shardings = sharding.tree_shardings(variables, mesh, mode, min_size)
+    on_teacher = sharding.batch_sharding(mesh)
+    forward = jax.jit(lambda v, b: teacher(v, b).logits, in_shardings=(shardings, on_teacher),
+                      out_shardings=on_teacher)
+    return forward, shardings
 
 
 def precomputed() -> Teacher:

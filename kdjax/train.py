@@ -112,6 +112,40 @@ def student_apply(student) -> StudentApply:
     return nnx_student(student)[0] if is_nnx(student) else linen_student(student)
 
 
+def _state_init(module, tx: optax.GradientTransformation, sample_input, seed: int):
+    """``(init, args)``: ``init(*args)`` builds a fresh :class:`TrainState` (see
+    :func:`init_train_state`)."""
+    def fresh(params, batch_stats, state_key):
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
+                          opt_state=tx.init(params), rng=state_key,
+                          skipped=jnp.zeros((), jnp.int32))
+
+    if is_nnx(module):
+        def init(key, variables):
+            return fresh(variables["params"], variables["batch_stats"], jax.random.split(key)[1])
+        # Host copies: every process passes the same values (jit inputs, as the key is).
+        return init, (jax.random.PRNGKey(seed), jax.device_get(nnx_student(module)[1]))
+
+    def init(key):
+        init_key, state_key = jax.random.split(key)
+        variables = module.init({"params": init_key, "dropout": init_key}, sample_input,
+                                train=False)
+        return fresh(variables["params"], variables.get("batch_stats", {}), state_key)
+    return init, (jax.random.PRNGKey(seed),)
+
+
+def abstract_train_state(module, tx: optax.GradientTransformation, sample_input, *, seed: int,
+                         mesh: Mesh, mode: sharding.ParamMode = "replicate",
+                         ) -> tuple[TrainState, Any]:
+    """:func:`init_train_state` without computing anything: ``(state, state_shardings)`` with
+    ``jax.ShapeDtypeStruct`` leaves that carry their shardings (for ``jit(...).lower``: ahead-of-time
+    compilation, :mod:`kdjax.aot`). ``sample_input`` may be a ``ShapeDtypeStruct``."""
+    init, args = _state_init(module, tx, sample_input, seed)
+    shapes = jax.eval_shape(init, *args)
+    shardings = sharding.tree_shardings(shapes, mesh, mode)
+    return sharding.with_shardings(shapes, shardings), shardings
+
+
 def init_train_state(module, tx: optax.GradientTransformation, sample_input: jax.Array, *,
                      seed: int, mesh: Mesh, mode: sharding.ParamMode = "replicate",
                      ) -> tuple[TrainState, Any]:
@@ -122,23 +156,7 @@ def init_train_state(module, tx: optax.GradientTransformation, sample_input: jax
     variables (from the ``nnx.Rngs`` it was built with) are the start. ``seed`` also seeds the
     state's ``rng`` (dropout).
     """
-    def fresh(params, batch_stats, state_key):
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
-                          opt_state=tx.init(params), rng=state_key,
-                          skipped=jnp.zeros((), jnp.int32))
-
-    if is_nnx(module):
-        def init(key, variables):
-            return fresh(variables["params"], variables["batch_stats"], jax.random.split(key)[1])
-        # Host copies: every process passes the same values (jit inputs, as the key is).
-        args = (jax.random.PRNGKey(seed), jax.device_get(nnx_student(module)[1]))
-    else:
-        def init(key):
-            init_key, state_key = jax.random.split(key)
-            variables = module.init({"params": init_key, "dropout": init_key}, sample_input,
-                                    train=False)
-            return fresh(variables["params"], variables.get("batch_stats", {}), state_key)
-        args = (jax.random.PRNGKey(seed),)
+    init, args = _state_init(module, tx, sample_input, seed)
     shardings = sharding.tree_shardings(jax.eval_shape(init, *args), mesh, mode)
     return jax.jit(init, out_shardings=shardings)(*args), shardings
 
@@ -261,3 +279,25 @@ def make_eval_step(student_apply: StudentApply, teacher: Teacher | None = None, 
 
     return _jit_step(eval_fn, mesh, state_shardings, teacher_shardings,
                      out_shardings=sharding.replicated(mesh))
+
+
+def make_steps(student, tx: optax.GradientTransformation, recipe: Sequence[Term],
+               teacher: Teacher | None = None, teacher_variables: Any = None, *, mesh: Mesh,
+               state_shardings: Any, teacher_mode: sharding.ParamMode = "replicate",
+               input_key: str = "image", evaluate: bool = True):
+    """The train and eval steps of ``student`` (Linen or NNX) with ``teacher``, as
+    :func:`kdjax.loop.fit` runs them: ``(train_step, eval_step or None, teacher_shardings)``.
+
+    ``teacher_variables`` (arrays or ``jax.ShapeDtypeStruct``s; None for a precomputed teacher)
+    only give the teacher's shardings here (``teacher_mode``); put the arrays there with
+    ``jax.device_put(teacher_variables, teacher_shardings)``. The train step guards non-finite
+    updates (:func:`make_train_step`).
+    """
+    t_shardings = sharding.tree_shardings({} if teacher_variables is None else teacher_variables,
+                                          mesh, teacher_mode)
+    apply = student_apply(student)
+    common = dict(mesh=mesh, state_shardings=state_shardings, teacher_shardings=t_shardings,
+                  input_key=input_key)
+    train_step = make_train_step(apply, tx, recipe, teacher, guard_nonfinite=True, **common)
+    eval_step = make_eval_step(apply, teacher, **common) if evaluate else None
+    return train_step, eval_step, t_shardings

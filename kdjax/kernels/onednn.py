@@ -8,7 +8,8 @@ and backward-weights, tied together with ``jax.custom_vjp``.
 :func:`conv_general_dilated` has ``lax.conv_general_dilated``'s signature and runs oneDNN when all of
 these hold, and ``lax.conv_general_dilated`` otherwise (same result up to rounding):
 
-* the default backend is CPU (there the library must be built: :func:`require` raises otherwise);
+* the program is traced for CPU: the default backend, unless :func:`lowering_for` names another
+  (there the library must be built: :func:`require` raises otherwise);
 * ``lhs [N, H, W, C]`` and ``rhs [KH, KW, C, O]`` (NHWC / HWIO, Flax's ``nn.Conv`` layout), no
   dilation, ``feature_group_count == batch_group_count == 1``;
 * both float32; or both bfloat16 where oneDNN has native bfloat16 kernels for the shape's three
@@ -33,10 +34,12 @@ FFI headers and the system oneDNN (Debian/Ubuntu: ``apt-get install libdnnl-dev`
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import math
 import pathlib
+import threading
 import warnings
 from typing import Any, Sequence
 
@@ -53,8 +56,32 @@ SOURCE = pathlib.Path(__file__).with_name("onednn_conv.cc")
 TARGETS = {"fwd": ("kdjax_onednn_conv_fwd", "KdjaxOnednnConvFwd"),
            "bwd_data": ("kdjax_onednn_conv_bwd_data", "KdjaxOnednnConvBwdData"),
            "bwd_weights": ("kdjax_onednn_conv_bwd_weights", "KdjaxOnednnConvBwdWeights")}
+#: The name scope of every oneDNN custom call: an op under it runs on CPU only.
+SCOPE = "kdjax_onednn_conv"
 _NHWC_HWIO = lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1),
                                       out_spec=(0, 3, 1, 2))
+
+
+_LOWERING = threading.local()
+
+
+@contextlib.contextmanager
+def lowering_for(platform: str):
+    """Within the block, trace convolutions for ``platform`` (``'cpu'``, ``'tpu'``, ``'gpu'``)
+    instead of ``jax.default_backend()``: a program compiled ahead of time on a CPU host for a
+    TPU (:mod:`kdjax.aot`) must use XLA's convolution, not this CPU kernel. Thread-local."""
+    before = getattr(_LOWERING, "platform", None)
+    _LOWERING.platform = platform
+    try:
+        yield
+    finally:
+        _LOWERING.platform = before
+
+
+def target_platform() -> str:
+    """The platform convolutions are traced for: :func:`lowering_for`'s, else the default
+    backend's."""
+    return getattr(_LOWERING, "platform", None) or jax.default_backend()
 
 
 def library_path() -> pathlib.Path:
@@ -226,7 +253,8 @@ def _call(pass_: str, out_shape: Sequence[int], a: jax.Array, b: jax.Array,
     # Here, on every call: JAX caches the traces of _pass's functions, so a check inside them
     # would not run again.
     require()  # loads the library and registers its targets
-    return _pass(pass_, tuple(int(d) for d in out_shape), tuple(strides), tuple(padding))(a, b)
+    with jax.named_scope(SCOPE):  # names the CPU custom calls in the program (kdjax.aot checks)
+        return _pass(pass_, tuple(int(d) for d in out_shape), tuple(strides), tuple(padding))(a, b)
 
 
 def conv_nhwc(x: jax.Array, w: jax.Array, strides: tuple[int, int],
@@ -281,7 +309,7 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequenc
         feature_group_count=feature_group_count, batch_group_count=batch_group_count,
         precision=precision, preferred_element_type=preferred_element_type)
     supported = (
-        jax.default_backend() == "cpu" and lhs.ndim == 4 and rhs.ndim == 4
+        target_platform() == "cpu" and lhs.ndim == 4 and rhs.ndim == 4
         and lhs.dtype == rhs.dtype and lhs.dtype in (jnp.float32, jnp.bfloat16)
         and preferred_element_type in (None, lhs.dtype)
         and feature_group_count == 1 and batch_group_count == 1

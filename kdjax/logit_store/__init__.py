@@ -30,7 +30,7 @@ float32; top-k indices as int32. See docs/logit_store.md.
 """
 from kdjax.logit_store.finalize import finalize
 from kdjax.logit_store.layout import LAYOUT_VERSION, is_complete
-from kdjax.logit_store.precompute import precompute
+from kdjax.logit_store.precompute import precompute, store_outputs
 from kdjax.logit_store.reader import PRECOMPUTE_COMMAND, LogitStore
 from kdjax.logit_store.rows import topk_host
 from kdjax.logit_store.spec import DTYPES, FORMATS, StoreSpec
@@ -44,6 +44,7 @@ __all__ = [
     "LogitStore",
     "LogitStoreWriter",
     "StoreSpec",
+    "store_outputs",
     "finalize",
     "is_complete",
     "precompute",

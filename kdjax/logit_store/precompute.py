@@ -34,6 +34,26 @@ def _all_processes_agree(flag: bool, collective: bool) -> bool:
     return bool(np.all(multihost_utils.process_allgather(np.asarray([flag]))))
 
 
+def store_outputs(teacher_fn: Callable[[Any, dict[str, Any]], Any], num_classes: int,
+                  format: str = "full", k: int | None = None) -> Callable:
+    """``forward(variables, batch)``: what :func:`precompute` computes on the device for a store
+    of ``format`` (a :class:`~kdjax.logit_store.StoreSpec`'s): ``(logits [B, C],)`` for 'full',
+    ``(values [B, k] float32, indices [B, k])`` (``jax.lax.top_k``) for 'topk'."""
+    def forward(variables, batch):
+        out = teacher_fn(variables, batch)
+        if hasattr(out, "logits"):
+            logits = out.logits
+        else:
+            logits = out[0] if isinstance(out, tuple) else out
+        if logits.ndim != 2 or logits.shape[1] != num_classes:
+            raise ValueError(f"teacher_fn returned logits of shape {logits.shape}; the store expects "
+                             f"[B, num_classes={num_classes}]")
+        if format == "topk":
+            return jax.lax.top_k(logits.astype(np.float32), k)
+        return (logits,)
+    return forward
+
+
 def precompute(teacher_fn: Callable[[Any, dict[str, Any]], Any], teacher_variables: Any,
                batches: Iterable[Mapping[str, np.ndarray]], writer: LogitStoreWriter, *,
                sharding: jax.sharding.NamedSharding | None = None, show_progress: bool = True,
@@ -76,20 +96,8 @@ def precompute(teacher_fn: Callable[[Any, dict[str, Any]], Any], teacher_variabl
         lead = sharding.spec[0] if len(sharding.spec) else None
         row_sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(lead))
 
-    def forward(variables, batch):
-        out = teacher_fn(variables, batch)
-        if hasattr(out, "logits"):
-            logits = out.logits
-        else:
-            logits = out[0] if isinstance(out, tuple) else out
-        if logits.ndim != 2 or logits.shape[1] != spec.num_classes:
-            raise ValueError(f"teacher_fn returned logits of shape {logits.shape}; the store expects "
-                             f"[B, num_classes={spec.num_classes}]")
-        if spec.format == "topk":
-            return jax.lax.top_k(logits.astype(np.float32), spec.k)
-        return (logits,)
-
-    fwd = jax.jit(forward, out_shardings=row_sharding)
+    fwd = jax.jit(store_outputs(teacher_fn, spec.num_classes, spec.format, spec.k),
+                  out_shardings=row_sharding)
 
     def to_device(x: np.ndarray) -> Any:
         return x if sharding is None else jax.make_array_from_process_local_data(row_sharding, x)
