@@ -31,6 +31,9 @@ def make_mesh(data: int = -1, fsdp: int = 1, devices=None) -> Mesh:
     """A ``('data', 'fsdp')`` mesh over ``devices`` (default: every device of every process).
 
     ``data=-1`` takes all devices not used by ``fsdp``. The product must equal the device count.
+    Devices of several TPU slices (``slice_index``; multi-slice over the data-centre network) are
+    laid out so that the data axis spans the slices and each fsdp group stays within one:
+    ``data`` must then be a multiple of the slice count.
     """
     devices = list(jax.devices() if devices is None else devices)
     n = len(devices)

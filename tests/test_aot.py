@@ -48,6 +48,7 @@ needs_libtpu = pytest.mark.usefixtures("libtpu")
 def test_parse_slice(name, topology, chips, devices):
     s = aot.parse_slice(name)
     assert (s.topology, s.num_chips, s.num_devices) == (topology, chips, devices)
+    assert aot.parse_slice(s.accelerator_type).topology == topology  # Cloud TPU's name round-trips
 
 
 @pytest.mark.parametrize("name, message", [

@@ -11,7 +11,10 @@ import io
 import json
 import os
 import shutil
+import subprocess
+import sys
 import tarfile
+import urllib.parse
 
 import grain
 import jax
@@ -22,6 +25,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from PIL import Image
 
+import fake_gcs
 from kdjax import data
 from kdjax.data import imagenet
 
@@ -145,6 +149,70 @@ def test_rebuilding_gives_the_same_record_order(tiny_imagenet, tmp_path):
         a = data.imagenet_source(split, tiny_imagenet["data_dir"])
         b = data.imagenet_source(split, str(tmp_path / "rebuilt"))
         assert [_name(a, i) for i in range(len(a))] == [_name(b, i) for i in range(len(b))]
+
+
+# ----------------------------------------------------------------------------- gs:// data_dir
+
+# Runs in a fresh process: etils picks its gs:// backend once per process (tf.io.gfile when
+# TensorFlow is installed, which cannot be pointed at a local server; EPATH_USE_TF=false makes it
+# fsspec's, here the fake's client), and the ArrayRecord shards go through ArrayRecord's own GCS
+# client, pointed at the fake by CLOUD_STORAGE_EMULATOR_ENDPOINT. The config goes through the
+# command-line parser and experiments.datasets.build_data, as in a run.
+_GCS_READ = r"""
+import json, sys
+import numpy as np
+import fake_gcs
+fake_gcs.register_fsspec()
+from experiments import cli
+from experiments.datasets import build_data
+from kdjax import data
+
+url = sys.argv[1]
+source = data.imagenet_source("validation", url)
+names = [source[i]["file_name"].decode() for i in range(len(source))]
+args = cli.parse_command_line(
+    ["--config=experiments/configs/imagenet_eskd.py:teacher=none",
+     f"--config.dataset.data_dir={url}", "--config.dataset.eval_batch_size=4",
+     "--config.dataset.num_threads=2", "--workdir=unused"], prog="gcs_read")
+dataset = build_data(args.config.dataset, seed=0)
+rows = []
+for batch in dataset.eval_iter():
+    for row in np.flatnonzero(batch["mask"]):
+        rows.append([int(batch["id"][row]), int(batch["label"][row]),
+                     batch["image"][row].reshape(-1, 3).mean(0).tolist()])
+print(json.dumps({"data_dir": args.config.dataset.data_dir, "names": names, "rows": rows,
+                  "sizes": {s: dataset.num_examples(s) for s in sorted(dataset.sources)}}))
+"""
+
+
+def test_gs_data_dir_reaches_tfds_unchanged_and_reads_through_gcs(tiny_imagenet):
+    bucket_dir = os.path.dirname(tiny_imagenet["data_dir"])  # gs://fake-bucket/tfds == data_dir
+    url = "gs://fake-bucket/" + os.path.basename(tiny_imagenet["data_dir"])
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    env = {**os.environ, "EPATH_USE_TF": "false",
+           "PYTHONPATH": os.pathsep.join(filter(None, [tests_dir, os.environ.get("PYTHONPATH")]))}
+    with fake_gcs.FakeGcsServer({"fake-bucket": bucket_dir}) as server:
+        env[fake_gcs.ENDPOINT_ENV] = server.endpoint
+        result = subprocess.run([sys.executable, "-c", _GCS_READ, url], env=env, text=True,
+                                capture_output=True, timeout=600,
+                                cwd=os.path.dirname(tests_dir))
+    assert result.returncode == 0, result.stderr[-4000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out["data_dir"] == url
+    assert out["sizes"] == {"train": len(SYNSET_ROWS) * TRAIN_PER_CLASS, "validation": NUM_VAL}
+    expected = tiny_imagenet["expected"]
+    assert sorted(out["names"]) == sorted(n for n in expected if n.startswith("ILSVRC2012_val_"))
+    assert sorted(row[0] for row in out["rows"]) == list(range(NUM_VAL))
+    for example_id, label, mean in out["rows"]:
+        want_label, colour = expected[out["names"][example_id]]
+        assert label == want_label
+        np.testing.assert_allclose(_denormalize(np.asarray(mean)), colour, atol=4.0)
+    # Both readers went to the fake: TFDS's metadata through epath/fsspec, the shards through
+    # ArrayRecord's client (object downloads of the .array_record files).
+    requests = [urllib.parse.unquote(r) for r in server.requests]
+    assert any("imagenet2012/" in r and r.endswith("dataset_info.json") for r in requests), requests
+    assert any(".array_record-" in r and "alt=media" in r for r in requests), requests
+    assert not any(r.split(" ")[0] in ("POST", "PUT", "PATCH", "DELETE") for r in requests), requests
 
 
 # ----------------------------------------------------------------------------- eval

@@ -40,6 +40,13 @@ class Slice:
     def num_devices(self) -> int:
         return self.num_chips * self.chip.devices_per_chip
 
+    @property
+    def accelerator_type(self) -> str:
+        """Cloud TPU's name for this slice: ``'v5litepod-16'``, ``'v4-32'``."""
+        gen = {"v5e": "v5litepod"}.get(self.chip.name, self.chip.name)
+        per = 2 if self.chip.name in _CORE_COUNTED else 1
+        return f"{gen}-{self.num_chips * per}"
+
 
 def _bounds(num_chips: int, three_d: bool) -> list[int]:
     """Chips per axis: double the smallest axis (the last of equals) until ``num_chips``."""
@@ -92,8 +99,11 @@ def slice_devices(spec: Slice, num_slices: int = 1) -> list:
     """
     # Only a description is loaded, no chip is opened: libtpu need not ask the GCE metadata server
     # what machine this is, nor hold its one-process lock (parallel test workers, a training run).
+    # Nor warn that this host is no TPU VM (these describe the local host, never the slice).
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    os.environ.setdefault("TPU_ACCELERATOR_TYPE", spec.accelerator_type)
     from jax.experimental import topologies
 
     if num_slices < 1:

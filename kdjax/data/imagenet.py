@@ -95,7 +95,9 @@ def imagenet_source(split: str, data_dir: str | None = None) -> Sequence[Mapping
 
     Args:
       split: a full split name, ``'train'`` or ``'validation'`` (``'test'`` if built; labels -1).
-      data_dir: TFDS data directory (default ``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``).
+      data_dir: TFDS data directory (default ``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``): a
+        path or a ``gs://`` URL, handed to TFDS unchanged (tests/test_data_imagenet.py reads one
+        from a local fake GCS server).
 
     Raises:
       FileNotFoundError: the dataset is not prepared in ``data_dir`` (says how to prepare it).
