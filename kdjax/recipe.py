@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kdjax import losses, schedules
+from kdjax.losses.features import _hint_reduction
 from kdjax.teachers import TeacherOutput
 
 Schedule = Callable[[jax.Array], jax.Array]
@@ -88,12 +89,18 @@ def kd(temperature: float | Schedule = 4.0, weight: float | Schedule = 1.0) -> T
 
 
 def hint(student_feature: str, teacher_feature: str, weight: float | Schedule = 1.0,
-         normalize: bool = False) -> Term:
-    """FitNet hint ``1/2 ||u_h - r(v_g)||^2`` between a (regressed) student feature and a teacher one."""
+         normalize: bool | None = None, *, reduction: str | None = None) -> Term:
+    """FitNet hint ``1/2 ||u_h - r(v_g)||^2`` between a (regressed) student feature and a teacher one.
+
+    ``reduction``: ``'sum'`` over the feature elements (None, the default: the paper's) or ``'mean'``
+    (:func:`kdjax.losses.fitnet_hint`). ``normalize`` is its deprecated spelling (True: ``'mean'``);
+    it warns, and passing both is a TypeError."""
+    how = _hint_reduction(reduction, normalize, "recipe.hint")
+
     def loss(s, t, b, step):
         return losses.fitnet_hint(_feature(s.features, student_feature, "student"),
                                   _feature(t.features, teacher_feature, "teacher"),
-                                  where=b.get("mask"), normalize=normalize)
+                                  where=b.get("mask"), reduction=how)
     return Term(f"hint/{student_feature}", loss, weight, teacher_features=(teacher_feature,))
 
 

@@ -6,6 +6,7 @@ are rounded first and the reference is evaluated on the rounded values; the loss
 so the tolerance is set by float32 arithmetic on inputs of that magnitude.
 """
 import functools
+import warnings
 
 import numpy as np
 import pytest
@@ -109,10 +110,10 @@ def ref_kd_kl_topk(s, values, indices, temperature):
     return temperature**2 * np.sum(np.exp(log_q) * (log_q - log_ps), axis=-1)
 
 
-def ref_fitnet(s, t, normalize):
+def ref_fitnet(s, t, reduction):
     sq = (s - t) ** 2
     axes = tuple(range(1, s.ndim))
-    return 0.5 * (np.mean(sq, axis=axes) if normalize else np.sum(sq, axis=axes))
+    return 0.5 * (np.mean(sq, axis=axes) if reduction == "mean" else np.sum(sq, axis=axes))
 
 
 def ref_attention(s, t, p, squared):
@@ -248,14 +249,14 @@ def test_kd_kl_topk_matches_reference(dtype, case, data):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @SETTINGS
-@given(case=feature_cases(), normalize=st.booleans())
-def test_fitnet_hint_matches_reference(dtype, case, normalize):
+@given(case=feature_cases(), reduction=st.sampled_from(["sum", "mean"]))
+def test_fitnet_hint_matches_reference(dtype, case, reduction):
     s, _ = case
     t = np.random.default_rng(0).normal(size=s.shape)
     s_j, s_r = rounded(s, dtype)
     t_j, t_r = rounded(t, dtype)
-    got = losses.fitnet_hint(s_j, t_j, normalize=normalize)
-    assert_close(got, ref_fitnet(s_r, t_r, normalize), atol=1e-6, rtol=1e-5)
+    got = losses.fitnet_hint(s_j, t_j, reduction=reduction)
+    assert_close(got, ref_fitnet(s_r, t_r, reduction), atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -416,7 +417,7 @@ def _grad_cases():
             lambda x: ref_kd_kl_topk(x, np.take_along_axis(t, idx, -1), idx, 2.0),
         ),
         "logit_mse": (s, lambda x: losses.logit_mse(x, t), lambda x: 0.5 * np.sum((x - t) ** 2, -1)),
-        "fitnet": (fs, lambda x: losses.fitnet_hint(x, fs[::-1]), lambda x: ref_fitnet(x, fs[::-1], False)),
+        "fitnet": (fs, lambda x: losses.fitnet_hint(x, fs[::-1]), lambda x: ref_fitnet(x, fs[::-1], "sum")),
         "attention": (fs, lambda x: losses.attention_transfer(x, ft), lambda x: ref_attention(x, ft, 2, False)),
         "attention_p3_squared": (
             fs,
@@ -461,6 +462,112 @@ def test_attention_transfer_degenerate_maps():
     np.testing.assert_allclose(losses.attention_transfer(zeros, ft), 1.0, rtol=1e-6)
     grad = jax.jit(jax.grad(lambda x: jnp.sum(losses.attention_transfer(x, ft))))(zeros)
     assert np.all(np.isfinite(grad))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Peer conventions: the pooling that matches RepDistiller/mdistiller's attention transfer, and
+# fitnet_hint's reduction keyword (formerly normalize).
+
+
+def ref_adaptive_avg_pool2d(x, size):
+    """PyTorch's ``F.adaptive_avg_pool2d`` on NCHW ``x``, in float64 NumPy: output cell ``(i, j)`` averages
+    input rows ``floor(i H / h) .. ceil((i + 1) H / h) - 1`` and the same columns for ``W / w``."""
+    (h, w), (height, width) = size, x.shape[2:]
+    out = np.empty(x.shape[:2] + (h, w))
+    for i in range(h):
+        rows = slice(i * height // h, -(-(i + 1) * height // h))
+        for j in range(w):
+            cols = slice(j * width // w, -(-(j + 1) * width // w))
+            out[:, :, i, j] = x[:, :, rows, cols].mean(axis=(2, 3))
+    return out
+
+
+def _block_mean(x, h, w):
+    """The pooling the attention_transfer error message suggests, for NHWC ``x``."""
+    b, height, width, c = x.shape
+    return x.reshape(b, h, height // h, w, width // w, c).mean(axis=(2, 4))
+
+
+@pytest.mark.parametrize("size", [(4, 4), (2, 2), (4, 2)])
+def test_suggested_pooling_matches_the_peers_adaptive_avg_pool_and_default_resize_does_not(size):
+    h, w = size
+    x_nchw = np.random.default_rng(7).normal(size=(2, 3, 8, 8))  # a PyTorch-layout feature map
+    want = ref_adaptive_avg_pool2d(x_nchw, size).transpose(0, 2, 3, 1)  # to kdjax's NHWC
+    x = jnp.asarray(x_nchw.transpose(0, 2, 3, 1), jnp.float32)
+    out_shape = (2, h, w, 3)
+    np.testing.assert_allclose(_block_mean(x, h, w), want, atol=1e-6)
+    flax_linen = pytest.importorskip("flax.linen")
+    window = (8 // h, 8 // w)
+    np.testing.assert_allclose(flax_linen.avg_pool(x, window, strides=window), want, atol=1e-6)
+    # The trap: jax.image.resize's defaults (linear, antialias=True) blend neighbouring blocks; here
+    # that is 37-42% off in relative L2 norm (about 0.42, 0.40, 0.37 for the three sizes).
+    default = np.asarray(jax.image.resize(x, out_shape, "linear"), np.float64)
+    assert np.linalg.norm(default - want) / np.linalg.norm(want) > 0.3
+    # antialias=False samples between the two middle pixels of each block: the block mean only when halving.
+    no_antialias = np.asarray(jax.image.resize(x, out_shape, "linear", antialias=False), np.float64)
+    if window == (2, 2):
+        np.testing.assert_allclose(no_antialias, want, atol=1e-6)
+    else:
+        assert np.linalg.norm(no_antialias - want) / np.linalg.norm(want) > 0.3
+    # The attention loss against a smaller student map inherits the difference.
+    student = np.random.default_rng(8).normal(size=out_shape)
+    pooled_loss = losses.attention_transfer(jnp.asarray(student, jnp.float32), _block_mean(x, h, w))
+    assert_close(pooled_loss, ref_attention(student, want, 2, False), atol=1e-6, rtol=1e-5)
+    resized_loss = np.asarray(losses.attention_transfer(jnp.asarray(student, jnp.float32), default))
+    assert np.max(np.abs(resized_loss - pooled_loss)) > 1e-2
+
+
+def test_fitnet_hint_reduction_keyword_and_deprecated_normalize():
+    s, t = (jnp.asarray(np.random.default_rng(k).normal(size=(3, 2, 2, 4)), jnp.float32) for k in (1, 2))
+    s_r, t_r = np.asarray(s, np.float64), np.asarray(t, np.float64)
+    by_sum, by_mean = losses.fitnet_hint(s, t, reduction="sum"), losses.fitnet_hint(s, t, reduction="mean")
+    assert_close(by_sum, ref_fitnet(s_r, t_r, "sum"), atol=1e-6)
+    assert_close(by_mean, ref_fitnet(s_r, t_r, "mean"), atol=1e-6)
+    np.testing.assert_array_equal(losses.fitnet_hint(s, t), by_sum)  # the default is the paper's sum
+    for normalize, new, reduction in ((True, by_mean, "mean"), (False, by_sum, "sum")):
+        message = rf"fitnet_hint\(normalize=\.\.\.\) is deprecated.*reduction='{reduction}'"
+        with pytest.warns(DeprecationWarning, match=message) as record:
+            old = losses.fitnet_hint(s, t, normalize=normalize)
+        assert record[0].filename == __file__  # attributed to the caller's line
+        np.testing.assert_array_equal(old, new)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the new keyword never warns
+        losses.fitnet_hint(s, t, reduction="mean")
+    with pytest.raises(TypeError, match=r"both reduction='mean' and the deprecated normalize=True"):
+        losses.fitnet_hint(s, t, reduction="mean", normalize=True)
+    with pytest.raises(TypeError, match=r"both reduction='sum' and the deprecated normalize=False"):
+        losses.fitnet_hint(s, t, reduction="sum", normalize=False)
+    with pytest.raises(ValueError, match=r"reduction must be 'sum' .* or 'mean' .*got 'avg'"):
+        losses.fitnet_hint(s, t, reduction="avg")
+
+
+def test_recipe_hint_reduction_keyword_and_deprecated_normalize():
+    from kdjax import recipe
+    from kdjax.teachers import TeacherOutput
+
+    s, t = (jnp.asarray(np.random.default_rng(k).normal(size=(3, 2, 2, 4)), jnp.float32) for k in (3, 4))
+    student = recipe.StudentOutput(jnp.zeros((3, 5)), {"s": s})
+    teacher = TeacherOutput(features={"t": t})
+    batch = {"mask": jnp.array([True, True, False])}
+
+    def value(term):
+        return np.asarray(term.loss(student, teacher, batch, 0))
+
+    by_mean = value(recipe.hint("s", "t", reduction="mean"))
+    by_sum = value(recipe.hint("s", "t", reduction="sum"))
+    np.testing.assert_array_equal(by_mean, losses.fitnet_hint(s, t, batch["mask"], reduction="mean"))
+    np.testing.assert_array_equal(by_sum, losses.fitnet_hint(s, t, batch["mask"]))
+    np.testing.assert_array_equal(value(recipe.hint("s", "t")), by_sum)
+    for normalize, new, reduction in ((True, by_mean, "mean"), (False, by_sum, "sum")):
+        message = rf"recipe\.hint\(normalize=\.\.\.\) is deprecated.*reduction='{reduction}'"
+        with pytest.warns(DeprecationWarning, match=message) as record:
+            term = recipe.hint("s", "t", 1.0, normalize)  # positional, as it used to be passed
+        assert record[0].filename == __file__
+        np.testing.assert_array_equal(value(term), new)
+    with pytest.raises(TypeError, match=r"recipe\.hint got both reduction='mean' and the deprecated normalize"):
+        recipe.hint("s", "t", normalize=True, reduction="mean")
+    with pytest.raises(ValueError, match=r"reduction must be 'sum'.*got 'none'"):
+        recipe.hint("s", "t", reduction="none")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -905,7 +1012,8 @@ ERROR_CASES = [
     (
         lambda: losses.attention_transfer(F, jnp.zeros((2, 4, 4, 2))),
         ValueError,
-        r"spatial \(3, 3\).*spatial \(4, 4\).*resize",
+        r"spatial \(3, 3\).*spatial \(4, 4\).*adaptive_avg_pool2d.*block mean.*"
+        r"x\.reshape\(B, h, H // h, w, W // w, C\)\.mean\(axis=\(2, 4\)\).*jax\.image\.resize.*antialias=False",
     ),
     (lambda: losses.attention_transfer(jnp.zeros((2, 3)), jnp.zeros((2, 3))), ValueError, "at least one spatial axis"),
     (lambda: losses.attention_transfer(F, F, p=0), ValueError, "p must be a finite number > 0"),

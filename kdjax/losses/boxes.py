@@ -4,11 +4,18 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import ArrayLike
 
 from kdjax.losses._validation import _compute_dtype, _finish, _float_array, _keep_rows, _scalar, _where
 
 
-def teacher_bounded_l2(student_boxes, teacher_boxes, target_boxes, margin=0.0, where=None) -> jax.Array:
+def teacher_bounded_l2(
+    student_boxes: ArrayLike,
+    teacher_boxes: ArrayLike,
+    target_boxes: ArrayLike,
+    margin: ArrayLike = 0.0,
+    where: ArrayLike | None = None,
+) -> jax.Array:
     """Chen et al. (2017) teacher-bounded regression loss, per box.
 
     With ``d_s = ||R_s - y||_2^2`` and ``d_t = ||R_t - y||_2^2`` over the last axis::
@@ -29,6 +36,17 @@ def teacher_bounded_l2(student_boxes, teacher_boxes, target_boxes, margin=0.0, w
 
     Returns:
       ``[...]`` per-box loss.
+
+    Example (the same student box, ``d_s = 2``, against a teacher that hits the target (``d_t = 0``)
+    and one that misses it by more (``d_t = 8``)):
+
+    >>> import jax.numpy as jnp
+    >>> from kdjax import losses
+    >>> student = jnp.array([[0.0, 0.0, 1.0, 1.0], [0.0, 0.0, 1.0, 1.0]])
+    >>> teacher = jnp.array([[0.0, 0.0, 2.0, 2.0], [0.0, 0.0, 0.0, 0.0]])
+    >>> target = jnp.array([[0.0, 0.0, 2.0, 2.0], [0.0, 0.0, 2.0, 2.0]])
+    >>> [round(float(v), 4) for v in losses.teacher_bounded_l2(student, teacher, target)]
+    [2.0, 0.0]
     """
     s = _float_array(student_boxes, "student_boxes")
     t = _float_array(teacher_boxes, "teacher_boxes")

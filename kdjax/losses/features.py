@@ -3,9 +3,13 @@
 """
 from __future__ import annotations
 
+import warnings
+from typing import Literal
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import ArrayLike
 
 from kdjax.losses._validation import _compute_dtype, _finish, _float_array, _keep_rows, _scalar, _where
 
@@ -20,24 +24,81 @@ def _feature_pair(student_features, teacher_features):
     return s, t
 
 
-def fitnet_hint(student_features, teacher_features, where=None, *, normalize=False) -> jax.Array:
+def _hint_reduction(reduction, normalize, caller: str) -> str:
+    """The reduction over the non-batch axes that :func:`fitnet_hint` applies, from ``reduction`` and the
+    deprecated ``normalize`` (a DeprecationWarning, attributed to ``caller``'s caller); ``caller`` names
+    the public function in messages."""
+    if normalize is not None:
+        if reduction is not None:
+            raise TypeError(
+                f"{caller} got both reduction={reduction!r} and the deprecated normalize={normalize!r}; "
+                "pass only reduction ('sum' or 'mean')"
+            )
+        replacement = "mean" if normalize else "sum"
+        warnings.warn(
+            f"{caller}(normalize=...) is deprecated: it never normalised the features, it chose the "
+            f"reduction over the non-batch axes; pass reduction={replacement!r} instead of "
+            f"normalize={normalize!r}",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+        return replacement
+    if reduction is None:
+        return "sum"
+    if not (isinstance(reduction, str) and reduction in ("sum", "mean")):
+        raise ValueError(
+            f"reduction must be 'sum' (the paper's 1/2 * ||u - r||^2) or 'mean' (1/2 * mean((u - r)^2) over "
+            f"the non-batch axes), got {reduction!r}"
+        )
+    return reduction
+
+
+def fitnet_hint(
+    student_features: ArrayLike,
+    teacher_features: ArrayLike,
+    where: ArrayLike | None = None,
+    *,
+    reduction: Literal["sum", "mean"] | None = None,
+    normalize: bool | None = None,
+) -> jax.Array:
     """FitNets hint loss (Romero et al., 2015): ``loss = 1/2 * ||u - r||^2`` per example.
 
     ``u`` is the teacher's hint-layer output and ``r`` the student's guided layer after its regressor
     (the regressor, or Chen et al.'s adaptation layer for detection, is part of the student model and
-    maps the student's features to the teacher's shape). The squared norm sums over all non-batch axes;
-    with ``normalize=True`` it is the mean over them instead (``1/2 * mean((u - r)^2)``), which keeps the
-    loss scale independent of the feature size.
+    maps the student's features to the teacher's shape). With ``reduction='sum'`` (the default, the
+    paper's) the squared norm sums over all non-batch axes; with ``reduction='mean'`` it is the mean over
+    them instead (``1/2 * mean((u - r)^2)``), which keeps the loss scale independent of the feature size.
+    PyTorch's ``F.mse_loss(r, u)`` (RepDistiller's and mdistiller's hint loss) is
+    ``2 * masked_mean(fitnet_hint(r, u, reduction='mean'))``.
 
     Args:
       student_features: ``[B, ...]`` float, the regressor output.
       teacher_features: ``[B, ...]`` float, same shape.
       where: optional bool, broadcastable to ``[B]``; masked examples give 0.
-      normalize: (keyword-only) False for the paper's sum, True for the mean over the non-batch axes.
+      reduction: (keyword-only) ``'sum'`` (None, the default, means ``'sum'``) or ``'mean'`` over the
+        non-batch axes.
+      normalize: (keyword-only) deprecated spelling of ``reduction``: True is ``reduction='mean'``, False
+        is ``reduction='sum'``; it warns (DeprecationWarning), and passing it with ``reduction`` is a
+        TypeError. It never normalised the features.
 
     Returns:
       ``[B]`` per-example loss.
+
+    Example (two examples of four elements each; the second differs by 2 in two elements):
+
+    >>> import jax.numpy as jnp
+    >>> from kdjax import losses
+    >>> regressed = jnp.zeros((2, 2, 2))
+    >>> hint = jnp.array([[[1.0, 1.0], [1.0, 1.0]], [[0.0, 2.0], [0.0, 2.0]]])
+    >>> [round(float(v), 4) for v in losses.fitnet_hint(regressed, hint)]
+    [2.0, 4.0]
+    >>> [round(float(v), 4) for v in losses.fitnet_hint(regressed, hint, reduction="mean")]
+    [0.5, 1.0]
+    >>> mse = 2 * losses.masked_mean(losses.fitnet_hint(regressed, hint, reduction="mean"))
+    >>> round(float(mse), 4)  # mean((regressed - hint)^2) over all 8 elements
+    1.5
     """
+    how = _hint_reduction(reduction, normalize, "fitnet_hint")
     s, t = _feature_pair(student_features, teacher_features)
     if s.shape != t.shape:
         raise ValueError(
@@ -49,7 +110,7 @@ def fitnet_hint(student_features, teacher_features, where=None, *, normalize=Fal
     dtype = _compute_dtype(s, t)
     diff = _keep_rows(s.astype(dtype), where) - _keep_rows(t.astype(dtype), where)
     axes = tuple(range(1, diff.ndim))
-    reduce = jnp.mean if normalize else jnp.sum
+    reduce = jnp.mean if how == "mean" else jnp.sum
     return _finish(0.5 * reduce(diff**2, axis=axes), where)
 
 
@@ -69,7 +130,14 @@ def _attention_map(features: jax.Array, p) -> jax.Array:
     return jnp.where(sq_norm > 0, q / jnp.sqrt(safe), 0.0)
 
 
-def attention_transfer(student_features, teacher_features, p=2, where=None, *, squared=False) -> jax.Array:
+def attention_transfer(
+    student_features: ArrayLike,
+    teacher_features: ArrayLike,
+    p: ArrayLike = 2,
+    where: ArrayLike | None = None,
+    *,
+    squared: bool = False,
+) -> jax.Array:
     """Activation-based attention transfer (Zagoruyko & Komodakis, ICLR 2017).
 
     The attention map of features ``A`` of shape ``[B, *spatial, C]`` is ``F(A) = sum_c |A_c|^p`` over
@@ -84,6 +152,16 @@ def attention_transfer(student_features, teacher_features, p=2, where=None, *, s
     match. An all-zero map is taken as the zero vector (loss ``||Q_other/||Q_other|| ||``), and
     gradients are finite (the non-squared norm is given the zero subgradient where the maps agree).
 
+    Features are channels-last (NHWC); PyTorch's NCHW maps need ``x.transpose(0, 2, 3, 1)``. When the
+    spatial sizes differ, RepDistiller and mdistiller shrink the larger map with
+    ``F.adaptive_avg_pool2d``; for sizes that divide that is a block mean,
+    ``x.reshape(B, h, H // h, w, W // w, C).mean(axis=(2, 4))`` for NHWC ``x`` of spatial ``(H, W)``
+    pooled to ``(h, w)``. ``jax.image.resize`` with its defaults (linear, ``antialias=True``) blends
+    neighbouring blocks and gives different values; with ``antialias=False`` it matches only when
+    halving. Their per-layer loss (``F.normalize(f.pow(p).mean(1))``, squared difference averaged over
+    batch and positions) is ``masked_mean(attention_transfer(s, t, p, squared=True)) / prod(spatial)``
+    (for odd ``p`` they do not take ``|A|``).
+
     Args:
       student_features: ``[B, *spatial, C_s]`` float (e.g. NHWC ``[B, H, W, C_s]`` or ``[B, L, C_s]``).
       teacher_features: ``[B, *spatial, C_t]`` float, same ``B`` and spatial sizes.
@@ -94,6 +172,18 @@ def attention_transfer(student_features, teacher_features, p=2, where=None, *, s
 
     Returns:
       ``[B]`` per-example loss.
+
+    Example (the student's map puts its mass on the top row, the teacher's is uniform; one student
+    channel against two teacher channels):
+
+    >>> import jax.numpy as jnp
+    >>> from kdjax import losses
+    >>> student = jnp.array([[[[1.0], [1.0]], [[0.0], [0.0]]]])  # [B=1, H=2, W=2, C=1]
+    >>> teacher = jnp.ones((1, 2, 2, 2))
+    >>> [round(float(v), 4) for v in losses.attention_transfer(student, teacher)]
+    [0.7654]
+    >>> [round(float(v), 4) for v in losses.attention_transfer(student, teacher, squared=True)]
+    [0.5858]
     """
     s, t = _feature_pair(student_features, teacher_features)
     if s.ndim < 3 or t.ndim < 3:
@@ -104,8 +194,13 @@ def attention_transfer(student_features, teacher_features, p=2, where=None, *, s
     if s.shape[:-1] != t.shape[:-1]:
         raise ValueError(
             f"attention maps need the same batch and spatial sizes: student_features {s.shape} "
-            f"(spatial {s.shape[1:-1]}) vs teacher_features {t.shape} (spatial {t.shape[1:-1]}); resize or "
-            "pool one of them first (e.g. jax.image.resize or an average pool); channels may differ"
+            f"(spatial {s.shape[1:-1]}) vs teacher_features {t.shape} (spatial {t.shape[1:-1]}); pool the "
+            "larger one down to the smaller size first, as RepDistiller and mdistiller do with "
+            "F.adaptive_avg_pool2d: when the sizes divide that is a block mean, for NHWC "
+            "x.reshape(B, h, H // h, w, W // w, C).mean(axis=(2, 4)) (or an average pool with window = "
+            "stride = H // h); do not resize with jax.image.resize's defaults (linear with antialias blends "
+            "neighbouring blocks and gives different values; antialias=False matches only when halving); "
+            "channels may differ"
         )
     _, p_value = _scalar(p, "p")
     if p_value is not None and not (np.isfinite(p_value) and p_value > 0):
@@ -121,7 +216,9 @@ def attention_transfer(student_features, teacher_features, p=2, where=None, *, s
     return _finish(jnp.where(sq_dist > 0, jnp.sqrt(safe), 0.0), where)
 
 
-def similarity_preserving(student_features, teacher_features, where=None) -> jax.Array:
+def similarity_preserving(
+    student_features: ArrayLike, teacher_features: ArrayLike, where: ArrayLike | None = None
+) -> jax.Array:
     """Similarity-preserving KD (Tung & Mori, ICCV 2019), split into per-example terms.
 
     With ``Q = reshape(A, [B, -1])``, ``G = Q Q^T`` (``[B, B]``) and each row of ``G`` L2-normalised
@@ -138,6 +235,18 @@ def similarity_preserving(student_features, teacher_features, where=None) -> jax
 
     Returns:
       ``[B]`` per-example loss.
+
+    Example (the student tells its two examples apart, the teacher does not):
+
+    >>> import jax.numpy as jnp
+    >>> from kdjax import losses
+    >>> student = jnp.array([[1.0, 0.0], [0.0, 1.0]])
+    >>> teacher = jnp.array([[1.0, 0.0], [1.0, 0.0]])
+    >>> loss = losses.similarity_preserving(student, teacher)
+    >>> [round(float(v), 4) for v in loss]
+    [0.2929, 0.2929]
+    >>> round(float(losses.masked_mean(loss)), 4)  # the paper's 1/b^2 ||G~_t - G~_s||_F^2
+    0.2929
     """
     s, t = _feature_pair(student_features, teacher_features)
     if s.shape[0] != t.shape[0]:

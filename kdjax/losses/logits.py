@@ -9,6 +9,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import ArrayLike
 
 from kdjax.losses._log_space import (_cross_entropy_from_log_probs, _gather_class, _kl_from_log_probs,
                                      _tempered)
@@ -40,7 +41,12 @@ def _tempered_log_probs(student_logits, teacher_logits, temperature, where):
             jax.nn.log_softmax(_tempered(t, temp), axis=-1), temp, where)
 
 
-def kd_kl(student_logits, teacher_logits, temperature=1.0, where=None) -> jax.Array:
+def kd_kl(
+    student_logits: ArrayLike,
+    teacher_logits: ArrayLike,
+    temperature: ArrayLike = 1.0,
+    where: ArrayLike | None = None,
+) -> jax.Array:
     """Hinton et al. (2015) distillation loss: temperature-scaled KL(teacher || student).
 
     ``loss = T^2 * sum_c p_t,c (log p_t,c - log p_s,c)`` with ``p_t = softmax(t / T)``,
@@ -56,12 +62,26 @@ def kd_kl(student_logits, teacher_logits, temperature=1.0, where=None) -> jax.Ar
 
     Returns:
       ``[...]`` per-example loss, >= 0, float32 for f32/bf16/f16 inputs.
+
+    Example (the first row agrees with the teacher, the second has the two logits swapped):
+
+    >>> import jax.numpy as jnp
+    >>> from kdjax import losses
+    >>> student = jnp.array([[2.0, 0.0], [1.0, 0.0]])
+    >>> teacher = jnp.array([[2.0, 0.0], [0.0, 1.0]])
+    >>> [round(float(v), 4) for v in losses.kd_kl(student, teacher, temperature=2.0)]
+    [0.0, 0.4898]
     """
     log_ps, log_pt, temp, where = _tempered_log_probs(student_logits, teacher_logits, temperature, where)
     return _finish(temp**2 * _kl_from_log_probs(log_pt, log_ps), where)
 
 
-def soft_cross_entropy(student_logits, teacher_logits, temperature=1.0, where=None) -> jax.Array:
+def soft_cross_entropy(
+    student_logits: ArrayLike,
+    teacher_logits: ArrayLike,
+    temperature: ArrayLike = 1.0,
+    where: ArrayLike | None = None,
+) -> jax.Array:
     """Cross-entropy of the student against the teacher's soft targets, scaled by ``T^2``.
 
     ``loss = -T^2 * sum_c p_t,c log p_s,c`` with ``p = softmax(logits / T)``. It equals
@@ -75,12 +95,22 @@ def soft_cross_entropy(student_logits, teacher_logits, temperature=1.0, where=No
 
     Returns:
       ``[...]`` per-example loss.
+
+    Example (the same rows as in :func:`kd_kl`; each value is ``kd_kl`` plus ``T^2`` times the
+    teacher's entropy):
+
+    >>> import jax.numpy as jnp
+    >>> from kdjax import losses
+    >>> student = jnp.array([[2.0, 0.0], [1.0, 0.0]])
+    >>> teacher = jnp.array([[2.0, 0.0], [0.0, 1.0]])
+    >>> [round(float(v), 4) for v in losses.soft_cross_entropy(student, teacher, temperature=2.0)]
+    [2.3288, 3.1412]
     """
     log_ps, log_pt, temp, where = _tempered_log_probs(student_logits, teacher_logits, temperature, where)
     return _finish(temp**2 * _cross_entropy_from_log_probs(log_pt, log_ps), where)
 
 
-def cross_entropy(logits, labels, where=None) -> jax.Array:
+def cross_entropy(logits: ArrayLike, labels: ArrayLike, where: ArrayLike | None = None) -> jax.Array:
     """Cross-entropy with integer labels: ``loss = -log softmax(logits)_y``.
 
     Args:
@@ -91,6 +121,14 @@ def cross_entropy(logits, labels, where=None) -> jax.Array:
 
     Returns:
       ``[...]`` per-example loss.
+
+    Example (``log(1 + 2 e^-2)`` and ``log 3``):
+
+    >>> import jax.numpy as jnp
+    >>> from kdjax import losses
+    >>> logits = jnp.array([[2.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    >>> [round(float(v), 4) for v in losses.cross_entropy(logits, jnp.array([0, 2]))]
+    [0.2395, 1.0986]
     """
     z = _float_array(logits, "logits")
     if z.ndim < 1:
@@ -103,11 +141,25 @@ def cross_entropy(logits, labels, where=None) -> jax.Array:
     return _finish(-_gather_class(log_p, labels, z.shape[-1]), where)
 
 
-def hinton_kd(student_logits, teacher_logits, labels, temperature, alpha, where=None) -> jax.Array:
+def hinton_kd(
+    student_logits: ArrayLike,
+    teacher_logits: ArrayLike,
+    labels: ArrayLike,
+    temperature: ArrayLike,
+    alpha: ArrayLike,
+    where: ArrayLike | None = None,
+) -> jax.Array:
     """Hinton et al. (2015) objective: soft-target KD plus hard-label cross-entropy.
 
     ``loss = alpha * kd_kl(s, t, T) + (1 - alpha) * cross_entropy(s, y)``; the cross-entropy uses
     ``T = 1``. ``alpha = 0`` is plain supervised training (e.g. after the ESKD stop step).
+
+    Warning: ``alpha`` weights the *KD* term here (as RepDistiller's ``-a`` and mdistiller's
+    ``KD_WEIGHT`` do), but torchdistill's ``KDLoss(alpha, beta)`` weights the *cross-entropy* with
+    ``alpha`` and the ``T^2``-scaled KL with ``beta`` (default ``1 - alpha``). torchdistill's
+    ``alpha=a`` (``beta = 1 - a``) is ``hinton_kd(..., alpha=1 - a)``; with ``alpha + beta != 1`` use
+    ``a * cross_entropy(s, y) + b * kd_kl(s, t, T)``. See docs/losses.md, "Coming from torchdistill /
+    RepDistiller / mdistiller".
 
     Args:
       student_logits, teacher_logits: ``[..., C]`` float, same shape.
@@ -119,6 +171,20 @@ def hinton_kd(student_logits, teacher_logits, labels, temperature, alpha, where=
 
     Returns:
       ``[...]`` per-example loss.
+
+    Example (``0.9 * kd_kl + 0.1 * cross_entropy``; torchdistill's ``KDLoss(alpha=0.1)`` is this
+    ``alpha=0.9``):
+
+    >>> import jax.numpy as jnp
+    >>> from kdjax import losses
+    >>> student, teacher, labels = jnp.array([[1.0, 0.0]]), jnp.array([[0.0, 1.0]]), jnp.array([0])
+    >>> loss = losses.hinton_kd(student, teacher, labels, temperature=2.0, alpha=0.9)
+    >>> [round(float(v), 4) for v in loss]
+    [0.4722]
+    >>> kd = losses.kd_kl(student, teacher, 2.0)
+    >>> ce = losses.cross_entropy(student, labels)
+    >>> [round(float(v), 4) for v in 0.9 * kd + 0.1 * ce]
+    [0.4722]
     """
     alpha_arr, alpha_value = _scalar(alpha, "alpha")
     if alpha_value is not None and not 0.0 <= alpha_value <= 1.0:
@@ -133,7 +199,11 @@ def hinton_kd(student_logits, teacher_logits, labels, temperature, alpha, where=
 
 
 def class_weighted_soft_cross_entropy(
-    student_logits, teacher_logits, class_weights, temperature=1.0, where=None
+    student_logits: ArrayLike,
+    teacher_logits: ArrayLike,
+    class_weights: ArrayLike,
+    temperature: ArrayLike = 1.0,
+    where: ArrayLike | None = None,
 ) -> jax.Array:
     """Chen et al. (2017) weighted soft cross-entropy for detection KD.
 
@@ -152,6 +222,17 @@ def class_weighted_soft_cross_entropy(
 
     Returns:
       ``[...]`` per-example loss.
+
+    Example (a uniform student, a teacher at ``[0.25, 0.75]``, background (class 0) weighted 1.5:
+    ``(1.5 * 0.25 + 0.75) * log 2``):
+
+    >>> import jax.numpy as jnp
+    >>> from kdjax import losses
+    >>> student = jnp.array([[0.0, 0.0]])
+    >>> teacher = jnp.log(jnp.array([[1.0, 3.0]]))
+    >>> loss = losses.class_weighted_soft_cross_entropy(student, teacher, jnp.array([1.5, 1.0]))
+    >>> [round(float(v), 4) for v in loss]
+    [0.7798]
     """
     log_ps, log_pt, temp, where = _tempered_log_probs(student_logits, teacher_logits, temperature, where)
     num_classes = log_ps.shape[-1]
@@ -170,7 +251,9 @@ def class_weighted_soft_cross_entropy(
     return _finish(temp**2 * _cross_entropy_from_log_probs(log_pt, log_ps, weights), where)
 
 
-def logit_mse(student_logits, teacher_logits, where=None) -> jax.Array:
+def logit_mse(
+    student_logits: ArrayLike, teacher_logits: ArrayLike, where: ArrayLike | None = None
+) -> jax.Array:
     """Ba & Caruana (2014) logit regression: ``loss = 1/2 * sum_c (s_c - t_c)^2``.
 
     Args:
@@ -179,6 +262,15 @@ def logit_mse(student_logits, teacher_logits, where=None) -> jax.Array:
 
     Returns:
       ``[...]`` per-example loss.
+
+    Example:
+
+    >>> import jax.numpy as jnp
+    >>> from kdjax import losses
+    >>> student = jnp.array([[1.0, 2.0, 3.0], [0.5, 0.5, 0.5]])
+    >>> teacher = jnp.array([[1.0, 0.0, 3.0], [0.0, 0.0, 0.0]])
+    >>> [round(float(v), 4) for v in losses.logit_mse(student, teacher)]
+    [2.0, 0.375]
     """
     s, t = _logit_pair(student_logits, teacher_logits)
     where = _where(where, s.shape[:-1], f"logits of shape {s.shape}", _CLASS_MASK_HINT)
@@ -189,7 +281,15 @@ def logit_mse(student_logits, teacher_logits, where=None) -> jax.Array:
     return _finish(0.5 * jnp.sum(diff**2, axis=-1), where)
 
 
-def dkd(student_logits, teacher_logits, labels, alpha=1.0, beta=8.0, temperature=4.0, where=None) -> jax.Array:
+def dkd(
+    student_logits: ArrayLike,
+    teacher_logits: ArrayLike,
+    labels: ArrayLike,
+    alpha: ArrayLike = 1.0,
+    beta: ArrayLike = 8.0,
+    temperature: ArrayLike = 4.0,
+    where: ArrayLike | None = None,
+) -> jax.Array:
     """Decoupled KD (Zhao et al., CVPR 2022): ``loss = T^2 * (alpha * TCKD + beta * NCKD)``.
 
     With ``p = softmax(logits / T)`` and the target class ``y``:
@@ -214,6 +314,24 @@ def dkd(student_logits, teacher_logits, labels, alpha=1.0, beta=8.0, temperature
 
     Returns:
       ``[...]`` per-example loss.
+
+    Example (target class 0, where TCKD = 0.2767 and NCKD = 0.1109: ``1 * TCKD + 8 * NCKD``; with
+    ``alpha = 1`` and ``beta = 1 - p_t,y`` it is :func:`kd_kl`, the paper's Eq. 5):
+
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> from kdjax import losses
+    >>> student, teacher = jnp.array([[1.0, 0.0, 0.0]]), jnp.array([[0.0, 1.0, 0.0]])
+    >>> labels = jnp.array([0])
+    >>> loss = losses.dkd(student, teacher, labels, alpha=1.0, beta=8.0, temperature=1.0)
+    >>> [round(float(v), 4) for v in loss]
+    [1.1643]
+    >>> p_target = float(jax.nn.softmax(teacher)[0, 0])
+    >>> loss = losses.dkd(student, teacher, labels, alpha=1.0, beta=1 - p_target, temperature=1.0)
+    >>> [round(float(v), 4) for v in loss]
+    [0.3642]
+    >>> [round(float(v), 4) for v in losses.kd_kl(student, teacher)]
+    [0.3642]
     """
     s, t = _logit_pair(student_logits, teacher_logits)
     num_classes = s.shape[-1]

@@ -4,11 +4,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import ArrayLike
 
 from kdjax.losses._validation import _compute_dtype, _float_array
 
 
-def masked_mean(values, where=None) -> jax.Array:
+def masked_mean(values: ArrayLike, where: ArrayLike | None = None) -> jax.Array:
     """Mean of ``values`` over the entries where ``where`` is True.
 
     Args:
@@ -19,6 +20,16 @@ def masked_mean(values, where=None) -> jax.Array:
       A scalar, ``sum(values * where) / max(sum(where), 1)`` in at least float32. An all-False ``where``
       gives 0 (not NaN) with zero gradient. Masked entries never reach the result or its gradient, even if
       they hold NaN/inf.
+
+    Example (the padding row's value never reaches the mean):
+
+    >>> import jax.numpy as jnp
+    >>> from kdjax import losses
+    >>> values = jnp.array([1.0, 2.0, 3.0, 100.0])
+    >>> round(float(losses.masked_mean(values, jnp.array([True, True, True, False]))), 4)
+    2.0
+    >>> round(float(losses.masked_mean(values)), 4)
+    26.5
     """
     values = _float_array(values, "values")
     values = values.astype(_compute_dtype(values))
