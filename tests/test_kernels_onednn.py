@@ -213,10 +213,31 @@ def test_bfloat16_forward_matches_float64_reference(x_shape, w_shape, strides, p
     assert (FWD in hlo(fn, x, w)) == onednn.native_bf16(x_shape, w_shape, strides, padding)
 
 
+#: oneDNN's instruction sets in order, as ONEDNN_MAX_CPU_ISA names them (a cap, e.g. to mimic an
+#: older CPU), and the CPU flags each needs.
+ISAS = (("AVX2", "avx2"), ("AVX512_CORE", "avx512f"), ("AVX512_CORE_BF16", "avx512_bf16"),
+        ("AVX512_CORE_AMX", "amx_bf16"))
+
+
+def cpu_has(isa: str) -> bool:
+    """Whether oneDNN may use ``isa`` here: the CPU has it, and no ONEDNN_MAX_CPU_ISA caps below it."""
+    names = [name for name, _ in ISAS]
+    flags = set(pathlib.Path("/proc/cpuinfo").read_text().split())
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA", os.environ.get("DNNL_MAX_CPU_ISA", "")).upper()
+    capped = cap in names and names.index(cap) < names.index(isa)
+    if isa == "AVX512_CORE_BF16":  # AMX CPUs have AVX512-BF16 too
+        return not capped and bool(flags & {"avx512_bf16", "amx_bf16"})
+    return not capped and dict(ISAS)[isa] in flags
+
+
+def needs_isa(isa: str, why: str):
+    return pytest.mark.skipif(not cpu_has(isa), reason=f"needs {isa} ({why}); this CPU (or "
+                              f"ONEDNN_MAX_CPU_ISA) stops below it")
+
+
 @needs_onednn
 def test_bfloat16_runs_on_onednn_where_the_cpu_has_bfloat16_instructions():
-    flags = set(pathlib.Path("/proc/cpuinfo").read_text().split())
-    has_bf16 = bool(flags & {"avx512_bf16", "amx_bf16"})  # this project's machines: avx512_bf16
+    has_bf16 = cpu_has("AVX512_CORE_BF16")  # this project's machines: AVX2, AVX512-BF16 or AMX
     geometry = ((64, 32, 32, 64), (3, 3, 64, 64), (1, 1), ((1, 1), (1, 1)))
     assert onednn.native_bf16(*geometry) == has_bf16, [
         onednn.implementation(p, *geometry, jnp.bfloat16) for p in onednn.TARGETS]
@@ -235,6 +256,7 @@ def run_with_isa(isa: str, script: str) -> list[str]:
 
 
 @needs_onednn
+@needs_isa("AVX512_CORE", "oneDNN's emulated bfloat16 kernel runs on AVX-512 CPUs only")
 def test_emulated_bfloat16_falls_back_to_xla():
     """Capped below AVX512-BF16 (as on Skylake or Ice Lake), oneDNN offers only its emulated
     bfloat16 kernel, slower than XLA's: bfloat16 goes to XLA, float32 stays on oneDNN."""
@@ -601,6 +623,8 @@ def test_sharded_onednn_step_splits_the_batch_and_matches_single_device(
 
 
 @needs_onednn
+@needs_isa("AVX512_CORE_BF16", "it calls oneDNN's bfloat16 kernel directly, which needs "
+           "AVX512-BF16 or AMX")
 def test_sharded_bfloat16_weight_gradient_adds_the_devices_in_float32():
     """bfloat16 on a data-parallel mesh: each device's weight gradient is rounded once, the devices'
     are added in float32 and rounded once more; against a float64 reference."""
