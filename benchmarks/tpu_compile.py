@@ -50,6 +50,15 @@ from kdjax import aot, models, recipe, schedules, sharding, teachers, train  # n
 from kdjax.aot.chips import GiB  # noqa: E402
 
 GRID_TOPOLOGIES = ("v5e-16", "v4-32", "v5p-64")
+_SINK: list = []  # a JSONL path: every row is appended as soon as it is compiled (--partial)
+
+
+def _emit(rows: list[dict]) -> list[dict]:
+    if _SINK:
+        with open(_SINK[0], "a") as f:
+            for row in rows:
+                f.write(json.dumps(row, default=str) + "\n")
+    return rows
 ESKD_CELLS = (("scratch", "teacher=none"), ("R18 ESKD", "teacher=resnet18,mode=eskd"),
               ("R34 ESKD", "teacher=resnet34,mode=eskd"), ("R50 ESKD", "teacher=resnet50,mode=eskd"),
               ("R50 ESKD precomputed", "teacher=resnet50,mode=eskd,precomputed"))
@@ -73,19 +82,19 @@ def _dtype(dtype: str) -> dict:
     return {"student.dtype": dtype, "teacher.dtype": dtype}
 
 
-def grid() -> list[dict]:
+def grid(dtypes=("float32", "bfloat16")) -> list[dict]:
     rows = []
-    for topology in GRID_TOPOLOGIES:
-        for dtype in ("float32", "bfloat16"):
-            kinds = ("train", "eval", "precompute") if dtype == "float32" else ("train",)
+    for dtype in dtypes:
+        kinds = ("train", "eval", "precompute") if dtype == "float32" else ("train",)
+        for topology in GRID_TOPOLOGIES:
             cells = [(label, imagenet_eskd, arg) for label, arg in ESKD_CELLS]
             cells.append(("FitNet R50 -> R101/2", imagenet_fitnet, ""))
             for label, module, arg in cells:
                 report = compile_check.check(_config(module, arg, **_dtype(dtype)), topology,
                                              kinds=kinds)
-                for p in report["programs"]:
-                    rows.append(dict(section="grid", topology=topology, dtype=dtype, cell=label,
-                                     devices=report["devices"], hosts=report["hosts"], **p))
+                rows += _emit([dict(section="grid", topology=topology, dtype=dtype, cell=label,
+                                    devices=report["devices"], hosts=report["hosts"], **p)
+                               for p in report["programs"]])
                 print(f"grid {topology} {dtype} {label}: "
                       f"{report['total_seconds'] / 3600:.1f} h", flush=True)
     return rows
@@ -140,16 +149,20 @@ def largest_batch() -> list[dict]:
         a, b = total(64), total(128)
         slope = (b["total_bytes"] - a["total_bytes"]) / 64
         predicted = int((spec.chip.hbm_bytes - a["total_bytes"]) / slope + 64) // 8 * 8
-        guess = predicted
-        while guess > 8 and not total(guess)["fits"] and len(tried) < 6:
-            guess = int(guess * 0.92) // 8 * 8
+        guess = predicted  # down by the measured excess until it fits, then one step up must not
+        while not total(guess)["fits"] and len(tried) < 5:
+            excess = total(guess)["total_bytes"] - spec.chip.hbm_bytes
+            guess = max(8, (guess - int(excess / slope) - 8) // 8 * 8)
         confirmed = guess if total(guess)["fits"] else None
-        out.append(dict(section="batch", topology=topology, chip=spec.chip.name, devices=n,
+        if confirmed is not None:
+            total(confirmed + 8)
+        out += _emit([dict(section="batch", topology=topology, chip=spec.chip.name, devices=n,
                         hbm_bytes=spec.chip.hbm_bytes, bytes_per_image=slope,
                         predicted_per_device=predicted, largest_per_device=confirmed,
                         largest_global=None if confirmed is None else confirmed * n,
+                        next_fits=(None if confirmed is None else tried[confirmed + 8]["fits"]),
                         compiled={k: dict(total_bytes=v["total_bytes"], fits=v["fits"])
-                                  for k, v in sorted(tried.items())}))
+                                  for k, v in sorted(tried.items())})])
         print(f"batch {topology}: {confirmed} per device", flush=True)
     return out
 
@@ -191,7 +204,9 @@ def colab() -> list[dict]:
     return out
 
 
-SECTIONS = {"grid": grid, "fsdp": fsdp, "slices": slices, "batch": largest_batch, "colab": colab}
+SECTIONS = {"grid": grid, "grid_f32": lambda: grid(("float32",)),
+            "grid_bf16": lambda: grid(("bfloat16",)), "fsdp": fsdp, "slices": slices,
+            "batch": largest_batch, "colab": colab}
 
 
 def _gib(x: float) -> str:
@@ -204,26 +219,37 @@ def markdown(rows: list[dict]) -> str:
 
     parts = []
     grid_rows = [r for r in rows if r["section"] == "grid"]
+    for dtype in ("float32", "bfloat16"):
+        cells: dict = {}
+        for r in grid_rows:
+            if r["dtype"] != dtype:
+                continue
+            row = cells.setdefault((r["cell"], r["name"]), {
+                "cell": r["cell"], "name": r["name"], "images": r["images"],
+                "gflop": f"{r['flops'] / 1e9:.0f}"})
+            fit = "" if r["fits"] else " **no**"
+            per = (f"{r['epoch_seconds'] / 60:.1f} min/epoch" if r["kind"] == "train"
+                   else f"{r['total_seconds'] / 60:.1f} min/run") if r["epoch_seconds"] else "-"
+            row[r["topology"]] = (f"{_gib(r['total_bytes'])} GiB{fit}, "
+                                  f"{r['roofline_seconds'] * 1e3:.1f} ms, {per}")
+        if cells:
+            parts.append(f"**{dtype}** (per device: HBM, roofline time per call; per epoch for "
+                         f"train steps, per run for eval and precompute; GFLOP per call on "
+                         f"{GRID_TOPOLOGIES[0]})")
+            parts.append(markdown_table(list(cells.values()), [
+                ("cell", "cell"), ("name", "program"), ("images", "global batch"),
+                ("gflop", "GFLOP / device")] + [(t, t) for t in GRID_TOPOLOGIES]))
     if grid_rows:
-        table = [dict(r, hbm=f"{_gib(r['total_bytes'])} / {_gib(r['hbm_bytes'])}"
-                      + ("" if r["fits"] else " **no**"), gflop=f"{r['flops'] / 1e9:.0f}",
-                      ms=f"{r['roofline_seconds'] * 1e3:.1f}",
-                      epoch=f"{r['epoch_seconds'] / 60:.1f}" if r["kind"] == "train" else "-",
-                      hours=f"{r['total_seconds'] / 3600:.2f}",
-                      rate=f"{r['images_per_second']:.0f} ({r['bound_by']})")
-                 for r in grid_rows]
-        parts.append(markdown_table(table, [
-            ("topology", "slice"), ("dtype", "compute"), ("cell", "cell"), ("name", "program"),
-            ("images", "global batch"), ("hbm", "GiB / device (of HBM)"),
-            ("gflop", "GFLOP / call / device"), ("ms", "roofline ms / call"),
-            ("rate", "images/s (bound)"), ("epoch", "min / epoch"), ("hours", "run hours")]))
         totals = {}
         for r in grid_rows:
-            key = (r["topology"], r["dtype"])
+            key = (r["dtype"], r["topology"])
             totals[key] = totals.get(key, 0.0) + r["total_seconds"]
         parts.append(markdown_table(
-            [{"t": t, "d": d, "h": f"{s / 3600:.0f}"} for (t, d), s in totals.items()],
-            [("t", "slice"), ("d", "compute"), ("h", "hours for the whole grid (estimate)")]))
+            [{"d": d, "t": t, "h": f"{s / 3600:.0f}",
+              "what": "train, eval, precompute" if d == "float32" else "train steps"}
+             for (d, t), s in totals.items()],
+            [("d", "compute"), ("t", "slice"), ("h", "hours, whole grid (estimate)"),
+             ("what", "programs summed")]))
     fs = [r for r in rows if r["section"] == "fsdp_check"]
     if fs:
         parts.append(markdown_table([dict(r, rep=_gib(r["replicated_bytes"]), fs=_gib(r["fsdp_bytes"]),
@@ -262,13 +288,19 @@ def main(argv=None) -> int:
     parser.add_argument("--sections", default=",".join(SECTIONS))
     parser.add_argument("--json", default="")
     parser.add_argument("--markdown", default="")
-    parser.add_argument("--load", default="", help="comma-separated JSON files of earlier runs: "
-                        "tabulate their rows instead of compiling")
+    parser.add_argument("--load", default="", help="comma-separated JSON (or --partial JSONL) "
+                        "files of earlier runs: tabulate their rows instead of compiling")
+    parser.add_argument("--partial", default="", help="append each row to this JSONL file as "
+                        "soon as it is compiled")
     args = parser.parse_args(argv)
+    if args.partial:
+        _SINK.append(args.partial)
     start = time.time()
     rows = []
     for path in filter(None, args.load.split(",")):
-        rows += json.loads(Path(path).read_text())["rows"]
+        text = Path(path).read_text()
+        rows += ([json.loads(line) for line in text.splitlines() if line.strip()]
+                 if path.endswith(".jsonl") else json.loads(text)["rows"])
     for name in ([] if args.load else args.sections.split(",")):
         rows += SECTIONS[name]()
     out = {"jax": jax.__version__, "sections": args.sections, "seconds": time.time() - start,

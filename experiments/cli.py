@@ -1,9 +1,10 @@
-"""The command line of the entry points: flags, config overrides, exit statuses, log lines.
+"""The command line of the entry points: flags, config overrides, exit statuses.
 
 Entry points call :func:`parse_command_line` (``--config=FILE[:ARG] [--config.key=value ...]
 --workdir=DIR [--distributed]``), :func:`initialize`, their experiment function, then
 :func:`finish` (the report), all inside :func:`run_main`, which prints a
-:class:`~experiments.validate.ConfigError` as one line and exits 2.
+:class:`~experiments.errors.ConfigError` as one line and exits 2. What a run prints goes through
+:func:`experiments.console.log`.
 """
 
 from __future__ import annotations
@@ -16,16 +17,11 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 import jax
 import ml_collections
 
-from experiments.validate import ConfigError
+from experiments.console import log
+from experiments.errors import ConfigError
 
 if TYPE_CHECKING:
     from experiments.stages import RunOutcome
-
-
-def log(message: str) -> None:
-    """Prints ``message`` on process 0 (stdout, flushed)."""
-    if jax.process_index() == 0:
-        print(message, flush=True)
 
 
 @dataclasses.dataclass

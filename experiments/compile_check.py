@@ -47,11 +47,12 @@ import numpy as np  # noqa: E402
 
 from experiments import cli, validate  # noqa: E402
 from experiments.datasets import Data, build_data  # noqa: E402
+from experiments.errors import ConfigError  # noqa: E402
 from experiments.rundir import abstract_variables, write_json  # noqa: E402
-from experiments.stages import (Context, Stage, fitnet_kd_stage, kd_stage, make_meshes,  # noqa: E402
-                                teacher_stage)
+from experiments.specs import build_model  # noqa: E402
+from experiments.stages import Context, Stage, fitnet_kd_stage, kd_stage, make_meshes  # noqa: E402
 from experiments.teacher_io import TeacherModel  # noqa: E402
-from experiments.validate import ConfigError, build_model  # noqa: E402
+from experiments.teachers import teacher_stage  # noqa: E402
 from kdjax import aot, sharding, teachers, train  # noqa: E402
 from kdjax.aot.chips import GiB  # noqa: E402
 from kdjax.logit_store import store_outputs  # noqa: E402

@@ -23,7 +23,10 @@ import os
 import sys
 from typing import Sequence
 
-from experiments import cli, datasets, teacher_io, validate
+from experiments import cli, datasets, teacher_io, teachers, validate
+from experiments.console import log
+from experiments.errors import ConfigError
+from kdjax import sharding
 
 PROG = "python -m experiments.precompute_teacher_logits"
 
@@ -38,30 +41,28 @@ def precompute_teacher_logits(config, store: str, splits: Sequence[str] | None =
     validate.validate_config(config, None)
     t = config.teacher
     if t.source not in ("checkpoint", "torchvision"):
-        raise validate.ConfigError(
+        raise ConfigError(
             f"config.teacher.source={t.source!r}: precompute needs a trained teacher, "
             f"teacher.source='checkpoint' (a train_teacher workdir) or 'torchvision' (a file).")
     if not store:
-        raise validate.ConfigError("--store=DIR (or config.teacher.store) is required: the store "
-                                   "root, one sub-directory per split.")
+        raise ConfigError("--store=DIR (or config.teacher.store) is required: the store "
+                          "root, one sub-directory per split.")
     data = datasets.build_data(config.dataset, config.seed)
     splits = list(splits or dict.fromkeys((data.train_split, data.eval_split)))
     valid = sorted(data.sources)
     for split in splits:
         if split not in data.sources:
-            raise validate.ConfigError(f"--splits: {split!r} is not a split of this config; valid: "
-                                       f"{', '.join(valid)} (config.dataset.train_split/eval_split).")
-    from kdjax import sharding
-
+            raise ConfigError(f"--splits: {split!r} is not a split of this config; valid: "
+                              f"{', '.join(valid)} (config.dataset.train_split/eval_split).")
     try:
         mesh = sharding.make_mesh(data=config.run.mesh_data, fsdp=config.run.mesh_fsdp)
     except ValueError as e:
-        raise validate.ConfigError(f"config.run.mesh_data / mesh_fsdp: {e}") from None
+        raise ConfigError(f"config.run.mesh_data / mesh_fsdp: {e}") from None
     if data.eval_batch_size % mesh.devices.size:
-        raise validate.ConfigError(f"config.dataset.eval_batch_size={data.eval_batch_size} must be a "
-                                   f"multiple of the {mesh.devices.size} devices.")
-    teacher = (teacher_io.load_checkpoint_teacher(config, data) if t.source == "checkpoint"
-               else teacher_io.load_torchvision_teacher(config, data))
+        raise ConfigError(f"config.dataset.eval_batch_size={data.eval_batch_size} must be a "
+                          f"multiple of the {mesh.devices.size} devices.")
+    teacher = (teachers.load_checkpoint_teacher(config, data) if t.source == "checkpoint"
+               else teachers.load_torchvision_teacher(config, data))
     show = config.run.progress if progress is None else progress
     out = {}
     for split in splits:
@@ -85,12 +86,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     splits = [s for s in args.flags["splits"].split(",") if s]
     stores = precompute_teacher_logits(args.config, store, splits, resume=args.flags["resume"])
     if stores is None:
-        cli.log(f"stopped early (preemption); rerun the same command with --resume to continue "
-                f"{store}.")
+        log(f"stopped early (preemption); rerun the same command with --resume to continue "
+            f"{store}.")
         return 0
     for split, s in stores.items():
-        cli.log(f"{split}: {s.path} ({s.spec.num_examples} examples, {s.spec.format}, "
-                f"{s.spec.dtype})")
+        log(f"{split}: {s.path} ({s.spec.num_examples} examples, {s.spec.format}, "
+            f"{s.spec.dtype})")
     return 0
 
 

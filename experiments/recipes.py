@@ -8,8 +8,12 @@ import jax
 import ml_collections
 import optax
 
-from experiments.validate import LR_SCHEDULES, OPTIMIZERS, ConfigError
+from experiments.errors import ConfigError
 from kdjax import recipe as recipe_lib, schedules
+
+#: The optimizers and learning-rate schedules built here (``config.optimizer.name`` / ``schedule``).
+OPTIMIZERS = ("sgd", "adam", "adamw")
+LR_SCHEDULES = ("step", "cosine", "constant")
 
 
 def learning_rate_schedule(opt: ml_collections.ConfigDict, *, steps_per_epoch: int,

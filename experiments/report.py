@@ -14,7 +14,8 @@ A dashed vertical line marks the step where ESKD (``stop_kd`` reading) switched 
 
 The pieces are public so that a driver comparing several runs (e.g. one per teacher) can reuse
 them: :func:`load_results`, :func:`read_stage_metrics`, :func:`result_row`,
-:func:`markdown_table`, :func:`plot_losses`, :func:`plot_eval_accuracy`, :func:`plot_mimic`.
+:func:`markdown_table` (:func:`markdown_grid` for a table of plain rows), :func:`figure`,
+:func:`plot_losses`, :func:`plot_eval_accuracy`, :func:`plot_mimic`.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import os
 from typing import Any, Mapping, Sequence
 
 from kdjax import metrics as metrics_lib
+from kdjax.atomic import write_text_atomic
 
 REPORT_FILE = "report.md"
 LOSS_PLOT = "train_losses.png"
@@ -96,15 +98,20 @@ def result_row(summary: Mapping[str, Any]) -> dict[str, str]:
     }
 
 
+def markdown_grid(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A GitHub markdown table: ``header`` titles, then ``rows`` of cells written as they are."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
 def markdown_table(rows: Sequence[Mapping[str, str]],
                    columns: Sequence[tuple[str, str]] = COLUMNS) -> str:
-    """A GitHub markdown table of ``rows`` (dicts keyed by the first element of each column)."""
-    lines = ["| " + " | ".join(title for _, title in columns) + " |",
-             "|" + "---|" * len(columns)]
-    for row in rows:
-        lines.append("| " + " | ".join(str(row.get(key, "-")).replace("|", "/")
-                                       for key, _ in columns) + " |")
-    return "\n".join(lines)
+    """A GitHub markdown table of ``rows`` (dicts keyed by the first element of each column; a
+    missing key shows ``-``, a ``|`` inside a cell becomes ``/``)."""
+    return markdown_grid([title for _, title in columns],
+                         [[str(row.get(key, "-")).replace("|", "/") for key, _ in columns]
+                          for row in rows])
 
 
 def _series(records: Sequence[Mapping[str, Any]], key: str) -> tuple[list[int], list[float]]:
@@ -112,11 +119,15 @@ def _series(records: Sequence[Mapping[str, Any]], key: str) -> tuple[list[int], 
     return [p[0] for p in points], [float(p[1]) for p in points]
 
 
-def _figure(num_panels: int):
+def figure(num_panels: int, *, width: float = 5.0, height: float = 4.6):
+    """``(fig, axes)``: a matplotlib figure of ``num_panels`` side by side, each ``width`` x
+    ``height`` inches, on its own Agg canvas (pyplot's global state is never touched)."""
+    # matplotlib is imported here, not at the top: only the report needs it, and importing it
+    # costs a second in every process of a run that only trains.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(5.0 * num_panels, 4.6), layout="constrained")
+    fig = Figure(figsize=(width * num_panels, height), layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, num_panels, squeeze=False)[0]
     return fig, axes
@@ -169,7 +180,7 @@ def plot_losses(train_curves: Mapping[str, Sequence[Mapping[str, Any]]], path: s
 
     ``stops``: label -> step where ESKD switched the KD term off (drawn as a dashed line).
     """
-    fig, axes = _figure(2)
+    fig, axes = figure(2)
     colors = _colors(train_curves)
     _panel(axes[0], train_curves, "loss/ce", "train cross-entropy", "CE", colors, stops=stops)
     _panel(axes[1], train_curves, "loss/kd", "train KD loss", "T^2 KL(p_t^T || p_s^T)", colors,
@@ -180,7 +191,7 @@ def plot_losses(train_curves: Mapping[str, Sequence[Mapping[str, Any]]], path: s
 def plot_eval_accuracy(eval_curves: Mapping[str, Sequence[Mapping[str, Any]]], path: str,
                        stops: Mapping[str, int] | None = None) -> str:
     """Eval top-1 (%) over steps, one curve per label (``stops`` as in :func:`plot_losses`)."""
-    fig, axes = _figure(1)
+    fig, axes = figure(1)
     _panel(axes[0], eval_curves, "accuracy", "eval top-1", "top-1 (%)", _colors(eval_curves),
            scale=100.0, stops=stops)
     return _save(fig, axes, path)
@@ -194,7 +205,7 @@ def plot_mimic(train_curves: Mapping[str, Sequence[Mapping[str, Any]]],
     The train KD loss is logged after the ESKD stop too (with weight 0), so the curves show how
     the student drifts from the teacher once it trains on labels alone.
     """
-    fig, axes = _figure(3)
+    fig, axes = figure(3)
     colors = _colors(train_curves, eval_curves)
     _panel(axes[0], train_curves, "loss/kd", "train: KD loss", "T^2 KL(p_t^T || p_s^T)", colors,
            stops=stops)
@@ -253,8 +264,5 @@ def write_report(workdir: str, *, title: str, summaries: Sequence[Mapping[str, A
               "Does the student mimic its teacher? Train KD loss, eval KL(p_t || p_s) at T = 1 and "
               f"eval top-1 agreement: ![student fails to mimic]({MIMIC_PLOT})", ""]
     path = os.path.join(workdir, REPORT_FILE)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write("\n".join(lines))
-    os.replace(tmp, path)
+    write_text_atomic(path, "\n".join(lines))
     return path

@@ -1,4 +1,4 @@
-"""A run directory on disk: its layout, atomic JSON files, exported variables.
+"""A run directory on disk: its layout, JSON files (written atomically), exported variables.
 
 Each stage of a run writes ``<workdir>/stages/<name>/`` (see :mod:`experiments.stages`); an
 exported state is a directory with ``variables/`` (an orbax checkpoint of
@@ -16,7 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.validate import ConfigError
+from experiments.errors import ConfigError
+from kdjax.atomic import write_json_atomic
 
 STAGES_DIR = "stages"
 FINAL_DIR = "final"
@@ -31,15 +32,12 @@ TEACHER_STAGE = "teacher"
 
 
 def write_json(path: str, obj: Any) -> None:
-    """Atomic JSON write (process 0 only)."""
+    """Atomic JSON write (:func:`kdjax.atomic.write_json_atomic`), process 0 only; NumPy scalars
+    are written as numbers, tuples as lists, anything else JSON cannot hold as its ``str``."""
     if jax.process_index() != 0:
         return
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, sort_keys=True, default=_json_default)
-        f.write("\n")
-    os.replace(tmp, path)
+    write_json_atomic(path, obj, default=_json_default)
 
 
 def _json_default(value: Any) -> Any:

@@ -19,12 +19,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from experiments.errors import ConfigError
 from experiments.rundir import abstract_variables
+from experiments.specs import build_model
 from experiments.stages import (RunOutcome, Stage, StageOutcome, fitnet_kd_stage, kd_stage,
-                                make_context, obtain_teacher, run_outcome, run_stage, stage_tx,
-                                teacher_stage, teacher_stores)
+                                make_context, run_outcome, run_stage, stage_tx)
 from experiments.teacher_io import TeacherModel
-from experiments.validate import ConfigError, build_model, validate_config
+from experiments.teachers import obtain_teacher, teacher_stage, teacher_stores
+from experiments.validate import validate_config
 from kdjax import recipe as recipe_lib
 
 
@@ -166,7 +168,7 @@ def fitnet_hint_stage(ctx, teacher: TeacherModel, student1, trained: frozenset[s
     return Stage(
         name="fitnet_stage1", role="fitnet_stage1", model=c.student.model, module=student1,
         recipe=(recipe_lib.hint(f"{f.guided_layer}_regressed", f.hint_layer, weight=1.0,
-                                normalize=bool(f.hint_normalize)),),
+                                reduction="mean" if f.hint_normalize else "sum"),),
         tx=stage_tx(c, ctx.data, f.stage1_epochs, trainable=lambda name: name in trained,
                     kind=f.stage1_schedule, lr=f.stage1_lr),
         num_epochs=f.stage1_epochs, teacher=teacher, evaluate=False,

@@ -10,9 +10,10 @@ An experiment is a list of *stages*; each stage is one ``loop.fit`` run with its
 * ``summary.json`` - the stage's result row, written last: a stage with it is complete and is
   skipped when the run is started again (the next stage resumes from its own checkpoints).
 
-Besides :func:`run_stage`, the stage builders every experiment shares live here: the teacher
-(:func:`teacher_stage`, :func:`obtain_teacher`), KD (:func:`kd_stage`) and FitNet's annealed KD
-(:func:`fitnet_kd_stage`).
+Besides :func:`run_stage`, the run's shared pieces (:class:`Context`, :func:`make_context`, the
+optimizer of a stage :func:`stage_tx`, the run's outcome :func:`run_outcome`) and the stage builders
+of the students live here: KD (:func:`kd_stage`) and FitNet's annealed KD (:func:`fitnet_kd_stage`).
+The teacher's stage and where the teacher comes from are in :mod:`experiments.teachers`.
 """
 
 from __future__ import annotations
@@ -27,16 +28,16 @@ import jax
 import ml_collections
 import optax
 
-from experiments.cli import log
+from experiments.console import log
 from experiments.datasets import Data, build_data
+from experiments.errors import ConfigError
 from experiments.recipes import kd_recipe, learning_rate_schedule, make_optimizer, reading_label
-from experiments.teacher_io import (TeacherModel, compute_store, load_checkpoint_teacher,
-                                    load_torchvision_teacher, store_batch_transform, store_spec)
-from experiments.validate import ConfigError, build_model, teacher_epoch, teacher_epochs
 from experiments.rundir import (CONFIG_CHANGES_FILE, CONFIG_FILE, EPOCHS_DIR, FINAL_DIR,
-                                META_FILE, RESULTS_FILE, STAGES_DIR, SUMMARY_FILE, TEACHER_STAGE,
-                                abstract_variables, flatten_record, load_variables, read_json, save_variables,
-                                write_json)
+                                META_FILE, RESULTS_FILE, STAGES_DIR, SUMMARY_FILE,
+                                abstract_variables, flatten_record, load_variables, read_json,
+                                save_variables, write_json)
+from experiments.specs import build_model
+from experiments.teacher_io import TeacherModel
 from kdjax import recipe as recipe_lib, schedules, sharding, teachers
 
 
@@ -202,27 +203,29 @@ def run_stage(stage: Stage, ctx: Context) -> StageOutcome:
         return StageOutcome(stage.name, directory, read_json(summary_path), False)
     spe = data.steps_per_epoch
     num_steps = stage.num_epochs * spe
-    teacher_fn, teacher_vars, transform = None, None, None
-    if stage.stores is not None:
-        teacher_fn, transform = teachers.precomputed(), store_batch_transform(*stage.stores)
+    teacher_fn, teacher_vars, train_store, eval_store = None, None, None, None
+    evaluate = stage.evaluate
+    if stage.stores is not None:  # the train split's store, the eval split's
+        teacher_fn, train_store = teachers.precomputed(), stage.stores[0]
+        eval_store = stage.stores[1] if evaluate else None
     elif stage.teacher is not None:
         teacher_fn, teacher_vars = stage.teacher.live(), stage.teacher.variables
-    evaluate = stage.evaluate
     # A live teacher on its own devices (run.teacher_devices) beside the student's; else all.
     mesh, teacher_mesh = (ctx.split if ctx.split and teacher_vars is not None
                           else (ctx.mesh, None))
     kwargs = dict(
         workdir=directory, student=stage.module, tx=stage.tx, recipe=stage.recipe,
-        teacher=teacher_fn, teacher_variables=teacher_vars,
-        eval_iter_fn=data.eval_iter if evaluate else None, sample_input=data.sample_input,
-        seed=c.seed, mesh=mesh, teacher_mesh=teacher_mesh, param_mode=c.run.param_mode,
-        teacher_mode=c.run.teacher_mode,
-        eval_every=c.run.eval_every_epochs * spe if evaluate else 0,
-        checkpoint_every=c.run.checkpoint_every_epochs * spe, log_every=c.run.log_every_steps,
-        keep=c.run.keep, best_metric=(c.run.best_metric if evaluate and (
-            teacher_fn is not None or c.run.best_metric in ("accuracy", "ce")) else None),
-        nonfinite=c.run.nonfinite, batch_transform=transform, init_params=stage.init_params,
-        progress=c.run.progress, name=stage.name)
+        teacher=teacher_fn, teacher_variables=teacher_vars, train_store=train_store,
+        eval_store=eval_store, eval_iter_fn=data.eval_iter if evaluate else None,
+        sample_input=data.sample_input, seed=c.seed, mesh=mesh, teacher_mesh=teacher_mesh,
+        param_mode=c.run.param_mode, teacher_mode=c.run.teacher_mode,
+        init_params=stage.init_params, options=loop.FitOptions(
+            eval_every=c.run.eval_every_epochs * spe if evaluate else 0,
+            checkpoint_every=c.run.checkpoint_every_epochs * spe,
+            log_every=c.run.log_every_steps, keep=c.run.keep,
+            best_metric=(c.run.best_metric if evaluate and (
+                teacher_fn is not None or c.run.best_metric in ("accuracy", "ce")) else None),
+            nonfinite=c.run.nonfinite, progress=c.run.progress, name=stage.name))
     epochs = sorted({e for e in stage.export_epochs if 0 < e < stage.num_epochs})
     log(f"[{stage.name}] {stage.model}: {stage.num_epochs} epochs x {spe} steps"
         + (f", teacher {stage.teacher.label}" if stage.teacher is not None else "")
@@ -282,59 +285,6 @@ def stage_tx(config, data: Data, num_epochs: int, trainable=None, kind: str | No
     schedule = learning_rate_schedule(opt, steps_per_epoch=data.steps_per_epoch,
                                       num_epochs=num_epochs, batch_size=data.batch_size, kind=kind)
     return make_optimizer(opt, schedule, trainable)
-
-
-def teacher_stage(ctx: Context) -> Stage:
-    """The stage that trains ``config.teacher.model`` on labels (CE) for ``teacher_epochs`` at
-    ``teacher.lr`` (None: ``optimizer.lr``), keeping the epochs ``teacher.early_epoch`` and
-    ``run.save_epochs``."""
-    c = ctx.config
-    epochs = teacher_epochs(c)
-    module = build_model(c.teacher.model, ctx.data.num_classes, c.teacher.dtype, key="teacher.model")
-    keep = set(c.run.save_epochs)
-    if c.teacher.early_epoch is not None:
-        keep.add(c.teacher.early_epoch)
-    return Stage(name=TEACHER_STAGE, role="teacher", model=c.teacher.model, module=module,
-                 recipe=(recipe_lib.ce(1.0),), tx=stage_tx(c, ctx.data, epochs, lr=c.teacher.lr),
-                 num_epochs=epochs,
-                 export_epochs=tuple(sorted(keep)),
-                 row={"teacher": None, "kd_mode": "scratch", "reading": "none",
-                      "paper_error": c.paper.teacher_error, "paper_source": c.paper.source})
-
-
-def obtain_teacher(ctx: Context) -> tuple[TeacherModel | None, list[StageOutcome]]:
-    """The run's teacher from ``teacher.source``; trains it first for ``'train'``.
-
-    Returns ``(teacher, outcomes)``; ``teacher`` is None when the teacher stage was preempted.
-    """
-    c, data = ctx.config, ctx.data
-    if c.teacher.source == "checkpoint":
-        return load_checkpoint_teacher(c, data), []
-    if c.teacher.source == "torchvision":
-        return load_torchvision_teacher(c, data), []
-    stage = teacher_stage(ctx)
-    outcome = run_stage(stage, ctx)
-    if outcome.stopped_early:
-        return None, [outcome]
-    epoch = teacher_epoch(c)
-    variables = outcome.variables(stage.module, data.sample_input, epoch)
-    label = f"{c.teacher.model} (trained here, " + (f"epoch {epoch})" if epoch else "final)")
-    return TeacherModel(label=label, spec=c.teacher.model, module=stage.module, variables=variables,
-                        source="train", epoch=epoch), [outcome]
-
-
-def teacher_stores(ctx: Context, teacher: TeacherModel) -> tuple:
-    """``(train_store, eval_store)`` of ``teacher`` under ``teacher.store``, computed if missing;
-    None when a preemption stopped the computation (the next start resumes it)."""
-    c, data = ctx.config, ctx.data
-    stores = []
-    for split in (data.train_split, data.eval_split):
-        spec = store_spec(c, data, split, teacher)
-        stores.append(compute_store(os.path.join(c.teacher.store, split), spec, teacher, data,
-                                    ctx.mesh, resume=True, progress=c.run.progress))
-        if stores[-1] is None:
-            return None
-    return tuple(stores)
 
 
 def kd_stage(ctx: Context, *, name: str, role: str, spec: str, teacher: TeacherModel | None,

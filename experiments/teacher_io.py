@@ -1,31 +1,33 @@
-"""Teachers from outside the run and their precomputed logit stores.
+"""A frozen teacher (:class:`TeacherModel`) and its precomputed logit stores.
 
-A :class:`TeacherModel` is a frozen module with its variables: from a kdjax run's export
-(``teacher.source='checkpoint'``), a torchvision ResNet file (``'torchvision'``), or trained in
-the run (:func:`experiments.stages.obtain_teacher`). :func:`compute_store` runs one over a split
-into a :mod:`kdjax.logit_store` store; :func:`store_batch_transform` serves it to training.
+Where a run's teacher comes from (a kdjax run's export, a torchvision file, or trained in the run)
+is :mod:`experiments.teachers`. Here: :func:`compute_store` runs a teacher over a split into a
+:mod:`kdjax.logit_store` store, named by :func:`store_spec` (the teacher's origin and the digest of
+its weights, :func:`weights_digest`); :func:`open_store` opens a complete one; ``kdjax.loop.fit`` reads
+it through its ``train_store`` / ``eval_store`` arguments.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import os
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import jax
 
-from experiments.cli import log
+from experiments.console import log
 from experiments.datasets import Data
-from experiments.validate import ConfigError, build_model, parse_model_spec, teacher_epoch
-from experiments.rundir import (META_FILE, abstract_variables, load_variables, read_json,
-                                resolve_checkpoint_dir)
 from kdjax import sharding, teachers
 
 
 @dataclasses.dataclass
 class TeacherModel:
-    """A frozen teacher: its module, variables and a label saying where it came from."""
+    """A frozen teacher: its module, variables and a label saying where it came from.
+
+    ``source``: ``'checkpoint'``, ``'torchvision'``, ``'train'`` (see :mod:`experiments.teachers`)
+    or ``'chain'`` (an assistant of a teacher-assistant chain); ``epoch``: the epoch of its own
+    training it was taken from (None: its final state).
+    """
     label: str
     spec: str
     module: Any
@@ -35,44 +37,6 @@ class TeacherModel:
 
     def live(self) -> teachers.Teacher:
         return teachers.from_linen(self.module)
-
-
-def load_checkpoint_teacher(config, data: Data) -> TeacherModel:
-    """``teacher.source='checkpoint'``: variables exported by a kdjax run (the layout is in
-    :mod:`experiments.rundir`)."""
-    t = config.teacher
-    directory = resolve_checkpoint_dir(t.path, teacher_epoch(config))
-    module = build_model(t.model, data.num_classes, t.dtype, key="teacher.model")
-    meta = read_json(os.path.join(directory, META_FILE))
-    if meta.get("model") not in (None, t.model):
-        raise ConfigError(f"config.teacher.model={t.model!r} but {directory} holds a "
-                          f"{meta['model']!r} (set teacher.model to it).")
-    variables = load_variables(directory, abstract_variables(module, data.sample_input))
-    epoch = meta.get("epoch")
-    return TeacherModel(label=f"{t.model} (checkpoint, epoch {epoch})", spec=t.model, module=module,
-                        variables=variables, source="checkpoint", epoch=teacher_epoch(config))
-
-
-def load_torchvision_teacher(config, data: Data) -> TeacherModel:
-    """``teacher.source='torchvision'``: a torchvision ResNet ``state_dict`` file, converted."""
-    from kdjax import convert
-
-    t = config.teacher
-    name, kwargs = parse_model_spec(t.model, "teacher.model")
-    variables = convert.load_torchvision_resnet(t.path, int(name[len("resnet"):]))
-    classes = variables["params"]["fc"]["kernel"].shape[1]
-    if classes != data.num_classes:
-        raise ConfigError(f"config.teacher.path={t.path!r} has a {classes}-class fc layer but "
-                          f"{data.name} has {data.num_classes} classes; teacher and student must "
-                          f"share the label space.")
-    channels = variables["params"]["conv1"]["kernel"].shape[2]
-    if data.sample_input.shape[-1] != channels:
-        raise ConfigError(f"config.teacher.path={t.path!r} expects {channels}-channel images but "
-                          f"{data.name} inputs have {data.sample_input.shape[-1]} channel(s)"
-                          + ("; set dataset.rgb=True." if data.name != "imagenet2012" else "."))
-    module = build_model(t.model, data.num_classes, t.dtype, key="teacher.model")
-    return TeacherModel(label=f"{t.model} (torchvision: {os.path.basename(t.path)})", spec=t.model,
-                        module=module, variables=variables, source="torchvision")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -157,14 +121,3 @@ def open_store(path: str, spec):
     from kdjax import logit_store
 
     return logit_store.LogitStore.open(path, spec=spec)
-
-
-def store_batch_transform(train_store, eval_store) -> Callable[[Mapping[str, Any]], dict]:
-    """Adds the precomputed teacher outputs to a host batch.
-
-    Train batches (they carry ``epoch``, see :func:`kdjax.data.make_train_iterator`) read the
-    train-split store, eval batches the eval-split store: the ids of each split index its own store.
-    """
-    def add(batch):
-        return (train_store if "epoch" in batch else eval_store).add_to_batch(batch)
-    return add

@@ -1,9 +1,9 @@
 """Config checks: every value of an experiment config is checked before any heavy work.
 
-:func:`validate_config` lists all problems of a config in one :class:`ConfigError`; model specs
-(``"name"`` or ``"name:k=v,..."``) are parsed and built here (:func:`build_model`), so a bad spec
-fails at validation, not mid-run. :func:`teacher_epoch` / :func:`teacher_epochs` read which
-teacher state and how long a teacher trains.
+:func:`validate_config` lists all problems of a config in one :class:`ConfigError`
+(:mod:`experiments.errors`); it builds every model spec (:mod:`experiments.specs`), so a bad spec
+fails here, not mid-run. The valid values of each choice are listed below (the optimizers and
+schedules with their builders in :mod:`experiments.recipes`).
 """
 
 from __future__ import annotations
@@ -12,11 +12,13 @@ import os
 import re
 from typing import Any, Sequence
 
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from kdjax import models
+from experiments.errors import ConfigError
+from experiments.recipes import LR_SCHEDULES, OPTIMIZERS
+from experiments.specs import build_model, parse_model_spec
+from experiments.teachers import teacher_epochs
 from kdjax.convert import TORCHVISION_WIDTH
 
 EXPERIMENTS = ("kd", "fitnet", "teacher")
@@ -26,8 +28,6 @@ IMAGENET_SPLITS = ("train", "validation")
 KD_MODES = ("scratch", "full", "eskd")
 ESKD_READINGS = ("stop_kd", "early_teacher")
 TEACHER_SOURCES = ("none", "train", "checkpoint", "torchvision")
-OPTIMIZERS = ("sgd", "adam", "adamw")
-LR_SCHEDULES = ("step", "cosine", "constant")
 DTYPES = ("float32", "bfloat16")
 STORE_FORMATS = ("full", "topk")
 STORE_DTYPES = ("float16", "bfloat16", "float32")
@@ -36,58 +36,6 @@ NONFINITE = ("stop", "skip")
 BEST_METRICS = ("accuracy", "ce", "teacher_accuracy", "agreement", "kl")
 REGRESSOR_KINDS = ("conv", "dense")
 PADDINGS = ("SAME", "VALID")
-
-
-class ConfigError(ValueError):
-    """A bad command line or config value; the message names the key, the value and the fix."""
-
-
-# ------------------------------------------------------------------------------------------------
-# Model specs.
-# ------------------------------------------------------------------------------------------------
-
-
-def _literal(text: str) -> Any:
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    if text.lower() in ("true", "false"):
-        return text.lower() == "true"
-    return text
-
-
-def parse_model_spec(spec: Any, key: str) -> tuple[str, dict[str, Any]]:
-    """``"name"`` or ``"name:k=v,k2=v2"`` -> ``(name, {k: v, ...})`` (numbers and booleans parsed)."""
-    if not isinstance(spec, str) or not spec.strip():
-        raise ConfigError(f"config.{key} must be a model spec such as 'resnet18' or 'cnn1d:width=32'; "
-                          f"got {spec!r}.")
-    name, _, rest = spec.partition(":")
-    kwargs = {}
-    for item in filter(None, (s.strip() for s in rest.split(","))):
-        k, eq, v = item.partition("=")
-        if not eq or not k.strip():
-            raise ConfigError(f"config.{key}={spec!r}: attribute {item!r} must be key=value "
-                              f"(spec format 'name:key=value,key=value').")
-        kwargs[k.strip()] = _literal(v.strip())
-    return name.strip(), kwargs
-
-
-def build_model(spec: str, num_classes: int, dtype: str = "float32", key: str = "student.model"):
-    """The Linen module of a model spec (``kdjax.models.create``); ``dtype`` is the compute dtype."""
-    name, kwargs = parse_model_spec(spec, key)
-    if dtype == "bfloat16":
-        kwargs.setdefault("dtype", jnp.bfloat16)
-    try:
-        return models.create(name, num_classes, **kwargs)
-    except (ValueError, TypeError) as e:
-        raise ConfigError(f"config.{key}={spec!r}: {e}") from None
-
-
-# ------------------------------------------------------------------------------------------------
-# Config validation.
-# ------------------------------------------------------------------------------------------------
 
 
 def _is_int(value: Any) -> bool:
@@ -130,24 +78,6 @@ def _epoch_in_run(problems: list, key: str, value: Any, epochs: Any, what: str) 
     if not _is_int(value) or not _is_int(epochs) or not 1 <= value < epochs:
         problems.append(f"config.{key}={value!r} must be an integer epoch in [1, {epochs}) (inside "
                         f"the {what}'s {epochs} epochs).")
-
-
-def teacher_epoch(config) -> int | None:
-    """The epoch of its own training the teacher is taken from, or None for its final state.
-
-    ``teacher.early_epoch`` counts only where it has a meaning: ESKD's ``early_teacher`` reading
-    of a KD run, or any FitNet / teacher run; a KD run in another mode ignores it (and its result
-    rows say ``reading: none`` and ``teacher ... final``).
-    """
-    c = config
-    if c.experiment == "kd" and not (c.kd.mode == "eskd" and c.kd.reading == "early_teacher"):
-        return None
-    return c.teacher.early_epoch
-
-
-def teacher_epochs(config) -> int:
-    """Training length of a teacher trained in the run (``teacher.num_epochs`` or ``num_epochs``)."""
-    return config.teacher.num_epochs if config.teacher.num_epochs is not None else config.num_epochs
 
 
 def validate_config(config: ml_collections.ConfigDict, experiment: str | None = None, *,

@@ -1,7 +1,11 @@
 """The training loop: data pipeline -> sharded train step -> metrics, eval, checkpoints, preemption.
 
 :func:`fit` runs ``num_steps`` updates of a student (optionally distilled from a teacher) and is
-safe to kill at any moment:
+safe to kill at any moment. It builds (student state, teacher placement, steps), resumes, then
+loops. Its settings (eval, checkpoint and log cadence, kept checkpoints, best metric, non-finite
+policy, progress, preemption, prefetch) are one frozen, self-checking :class:`FitOptions`; a
+precomputed teacher's logit stores are passed by name (``train_store``, ``eval_store``: each
+split's batches read their own split's store):
 
 * **Resume.** If ``<workdir>/checkpoints`` holds a checkpoint, the newest good one is restored
   (train state *and* the data iterator's position) and training continues from it. Because the
@@ -108,7 +112,7 @@ class FitResult:
 
 
 # ----------------------------------------------------------------------------------------------
-# Argument and batch validation.
+# Options, argument and batch validation.
 # ----------------------------------------------------------------------------------------------
 
 
@@ -117,11 +121,104 @@ def _check_int(name: str, value: Any, minimum: int) -> None:
         raise ValueError(f"{name} must be an integer >= {minimum}; got {value!r}.")
 
 
-def _validate_args(*, workdir, student, tx, train_iter, eval_iter_fn, num_steps, sample_input,
-                   seed, teacher, teacher_variables, param_mode, teacher_mode, eval_every,
-                   checkpoint_every, log_every, keep, best_metric, best_mode, nonfinite,
-                   batch_transform, eval_batch_transform) -> None:
-    """Raises ValueError/TypeError naming the first bad argument of :func:`fit`."""
+@dataclasses.dataclass(frozen=True)
+class FitOptions:
+    """How :func:`fit` runs, apart from what it trains: eval, checkpoint and log cadence, what is
+    kept, the non-finite policy, progress bar, preemption and input pipeline.
+
+    Frozen, and checked when built: a bad value raises the ValueError naming the field that
+    ``fit`` gave for it. ``options.replace(**changes)`` returns a checked copy. The checks that
+    depend on the run (``eval_every`` needs an ``eval_iter_fn``; teacher metrics for
+    ``best_metric`` need a teacher) are made by ``fit``.
+
+    Attributes:
+      eval_every: evaluate every this many steps (0: only after the last step, if eval_iter_fn).
+      checkpoint_every: checkpoint every this many steps (0: only at eval/preemption/the end).
+      log_every: fetch, check and log train metrics every this many steps.
+      keep: newest checkpoints kept (plus the best-by-``best_metric`` one).
+      best_metric: eval metric that ranks checkpoints and picks ``FitResult.best`` (None: off).
+      best_mode: ``'max'``/``'min'``; default (None) ``'min'`` for ``ce``/``kl``, else ``'max'``.
+      nonfinite: ``'stop'`` (raise :class:`NonFiniteLossError`) or ``'skip'``.
+      progress: tqdm bar on process 0. name: the bar's label.
+      input_key: batch key of the student's input.
+      handle_preemption: install the SIGTERM watcher (needs the main thread).
+      async_checkpoint: write checkpoints in the background while training goes on.
+      prefetch: device batches prepared ahead in a background thread.
+    """
+    eval_every: int = 0
+    checkpoint_every: int = 0
+    log_every: int = 100
+    keep: int = 3
+    best_metric: str | None = "accuracy"
+    best_mode: str | None = None
+    nonfinite: str = "stop"
+    progress: bool = True
+    name: str = "train"
+    input_key: str = "image"
+    handle_preemption: bool = True
+    async_checkpoint: bool = True
+    prefetch: int = 2
+
+    def __post_init__(self) -> None:
+        _check_int("eval_every", self.eval_every, 0)
+        _check_int("checkpoint_every", self.checkpoint_every, 0)
+        _check_int("log_every", self.log_every, 1)
+        _check_int("keep", self.keep, 1)
+        _check_int("prefetch", self.prefetch, 1)
+        if self.nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES} ('stop' raises "
+                             f"NonFiniteLossError, 'skip' skips the update and goes on); got "
+                             f"{self.nonfinite!r}.")
+        if self.best_mode not in (None, "max", "min"):
+            raise ValueError(f"best_mode must be None (inferred from best_metric), 'max' or "
+                             f"'min'; got {self.best_mode!r}.")
+        if not isinstance(self.input_key, str) or not self.input_key:
+            raise TypeError(f"input_key must be a batch key (a non-empty str); got "
+                            f"{self.input_key!r}.")
+
+    def replace(self, **changes: Any) -> "FitOptions":
+        """A copy with ``changes`` (checked like a new one)."""
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def rank_mode(self) -> str:
+        """``best_mode``, or the direction in which ``best_metric`` improves."""
+        return self.best_mode or ("min" if self.best_metric in _LOWER_IS_BETTER else "max")
+
+    def _check_run(self, *, evaluates: bool, has_teacher: bool) -> None:
+        """The checks that need the run: an eval to schedule, a teacher for teacher metrics."""
+        if self.eval_every and not evaluates:
+            raise ValueError(f"eval_every={self.eval_every} but no eval_iter_fn was given; pass "
+                             f"eval_iter_fn=lambda: make_eval_iterator(...) or set eval_every=0.")
+        if self.best_metric is not None:
+            allowed = EVAL_METRICS + (TEACHER_EVAL_METRICS if has_teacher else ())
+            if self.best_metric not in allowed:
+                raise ValueError(f"best_metric {self.best_metric!r} is not an eval metric of this "
+                                 f"run; use one of {allowed} or None.")
+
+
+_OPTION_NAMES = frozenset(f.name for f in dataclasses.fields(FitOptions))
+
+
+def _removed_arguments(names) -> TypeError:
+    """The TypeError for keyword arguments ``fit`` no longer takes."""
+    names = sorted(names)
+    moved = [n for n in names if n in _OPTION_NAMES]
+    if moved:
+        return TypeError(
+            f"fit() takes {moved} in its options now: pass options=kdjax.loop.FitOptions("
+            f"{', '.join(f'{n}=...' for n in moved)}).")
+    if "eval_batch_transform" in names:
+        return TypeError(
+            "fit() no longer takes eval_batch_transform: pass the eval split's logit store as "
+            "eval_store=LogitStore.open(...) (and the train split's as train_store=); "
+            "batch_transform serves train and eval batches.")
+    return TypeError(f"fit() got an unexpected keyword argument {names[0]!r}.")
+
+
+def _check_model(*, workdir, student, tx, num_steps, sample_input, seed, param_mode,
+                 init_params) -> None:
+    """Raises ValueError/TypeError naming the first bad argument about what ``fit`` trains."""
     if not isinstance(workdir, (str, os.PathLike)) or not os.fspath(workdir):
         raise TypeError(f"workdir must be a non-empty path; got {workdir!r}.")
     if not (train.is_nnx(student) or (hasattr(student, "init") and hasattr(student, "apply"))):
@@ -130,39 +227,22 @@ def _validate_args(*, workdir, student, tx, train_iter, eval_iter_fn, num_steps,
     if not isinstance(tx, optax.GradientTransformation):
         raise TypeError(f"tx must be an optax.GradientTransformation (e.g. optax.adam(1e-3)); "
                         f"got {type(tx).__name__}.")
-    if not (hasattr(train_iter, "__next__") and hasattr(train_iter, "get_state")
-            and hasattr(train_iter, "set_state")):
-        raise TypeError(
-            f"train_iter must be a checkpointable iterator with __next__, get_state and set_state "
-            f"(kdjax.data.make_train_iterator gives one); got {type(train_iter).__name__}. Its state "
-            f"is saved with every checkpoint so a resumed run sees the same batches.")
-    if eval_iter_fn is not None and not callable(eval_iter_fn):
-        raise TypeError(f"eval_iter_fn must be a function returning a fresh eval iterator; got "
-                        f"{type(eval_iter_fn).__name__}.")
-    for arg, fn in (("batch_transform", batch_transform),
-                    ("eval_batch_transform", eval_batch_transform)):
-        if fn is not None and not callable(fn):
-            raise TypeError(f"{arg} must be a function batch -> batch (e.g. "
-                            f"LogitStore.add_to_batch); got {type(fn).__name__}.")
     _check_int("num_steps", num_steps, 1)
-    _check_int("eval_every", eval_every, 0)
-    _check_int("checkpoint_every", checkpoint_every, 0)
-    _check_int("log_every", log_every, 1)
-    _check_int("keep", keep, 1)
     _check_int("seed", seed, 0)
     if np.ndim(sample_input) < 1:
         raise ValueError(f"sample_input must be an example batch [b, ...] (only its shape and dtype "
                          f"matter); got {sample_input!r:.100}.")
-    for name, mode in (("param_mode", param_mode), ("teacher_mode", teacher_mode)):
-        if mode not in ("replicate", "fsdp"):
-            raise ValueError(f"{name} must be 'replicate' or 'fsdp'; got {mode!r}.")
-    if nonfinite not in NONFINITE_POLICIES:
-        raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES} ('stop' raises "
-                         f"NonFiniteLossError, 'skip' skips the update and goes on); got "
-                         f"{nonfinite!r}.")
-    if eval_every and eval_iter_fn is None:
-        raise ValueError(f"eval_every={eval_every} but no eval_iter_fn was given; pass "
-                         f"eval_iter_fn=lambda: make_eval_iterator(...) or set eval_every=0.")
+    if param_mode not in ("replicate", "fsdp"):
+        raise ValueError(f"param_mode must be 'replicate' or 'fsdp'; got {param_mode!r}.")
+    if init_params is not None and train.is_nnx(student):
+        raise TypeError("init_params is for Linen students; an NNX student starts from its own "
+                        "variables: put the weights into it (nnx.update(model, state)) before fit.")
+
+
+def _check_teacher(*, teacher, teacher_variables, teacher_mode, teacher_mesh, recipe) -> None:
+    """Raises ValueError/TypeError naming the first bad teacher argument of ``fit``."""
+    if teacher_mode not in ("replicate", "fsdp"):
+        raise ValueError(f"teacher_mode must be 'replicate' or 'fsdp'; got {teacher_mode!r}.")
     if teacher is not None and not isinstance(teacher, Teacher):
         raise TypeError(f"teacher must be a kdjax.teachers.Teacher (teachers.from_linen(module), "
                         f"teachers.precomputed(), ...); got {type(teacher).__name__}.")
@@ -172,41 +252,75 @@ def _validate_args(*, workdir, student, tx, train_iter, eval_iter_fn, num_steps,
     if teacher is not None and teacher.live and teacher_variables is None:
         raise ValueError("a live teacher needs its frozen variables: pass teacher_variables= "
                          "(e.g. the teacher's {'params': ..., 'batch_stats': ...}).")
-    store = getattr(batch_transform, "__self__", None)
-    if (eval_iter_fn is not None and eval_batch_transform is None
-            and isinstance(store, LogitStore)):
+    if teacher_mesh is None:
+        return
+    if teacher is None or not teacher.live:
+        raise ValueError("teacher_mesh runs a live teacher on its own devices, but the "
+                         "teacher is " + ("missing" if teacher is None else "precomputed")
+                         + "; pass a live teacher (teachers.from_linen(...)) and its "
+                         "teacher_variables, or drop teacher_mesh.")
+    if recipe_features(recipe):
         raise ValueError(
-            f"batch_transform is the add_to_batch of the logit store of split "
-            f"{store.spec.split!r}, and without eval_batch_transform it would also be applied to "
-            f"the eval batches, whose example ids index another split; pass eval_batch_transform="
-            f"LogitStore.open(<store of the eval split>).add_to_batch.")
-    if best_metric is not None:
-        allowed = EVAL_METRICS + (TEACHER_EVAL_METRICS if teacher is not None else ())
-        if best_metric not in allowed:
-            raise ValueError(f"best_metric {best_metric!r} is not an eval metric of this run; use "
-                             f"one of {allowed} or None.")
-    if best_mode not in (None, "max", "min"):
-        raise ValueError(f"best_mode must be None (inferred from best_metric), 'max' or 'min'; "
-                         f"got {best_mode!r}.")
+            f"teacher_mesh hands the step the teacher's logits only, but the recipe reads its "
+            f"features {recipe_features(recipe)} (hint/attention terms); run the teacher "
+            f"inside the step (teacher_mesh=None; experiments: config.run.teacher_devices=0).")
 
 
-def _check_stores(num_classes: int, best_metric: str | None, **transforms) -> None:
-    """Refuses a transform that is a :class:`LogitStore`'s ``add_to_batch`` for a teacher with
-    another class count than the student's ``num_classes`` (a top-k store's indices would
-    otherwise train the student silently on the wrong label space), and a teacher ``best_metric``
-    with a top-k store for eval (its eval gives no teacher metrics)."""
-    for arg, fn in transforms.items():
-        store = getattr(fn, "__self__", None)
-        if not isinstance(store, LogitStore):
-            continue
-        if store.spec.num_classes != num_classes:
-            raise ValueError(
-                f"{arg} reads a logit store of a {store.spec.num_classes}-class teacher "
-                f"({store.spec.teacher}) but the student has {num_classes} classes; the teacher "
-                f"and student must share the label space (build the student with num_classes="
-                f"{store.spec.num_classes}, or use a store of a teacher on these classes).")
-        if arg == "eval_batch_transform" and store.spec.format == "topk":
-            _check_best_metric(best_metric, EVAL_METRICS)
+def _check_data(*, train_iter, eval_iter_fn, batch_transform, train_store, eval_store,
+                teacher) -> None:
+    """Raises ValueError/TypeError naming the first bad data argument of ``fit``, including the
+    teacher-data contract: a logit store is passed by name, for its own split, with
+    ``teachers.precomputed()``."""
+    if not (hasattr(train_iter, "__next__") and hasattr(train_iter, "get_state")
+            and hasattr(train_iter, "set_state")):
+        raise TypeError(
+            f"train_iter must be a checkpointable iterator with __next__, get_state and set_state "
+            f"(kdjax.data.make_train_iterator gives one); got {type(train_iter).__name__}. Its state "
+            f"is saved with every checkpoint so a resumed run sees the same batches.")
+    if eval_iter_fn is not None and not callable(eval_iter_fn):
+        raise TypeError(f"eval_iter_fn must be a function returning a fresh eval iterator; got "
+                        f"{type(eval_iter_fn).__name__}.")
+    if batch_transform is not None and not callable(batch_transform):
+        raise TypeError(f"batch_transform must be a function batch -> batch (e.g. an "
+                        f"augmentation); got {type(batch_transform).__name__}.")
+    stores = {"train_store": train_store, "eval_store": eval_store}
+    for arg, store in stores.items():
+        if store is not None and not isinstance(store, LogitStore):
+            raise TypeError(f"{arg} must be a kdjax.logit_store.LogitStore (LogitStore.open(path)) "
+                            f"or None; got {type(store).__name__}.")
+    given = [arg for arg, store in stores.items() if store is not None]
+    if given and (teacher is None or teacher.live):
+        raise ValueError(
+            f"{given[0]} holds a precomputed teacher's outputs, which only teachers.precomputed() "
+            f"reads, but the teacher is {'missing' if teacher is None else 'live'}; pass "
+            f"teacher=kdjax.teachers.precomputed() (or drop the stores).")
+    if eval_store is not None and eval_iter_fn is None:
+        raise ValueError("eval_store was given but no eval_iter_fn; pass eval_iter_fn=lambda: "
+                         "make_eval_iterator(...) for the store's split, or drop eval_store.")
+    if train_store is not None and eval_iter_fn is not None and eval_store is None:
+        raise ValueError(
+            f"train_store is the logit store of split {train_store.spec.split!r}, but the eval "
+            f"batches need the teacher outputs of their own split (their example ids index "
+            f"another store); pass eval_store=LogitStore.open(<store of the eval split>) (or "
+            f"eval_iter_fn=None).")
+
+
+def _check_store(arg: str, store: LogitStore | None, num_classes: int,
+                 best_metric: str | None) -> None:
+    """The class-count check of a logit store: refuses a store of a teacher with another class
+    count than the student's ``num_classes`` (a top-k store's indices would otherwise train the
+    student silently on the wrong label space); and a teacher ``best_metric`` with a top-k store
+    for eval (its eval gives no teacher metrics)."""
+    if store is None:
+        return
+    if store.spec.num_classes != num_classes:
+        raise ValueError(
+            f"{arg} is a logit store of a {store.spec.num_classes}-class teacher "
+            f"({store.spec.teacher}) but the student has {num_classes} classes; the teacher "
+            f"and student must share the label space (build the student with num_classes="
+            f"{store.spec.num_classes}, or use a store of a teacher on these classes).")
+    if arg == "eval_store" and store.spec.format == "topk":
+        _check_best_metric(best_metric, EVAL_METRICS)
 
 
 def _check_best_metric(best_metric: str | None, metrics) -> None:
@@ -234,6 +348,19 @@ def _with_index_check(transform: Callable[[Any], Any] | None, num_classes: int, 
                 f"(use a store of a teacher on these classes).")
         return out
     return checked
+
+
+def _host_transform(store: LogitStore | None, batch_transform: Callable[[Any], Any] | None,
+                    num_classes: int) -> Callable[[Any], Any] | None:
+    """The host transform of one split's batches: the store's teacher outputs added (the store
+    was checked against the student by :func:`_check_store`), then ``batch_transform``, whose
+    top-k teacher classes are checked."""
+    transform = _with_index_check(batch_transform, num_classes, "batch_transform")
+    if store is None:
+        return transform
+    if transform is None:
+        return store.add_to_batch
+    return lambda batch: transform(store.add_to_batch(batch))
 
 
 def _check_batch(batch: Any, *, input_key: str, example_shape: tuple[int, ...], num_classes: int,
@@ -506,19 +633,80 @@ def _log_window(writer: metrics_lib.MetricWriter, bar, history: list, window: _W
     return _Window()
 
 
+@dataclasses.dataclass(frozen=True)
+class _Built:
+    """What :func:`_build` makes besides the fresh state: the programs that train the student."""
+    state_shardings: Any
+    train_step: Callable
+    eval_step: Callable | None
+    teacher_variables: Any  # on the student's mesh ({} when the teacher is precomputed)
+    device_fn: Callable[[dict], dict] | None  # adds the logits of a teacher on its own devices
+    num_classes: int  # the student's
+
+
+def _build(student, tx: optax.GradientTransformation, recipe: Sequence[Term],
+           teacher: Teacher | None, teacher_variables: Any, *, sample_input, seed: int,
+           mesh: Mesh, param_mode: str, teacher_mode: str, teacher_mesh: Mesh | None,
+           input_key: str, evaluate: bool) -> tuple[train.TrainState, _Built]:
+    """Initialises the student into its shardings, places the teacher and builds the steps;
+    returns ``(fresh state, the rest)`` (the state apart, so that a restored one replaces it).
+
+    The teacher runs inside the steps with its variables on ``mesh`` (``teacher_mode``), or with
+    ``teacher_mesh`` on those devices, ahead of the steps (:func:`kdjax.teachers.on_devices`),
+    which then read its logits as a precomputed teacher's. The steps are
+    :func:`kdjax.train.make_steps`'s.
+    """
+    state, state_shardings = train.init_train_state(student, tx, sample_input, seed=seed,
+                                                    mesh=mesh, mode=param_mode)
+    device_fn = None
+    if teacher_mesh is not None:
+        device_fn = teachers.on_devices(teacher, teacher_variables, teacher_mesh,
+                                        student_mesh=mesh, mode=teacher_mode)
+        teacher, teacher_variables = teachers.precomputed(), None
+    train_step, eval_step, t_shardings = train.make_steps(
+        student, tx, recipe, teacher, teacher_variables, mesh=mesh,
+        state_shardings=state_shardings, teacher_mode=teacher_mode, input_key=input_key,
+        evaluate=evaluate)
+    t_vars = jax.device_put({} if teacher_variables is None else teacher_variables, t_shardings)
+    apply = train.student_apply(student)
+    logits_shape = jax.eval_shape(lambda s, x: apply(s.params, s.batch_stats, x, False, s.rng)[0]
+                                  .logits, state, sample_input)
+    return state, _Built(state_shardings=state_shardings, train_step=train_step,
+                         eval_step=eval_step, teacher_variables=t_vars, device_fn=device_fn,
+                         num_classes=int(logits_shape.shape[-1]))
+
+
+def _resume(ckpt: checkpointing.Checkpointer, state: train.TrainState, state_shardings: Any,
+            train_iter, tx, init_params: Mapping[str, Any] | None, workdir: str, chief: bool):
+    """The state to start from: the newest good checkpoint's (and ``train_iter``'s position),
+    else the fresh ``state`` with ``init_params`` merged in. Returns ``(state, start, history,
+    eval_history)``, the logs of the steps before ``start`` re-read (process 0) and those after it
+    dropped, since those steps are redone."""
+    restored = ckpt.restore(checkpointing.abstract_state(state), data_iterator=train_iter)
+    if restored is not None:
+        state, _ = restored
+        if init_params is not None and chief:
+            logger.info("Resuming from %s: init_params are ignored.", ckpt.directory)
+    elif init_params is not None:
+        state = merge_init_params(state, init_params, tx, state_shardings)
+    start = int(jax.device_get(state.step))
+    previous = (metrics_lib.truncate_jsonl(os.path.join(workdir, metrics_lib.JSONL_NAME), start)
+                if chief else [])
+    history = [_strip(r) for r in previous if r.get("kind") == "train"]
+    eval_history = [_strip(r) for r in previous if r.get("kind") == "eval"]
+    return state, start, history, eval_history
+
+
 def fit(*, workdir: str, student, tx: optax.GradientTransformation, recipe: Sequence[Term],
-        teacher: Teacher | None = None, teacher_variables: Any = None, train_iter,
-        eval_iter_fn: Callable[[], Iterator] | None = None, num_steps: int, sample_input,
-        seed: int, mesh: Mesh | None = None, param_mode: str = "replicate",
-        teacher_mode: str = "replicate", teacher_mesh: Mesh | None = None,
-        eval_every: int = 0, checkpoint_every: int = 0,
-        log_every: int = 100, keep: int = 3, best_metric: str | None = "accuracy",
-        nonfinite: str = "stop", batch_transform: Callable[[Any], Any] | None = None,
-        eval_batch_transform: Callable[[Any], Any] | None = None,
-        init_params: Mapping[str, Any] | None = None, progress: bool = True,
-        name: str = "train", best_mode: str | None = None, input_key: str = "image",
-        handle_preemption: bool = True, async_checkpoint: bool = True,
-        prefetch: int = 2) -> FitResult:
+        train_iter, num_steps: int, sample_input, seed: int,
+        teacher: Teacher | None = None, teacher_variables: Any = None,
+        train_store: LogitStore | None = None, eval_store: LogitStore | None = None,
+        eval_iter_fn: Callable[[], Iterator] | None = None,
+        batch_transform: Callable[[Any], Any] | None = None,
+        init_params: Mapping[str, Any] | None = None, mesh: Mesh | None = None,
+        param_mode: str = "replicate", teacher_mode: str = "replicate",
+        teacher_mesh: Mesh | None = None, options: FitOptions = FitOptions(),
+        **removed: Any) -> FitResult:
     """Trains ``student`` for ``num_steps`` updates in total (counting steps done before a resume).
 
     Args:
@@ -529,143 +717,103 @@ def fit(*, workdir: str, student, tx: optax.GradientTransformation, recipe: Sequ
         variables (:func:`kdjax.train.nnx_student`; the module itself is left unchanged).
       tx: optax optimizer (schedules inside it see the update count, which is restored on resume).
       recipe: loss terms (:mod:`kdjax.recipe`).
-      teacher, teacher_variables: a :class:`kdjax.teachers.Teacher` and its frozen variables
-        (omit the variables for ``teachers.precomputed()``).
       train_iter: checkpointable iterator (``get_state``/``set_state``) of host-local NumPy batch
         dicts ``{'image', 'label', 'id', 'mask', ...}`` (``kdjax.data.make_train_iterator``); on
         ``P`` processes each yields its ``global_batch / P`` rows.
-      eval_iter_fn: ``() -> iterator`` of padded, masked eval batches (``make_eval_iterator``).
       num_steps: total updates; a resumed run stops at the same step as an uninterrupted one.
       sample_input: an example input batch ``[b, ...]`` (shape and dtype used for init and checks).
       seed: initialisation and dropout seed.
+      teacher, teacher_variables: a :class:`kdjax.teachers.Teacher` and its frozen variables
+        (omit the variables for ``teachers.precomputed()``).
+      train_store, eval_store: a precomputed teacher's outputs (``teacher=teachers.precomputed()``):
+        the :class:`kdjax.logit_store.LogitStore` of the train split, whose ``add_to_batch`` every
+        train batch goes through, and that of the eval split, for the eval batches (example ids
+        index their own split). Both must hold the student's class count (checked before any
+        step); with a train store and an eval, the eval store is needed; a top-k eval store gives
+        no teacher eval metrics.
+      eval_iter_fn: ``() -> iterator`` of padded, masked eval batches (``make_eval_iterator``).
+      batch_transform: host function ``batch -> batch`` applied to every train and eval batch
+        after the checks and the store's outputs; it runs in the prefetch thread, ahead of the
+        step that uses the batch. Train batches carry an ``'epoch'`` key and eval batches do not.
+      init_params: initial ``{'params', 'batch_stats'}`` (partial allowed) for a fresh run, merged
+        as in :func:`merge_init_params`; ignored when resuming (the checkpoint wins).
       mesh: ``('data', 'fsdp')`` mesh (default :func:`kdjax.sharding.make_mesh` over all devices).
       param_mode, teacher_mode: ``'replicate'`` or ``'fsdp'`` for the student state / teacher.
       teacher_mesh: run the live teacher on these devices (normally others than ``mesh``'s),
         ahead of the student's steps (:func:`kdjax.teachers.on_devices`; logits only, one
         process; ``teacher_mode`` shards it over the mesh's ``fsdp`` axis); by default the
         teacher runs inside the step on ``mesh``.
-      eval_every: evaluate every this many steps (0: only after the last step, if eval_iter_fn).
-      checkpoint_every: checkpoint every this many steps (0: only at eval/preemption/the end).
-      log_every: fetch, check and log train metrics every this many steps.
-      keep: newest checkpoints kept (plus the best-by-``best_metric`` one).
-      best_metric: eval metric that ranks checkpoints and picks ``FitResult.best`` (None: off).
-      nonfinite: ``'stop'`` (raise :class:`NonFiniteLossError`) or ``'skip'``.
-      batch_transform: host function ``batch -> batch`` applied to every train batch after the
-        checks (e.g. ``LogitStore.add_to_batch``); it runs in the prefetch thread, ahead of the
-        step that uses the batch. Also applied to eval batches unless ``eval_batch_transform`` is
-        given. Train batches carry an ``'epoch'`` key and eval batches do not, so one function can
-        serve both splits.
-      eval_batch_transform: the transform for eval batches instead of ``batch_transform``. Example
-        ids index their own split, so with a precomputed teacher pass the eval split's
-        ``LogitStore.add_to_batch`` here; passing one store's ``add_to_batch`` as
-        ``batch_transform`` alone is refused when there is an eval.
-      init_params: initial ``{'params', 'batch_stats'}`` (partial allowed) for a fresh run, merged
-        as in :func:`merge_init_params`; ignored when resuming (the checkpoint wins).
-      progress: tqdm bar on process 0. name: the bar's label.
-      best_mode: ``'max'``/``'min'``; default ``'min'`` for ``ce``/``kl``, else ``'max'``.
-      input_key: batch key of the student's input.
-      handle_preemption: install the SIGTERM watcher (needs the main thread).
-      async_checkpoint: write checkpoints in the background while training goes on.
-      prefetch: device batches prepared ahead in a background thread.
+      options: :class:`FitOptions`: eval, checkpoint and log cadence, kept checkpoints, best
+        metric, non-finite policy, progress bar, preemption, prefetch.
 
     Returns:
       :class:`FitResult`.
 
     Raises:
-      NonFiniteLossError: ``nonfinite='stop'`` and an update was non-finite.
-      ValueError / TypeError: bad arguments or batches (message names the argument and the fix).
+      NonFiniteLossError: ``options.nonfinite='stop'`` and an update was non-finite.
+      ValueError / TypeError: bad arguments or batches (message names the argument and the fix);
+        a TypeError names :class:`FitOptions` for a setting passed as a keyword argument.
       kdjax.checkpointing.CheckpointSaveError (and its CheckpointDiskFullError): a save failed;
         the previous checkpoints are intact, rerun to resume from the last one.
     """
-    _validate_args(workdir=workdir, student=student, tx=tx, train_iter=train_iter,
-                   eval_iter_fn=eval_iter_fn, num_steps=num_steps, sample_input=sample_input,
-                   seed=seed, teacher=teacher, teacher_variables=teacher_variables,
-                   param_mode=param_mode, teacher_mode=teacher_mode, eval_every=eval_every,
-                   checkpoint_every=checkpoint_every, log_every=log_every, keep=keep,
-                   best_metric=best_metric, best_mode=best_mode, nonfinite=nonfinite,
-                   batch_transform=batch_transform, eval_batch_transform=eval_batch_transform)
-    _check_int("prefetch", prefetch, 1)
-    if init_params is not None and train.is_nnx(student):
-        raise TypeError("init_params is for Linen students; an NNX student starts from its own "
-                        "variables: put the weights into it (nnx.update(model, state)) before fit.")
-    if handle_preemption and threading.current_thread() is not threading.main_thread():
+    if removed:
+        raise _removed_arguments(removed)
+    if not isinstance(options, FitOptions):
+        raise TypeError(f"options must be a kdjax.loop.FitOptions; got {type(options).__name__}.")
+    _check_model(workdir=workdir, student=student, tx=tx, num_steps=num_steps,
+                 sample_input=sample_input, seed=seed, param_mode=param_mode,
+                 init_params=init_params)
+    _check_teacher(teacher=teacher, teacher_variables=teacher_variables,
+                   teacher_mode=teacher_mode, teacher_mesh=teacher_mesh, recipe=recipe)
+    _check_data(train_iter=train_iter, eval_iter_fn=eval_iter_fn, batch_transform=batch_transform,
+                train_store=train_store, eval_store=eval_store, teacher=teacher)
+    options._check_run(evaluates=eval_iter_fn is not None, has_teacher=teacher is not None)
+    if options.handle_preemption and threading.current_thread() is not threading.main_thread():
         raise RuntimeError("fit() installs a SIGTERM handler for preemption, which Python allows "
                            "only in the main thread; call fit() from the main thread or pass "
                            "handle_preemption=False.")
+    eval_every, checkpoint_every = options.eval_every, options.checkpoint_every
+    log_every, nonfinite = options.log_every, options.nonfinite
     workdir = os.path.abspath(os.fspath(workdir))
     mesh = sharding.make_mesh() if mesh is None else mesh
     chief = jax.process_index() == 0
     do_eval_at_all = eval_iter_fn is not None
-    eval_transform = batch_transform if eval_batch_transform is None else eval_batch_transform
-    track_best = best_metric is not None and do_eval_at_all
-    best_mode = best_mode or ("min" if best_metric in _LOWER_IS_BETTER else "max")
+    track_best = options.best_metric is not None and do_eval_at_all
+    best_metric, best_mode = (options.best_metric if track_best else None), options.rank_mode
 
-    state, state_shardings = train.init_train_state(student, tx, sample_input, seed=seed,
-                                                    mesh=mesh, mode=param_mode)
-    add_logits = None
-    if teacher_mesh is not None:
-        if teacher is None or not teacher.live:
-            raise ValueError("teacher_mesh runs a live teacher on its own devices, but the "
-                             "teacher is " + ("missing" if teacher is None else "precomputed")
-                             + "; pass a live teacher (teachers.from_linen(...)) and its "
-                             "teacher_variables, or drop teacher_mesh.")
-        if recipe_features(recipe):
-            raise ValueError(
-                f"teacher_mesh hands the step the teacher's logits only, but the recipe reads its "
-                f"features {recipe_features(recipe)} (hint/attention terms); run the teacher "
-                f"inside the step (teacher_mesh=None; experiments: config.run.teacher_devices=0).")
-        add_logits = teachers.on_devices(teacher, teacher_variables, teacher_mesh,
-                                         student_mesh=mesh, mode=teacher_mode)
-        teacher, teacher_variables = teachers.precomputed(), None
-    train_step, eval_step, t_shardings = train.make_steps(
-        student, tx, recipe, teacher, teacher_variables, mesh=mesh,
-        state_shardings=state_shardings, teacher_mode=teacher_mode, input_key=input_key,
-        evaluate=do_eval_at_all)
-    t_vars = jax.device_put({} if teacher_variables is None else teacher_variables, t_shardings)
-    apply = train.student_apply(student)
-    logits_shape = jax.eval_shape(lambda s, x: apply(s.params, s.batch_stats, x, False, s.rng)[0]
-                                  .logits, state, sample_input)
-    num_classes = int(logits_shape.shape[-1])
-    _check_stores(num_classes, best_metric if track_best else None,
-                  batch_transform=batch_transform, eval_batch_transform=eval_transform)
-    train_transform = _with_index_check(batch_transform, num_classes, "batch_transform")
-    eval_transform = _with_index_check(eval_transform, num_classes, "the eval batch transform")
-    check = functools.partial(_check_batch, input_key=input_key,
+    state, built = _build(student, tx, recipe, teacher, teacher_variables, sample_input=sample_input,
+                   seed=seed, mesh=mesh, param_mode=param_mode, teacher_mode=teacher_mode,
+                   teacher_mesh=teacher_mesh, input_key=options.input_key, evaluate=do_eval_at_all)
+    train_step, eval_step, t_vars = built.train_step, built.eval_step, built.teacher_variables
+    add_logits, num_classes = built.device_fn, built.num_classes
+    _check_store("train_store", train_store, num_classes, best_metric)
+    _check_store("eval_store", eval_store, num_classes, best_metric)
+    train_transform = _host_transform(train_store, batch_transform, num_classes)
+    eval_transform = _host_transform(eval_store, batch_transform, num_classes)
+    check = functools.partial(_check_batch, input_key=options.input_key,
                               example_shape=tuple(np.shape(sample_input))[1:],
                               num_classes=num_classes,
                               num_devices=int(mesh.devices.size))
 
     with contextlib.ExitStack() as stack:
         ckpt = checkpointing.Checkpointer(
-            os.path.join(workdir, CHECKPOINT_DIR), max_to_keep=keep,
-            best_metric=best_metric if track_best else None, best_mode=best_mode,
-            async_save=async_checkpoint)
+            os.path.join(workdir, CHECKPOINT_DIR), max_to_keep=options.keep,
+            best_metric=best_metric, best_mode=best_mode, async_save=options.async_checkpoint)
         stack.callback(ckpt.close)
-        restored = ckpt.restore(checkpointing.abstract_state(state), data_iterator=train_iter)
-        if restored is not None:
-            state, _ = restored
-            if init_params is not None and chief:
-                logger.info("Resuming from %s: init_params are ignored.", ckpt.directory)
-        elif init_params is not None:
-            state = merge_init_params(state, init_params, tx, state_shardings)
-        start = int(jax.device_get(state.step))
-
-        previous = (metrics_lib.truncate_jsonl(os.path.join(workdir, metrics_lib.JSONL_NAME),
-                                               start) if chief else [])
-        history = [_strip(r) for r in previous if r.get("kind") == "train"]
-        eval_history = [_strip(r) for r in previous if r.get("kind") == "eval"]
+        state, start, history, eval_history = _resume(
+            ckpt, state, built.state_shardings, train_iter, tx, init_params, workdir, chief)
         writer = stack.enter_context(metrics_lib.MetricWriter(workdir, enabled=chief,
                                                               purge_step=start))
-        watcher = (stack.enter_context(PreemptionWatcher()) if handle_preemption else None)
+        watcher = (stack.enter_context(PreemptionWatcher()) if options.handle_preemption else None)
         batches = prefetch_to_device(_TrainBatches(train_iter, functools.partial(
             check, where="train_iter"), train_transform), sharding.batch_sharding(mesh),
-            size=prefetch, device_fn=add_logits)
+            size=options.prefetch, device_fn=add_logits)
         stack.callback(batches.close)
         bar = None
-        if progress and chief and start < num_steps:
+        if options.progress and chief and start < num_steps:
             from tqdm.auto import tqdm
 
-            bar = stack.enter_context(tqdm(total=num_steps, initial=start, desc=name,
+            bar = stack.enter_context(tqdm(total=num_steps, initial=start, desc=options.name,
                                            unit="step", dynamic_ncols=True))
         if start and chief:
             logger.info("Resumed %s at step %d of %d.", workdir, start, num_steps)
@@ -703,7 +851,7 @@ def fit(*, workdir: str, student, tx: optax.GradientTransformation, recipe: Sequ
                                        eval_transform, check=functools.partial(
                                            check, where="eval_iter_fn()"), device_fn=add_logits)
                 eval_history.append(_strip(writer.write("eval", done, eval_record)))
-                _check_best_metric(best_metric if track_best else None, eval_record)
+                _check_best_metric(best_metric, eval_record)
             if save_now:
                 ckpt.save(done, state, data_iterator=batches,
                           metrics=eval_record if track_best else None, force=True)

@@ -28,6 +28,8 @@ import time
 import uuid
 from typing import Any, Mapping
 
+from kdjax.atomic import write_text_atomic
+
 JSONL_NAME = "metrics.jsonl"
 TB_DIR = "tb"
 KINDS = ("train", "eval")
@@ -81,12 +83,7 @@ def truncate_jsonl(path: str | os.PathLike, step: int) -> list[dict[str, Any]]:
     path = os.fspath(path)
     kept = [r for r in read_jsonl(path) if int(r["step"]) <= step]
     if os.path.exists(path):
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r, sort_keys=True) + "\n" for r in kept)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        write_text_atomic(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
     return kept
 
 

@@ -210,7 +210,8 @@ def precomputed() -> Teacher:
             raise ValueError(
                 "precomputed teacher: the batch has neither 'teacher_logits' nor "
                 "'teacher_topk_values'; add the store's outputs to each batch with "
-                "LogitStore.add_to_batch(batch) before the step.")
+                "LogitStore.add_to_batch(batch) before the step (kdjax.loop.fit does it for its "
+                "train_store= / eval_store=).")
         if values is not None and "teacher_topk_indices" not in batch:
             raise ValueError(
                 "precomputed teacher: the batch has 'teacher_topk_values' but no "

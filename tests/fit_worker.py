@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import os
 import sys
 import time
@@ -30,7 +31,8 @@ def run(workdir: str, num_steps: int, *, checkpoint_every: int = 10, sleep: floa
     """fit() of an MLP on digits (global batch 32, Adam 3e-3, CE), seed 0; returns the FitResult.
 
     ``sleep`` seconds are spent in ``batch_transform`` per batch (to give a test time to send a
-    signal mid-run); ``overrides`` are passed on to ``fit``.
+    signal mid-run); ``overrides`` are passed on to ``fit``, those named like a ``FitOptions``
+    field in its ``options`` (so a bad value raises while they are built, before ``fit``).
     """
     import numpy as np
     import optax
@@ -48,6 +50,10 @@ def run(workdir: str, num_steps: int, *, checkpoint_every: int = 10, sleep: floa
         time.sleep(sleep)
         return batch
 
+    options = dict(eval_every=eval_every, checkpoint_every=checkpoint_every, log_every=log_every,
+                   progress=False, async_checkpoint=async_checkpoint)
+    fields = {f.name for f in dataclasses.fields(loop.FitOptions)}
+    options.update({k: overrides.pop(k) for k in list(overrides) if k in fields})
     kwargs = dict(
         workdir=workdir, student=models.create("mlp", 10), tx=optax.adam(LEARNING_RATE),
         recipe=(recipe.ce(),), train_iter=train_iter,
@@ -55,9 +61,7 @@ def run(workdir: str, num_steps: int, *, checkpoint_every: int = 10, sleep: floa
             test_source, global_batch_size=4 * GLOBAL_BATCH, process_index=process_index,
             process_count=process_count),
         num_steps=num_steps, sample_input=np.zeros((1, 8, 8, 1), np.float32), seed=0,
-        mesh=mesh, eval_every=eval_every, checkpoint_every=checkpoint_every,
-        log_every=log_every, progress=False, batch_transform=slow if sleep else None,
-        async_checkpoint=async_checkpoint)
+        mesh=mesh, batch_transform=slow if sleep else None, options=loop.FitOptions(**options))
     kwargs.update(overrides)
     return loop.fit(**kwargs)
 

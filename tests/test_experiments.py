@@ -17,8 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments import (datasets, imagenet_eskd, imagenet_fitnet, precompute_teacher_logits,
-                         recipes, report, rundir, runs, teacher_io, train_teacher, validate)
+from experiments import (datasets, errors, imagenet_eskd, imagenet_fitnet,
+                         precompute_teacher_logits, recipes, report, rundir, runs, specs,
+                         stages, teacher_io, teachers, train_teacher, validate)
 from experiments.configs import (base, digits_eskd, digits_fitnet, imagenet_eskd as imagenet_cfg,
                                  imagenet_fitnet as fitnet_cfg, mnist1d_eskd, mnist1d_fitnet)
 from kdjax import data as data_lib, loop, models, train
@@ -160,14 +161,14 @@ def test_full_kd_with_the_teacher_on_its_own_devices(full_kd_dir, teacher_dir, t
         assert got[key] == pytest.approx(want[key], rel=1e-4, abs=1e-6), key
     for a, b in zip(records(workdir, "student", "train"), records(full_kd_dir, "student", "train")):
         assert a["loss/kd"] == pytest.approx(b["loss/kd"], rel=1e-4)
-    with pytest.raises(validate.ConfigError, match="teacher_devices=8 leaves none of the 8"):
+    with pytest.raises(errors.ConfigError, match="teacher_devices=8 leaves none of the 8"):
         imagenet_eskd.main([cell("teacher=resnet50,mode=full", teacher_dir),
                             "--config.run.teacher_devices=8", f"--workdir={tmp_path / 'none'}"])
-    with pytest.raises(validate.ConfigError, match=r"must be a multiple of the 5 devices of each "
+    with pytest.raises(errors.ConfigError, match=r"must be a multiple of the 5 devices of each "
                                                    r"mesh \(run.teacher_devices=3 of the 8"):
         imagenet_eskd.main([cell("teacher=resnet50,mode=full", teacher_dir),
                             "--config.run.teacher_devices=3", f"--workdir={tmp_path / 'odd'}"])
-    with pytest.raises(validate.ConfigError, match=r"mesh_fsdp: fsdp=8 must be a positive divisor "
+    with pytest.raises(errors.ConfigError, match=r"mesh_fsdp: fsdp=8 must be a positive divisor "
                                                    r"of the device count 4\. \(run.teacher_devices"):
         imagenet_eskd.main([cell("teacher=resnet50,mode=full", teacher_dir),
                             "--config.run.teacher_devices=4", "--config.run.mesh_fsdp=8",
@@ -357,7 +358,7 @@ def test_torchvision_teacher_loads_the_converted_weights(tmp_path, digits):
     config.dataset.rgb = True
     validate.validate_config(config, "kd")
     data = datasets.build_data(config.dataset, config.seed)
-    teacher = teacher_io.load_torchvision_teacher(config, data)
+    teacher = teachers.load_torchvision_teacher(config, data)
     assert teacher.label == "resnet18 (torchvision: resnet18.npz)"
     x = data.sources["test"][np.arange(16)]["image"]
     np.testing.assert_array_equal(x, np.repeat(digits["test"]["image"][:16], 3, axis=-1))
@@ -393,13 +394,13 @@ def test_torchvision_teacher_errors_name_the_fix(tmp_path):
     argv = [f"--config={DIGITS_ESKD}:teacher=large,mode=full,smoke",
             "--config.teacher.model=resnet18", "--config.teacher.source=torchvision",
             f"--config.teacher.path={path}", f"--workdir={tmp_path / 'w'}"]
-    with pytest.raises(validate.ConfigError, match=r"7-class fc layer but digits has 10 classes"):
+    with pytest.raises(errors.ConfigError, match=r"7-class fc layer but digits has 10 classes"):
         imagenet_eskd.main(argv)
     np.savez(path, **random_state_dict(18, 10))
-    with pytest.raises(validate.ConfigError, match=r"expects 3-channel images .* set dataset.rgb=True"):
+    with pytest.raises(errors.ConfigError, match=r"expects 3-channel images .* set dataset.rgb=True"):
         imagenet_eskd.main(argv)
     thin = [a.replace("model=resnet18", "model=resnet18:width=32") for a in argv]
-    with pytest.raises(validate.ConfigError, match=r"64 wide; .* needs width=64 \(drop ':width=...'\)"):
+    with pytest.raises(errors.ConfigError, match=r"64 wide; .* needs width=64 \(drop ':width=...'\)"):
         imagenet_eskd.main(thin)
 
 
@@ -474,7 +475,7 @@ def test_guided_modules_follow_the_architecture():
     abstract = jax.eval_shape(lambda: resnet.init(jax.random.key(0), image))
     assert runs.guided_modules(resnet, abstract, image, "stage2") == {
         "conv1", "bn1", "layer1_0", "layer1_1", "layer2_0", "layer2_1"}
-    with pytest.raises(validate.ConfigError, match=r"guided_layer='stage9' is not a feature"):
+    with pytest.raises(errors.ConfigError, match=r"guided_layer='stage9' is not a feature"):
         runs.guided_modules(mlp, variables, x, "stage9")
 
 
@@ -500,9 +501,9 @@ def test_preempted_run_exits_zero_runs_no_later_stage_and_resumes(tmp_path, monk
     real_fit = loop.fit
 
     def fit_with_sigterm(**kwargs):
-        if kwargs["name"] == "teacher":
+        if kwargs["options"].name == "teacher":
             seen = []
-            inner = kwargs["batch_transform"]
+            inner = kwargs.get("batch_transform")
 
             def transform(batch):
                 if "epoch" in batch:
@@ -525,7 +526,7 @@ def test_preempted_run_exits_zero_runs_no_later_stage_and_resumes(tmp_path, monk
 
     monkeypatch.setattr(loop, "fit", real_fit)
     # A key that shapes the results may not change under a half-trained stage ...
-    with pytest.raises(validate.ConfigError, match=(
+    with pytest.raises(errors.ConfigError, match=(
             r"was started with another config \(optimizer.lr: 0.05 -> 0.5\); a resumed run would "
             r"mix the two.*--config.run.allow_config_change=True")):
         imagenet_eskd.main(argv + ["--config.optimizer.lr=0.5"])
@@ -614,7 +615,7 @@ def test_imagenet_fitnet_student_is_thinner_and_deeper_than_its_teacher():
     x = jnp.zeros((1, 64, 64, 3))
 
     def shapes(spec):
-        module = validate.build_model(spec, 1000)
+        module = specs.build_model(spec, 1000)
         variables = jax.eval_shape(module.init, jax.random.PRNGKey(0), x)
         _, feats = jax.eval_shape(module.apply, variables, x)
         kernels = [k for p, k in jax.tree_util.tree_flatten_with_path(variables["params"])[0]
@@ -633,7 +634,7 @@ def test_imagenet_fitnet_student_is_thinner_and_deeper_than_its_teacher():
 
 def expect_config_error(tmp_path, main, argv, *patterns):
     workdir = str(tmp_path / "never")
-    with pytest.raises(validate.ConfigError) as info:
+    with pytest.raises(errors.ConfigError) as info:
         main(argv + [f"--workdir={workdir}"])
     for pattern in patterns:
         assert pattern in str(info.value), str(info.value)
@@ -713,7 +714,7 @@ def test_contradictory_configs_give_clear_errors(tmp_path):
      "FitNet regressor output (8, 8, 64) != teacher hint 'stage2' (4, 4, 64)")])
 def test_fitnet_layers_are_checked_before_the_teacher_trains(tmp_path, override, message):
     """On shapes alone: a teacher trained here (hours on ImageNet) is not trained in vain."""
-    with pytest.raises(validate.ConfigError) as info:
+    with pytest.raises(errors.ConfigError) as info:
         imagenet_fitnet.main([f"--config={DIGITS_FITNET}:smoke", override,
                               f"--workdir={tmp_path}"])
     assert message in str(info.value)
@@ -723,10 +724,10 @@ def test_fitnet_layers_are_checked_before_the_teacher_trains(tmp_path, override,
 def test_train_teacher_and_precompute_errors(tmp_path):
     expect_config_error(tmp_path, train_teacher.main, [f"--config={DIGITS_ESKD}:teacher=none,smoke"],
                         "config.teacher.model must be a model spec")
-    with pytest.raises(validate.ConfigError, match=r"precompute needs a trained teacher"):
+    with pytest.raises(errors.ConfigError, match=r"precompute needs a trained teacher"):
         precompute_teacher_logits.main([cell("teacher=resnet50,mode=full"),
                                         f"--store={tmp_path / 's'}"])
-    with pytest.raises(validate.ConfigError, match=r"--store=DIR \(or config.teacher.store\) is "
+    with pytest.raises(errors.ConfigError, match=r"--store=DIR \(or config.teacher.store\) is "
                                                    r"required"):
         precompute_teacher_logits.main([cell("teacher=resnet50,mode=full", str(tmp_path))])
 
@@ -741,21 +742,21 @@ def test_reading_labels():
 
 
 def test_command_line_errors(tmp_path):
-    with pytest.raises(validate.ConfigError, match=r"--config=FILE\[:ARG\] is required"):
+    with pytest.raises(errors.ConfigError, match=r"--config=FILE\[:ARG\] is required"):
         imagenet_eskd.main([f"--workdir={tmp_path}"])
-    with pytest.raises(validate.ConfigError, match=r"--workdir=DIR is required"):
+    with pytest.raises(errors.ConfigError, match=r"--workdir=DIR is required"):
         imagenet_eskd.main([SMOKE])
-    with pytest.raises(validate.ConfigError, match=r"config arg teacher='huge'; valid: none, small"):
+    with pytest.raises(errors.ConfigError, match=r"config arg teacher='huge'; valid: none, small"):
         imagenet_eskd.main([f"--config={DIGITS_ESKD}:teacher=huge", f"--workdir={tmp_path}"])
-    with pytest.raises(validate.ConfigError, match=r"unknown config arg 'colour'.*valid args:"):
+    with pytest.raises(errors.ConfigError, match=r"unknown config arg 'colour'.*valid args:"):
         imagenet_eskd.main([f"--config={DIGITS_ESKD}:colour=red", f"--workdir={tmp_path}"])
-    with pytest.raises(validate.ConfigError, match=r"Unknown command line flag 'wrokdir'"):
+    with pytest.raises(errors.ConfigError, match=r"Unknown command line flag 'wrokdir'"):
         imagenet_eskd.main([SMOKE, f"--wrokdir={tmp_path}"])
-    with pytest.raises(validate.ConfigError, match=r"--config=experiments/configs/nonexist.py: no "
+    with pytest.raises(errors.ConfigError, match=r"--config=experiments/configs/nonexist.py: no "
                                                    r"such config file; the configs are in"):
         imagenet_eskd.main(["--config=experiments/configs/nonexist.py", f"--workdir={tmp_path}"])
     # The config file's own error, in one line (not ml_collections' traceback around it).
-    with pytest.raises(validate.ConfigError) as info:
+    with pytest.raises(errors.ConfigError) as info:
         imagenet_eskd.main([f"--config={DIGITS_ESKD}:teacher=huge", f"--workdir={tmp_path}"])
     assert "\n" not in str(info.value) and "teacher='huge'" in str(info.value)
 
@@ -770,18 +771,18 @@ def test_parse_arg_types_and_switches():
 
 
 def test_model_specs():
-    assert validate.parse_model_spec("cnn1d:width=8,depth=6", "k") == ("cnn1d", {"width": 8,
+    assert specs.parse_model_spec("cnn1d:width=8,depth=6", "k") == ("cnn1d", {"width": 8,
                                                                                 "depth": 6})
-    with pytest.raises(validate.ConfigError, match=r"attribute 'width' must be key=value"):
-        validate.parse_model_spec("cnn1d:width", "student.model")
-    with pytest.raises(validate.ConfigError, match=r"config.student.model='cnn1d:colour=1'.*"
+    with pytest.raises(errors.ConfigError, match=r"attribute 'width' must be key=value"):
+        specs.parse_model_spec("cnn1d:width", "student.model")
+    with pytest.raises(errors.ConfigError, match=r"config.student.model='cnn1d:colour=1'.*"
                                                    r"unexpected keyword"):
-        validate.build_model("cnn1d:colour=1", 10)
-    assert validate.build_model("resnet18", 10, "bfloat16").dtype == jnp.bfloat16
-    assert validate.build_model("resnet18:stem=cifar,conv=onednn", 10).conv == "onednn"
-    with pytest.raises(validate.ConfigError, match=r"config.student.model='wrn_16_2:conv=mkl'.*"
+        specs.build_model("cnn1d:colour=1", 10)
+    assert specs.build_model("resnet18", 10, "bfloat16").dtype == jnp.bfloat16
+    assert specs.build_model("resnet18:stem=cifar,conv=onednn", 10).conv == "onednn"
+    with pytest.raises(errors.ConfigError, match=r"config.student.model='wrn_16_2:conv=mkl'.*"
                                                    r"conv must be one of \['onednn', 'xla'\]"):
-        validate.build_model("wrn_16_2:conv=mkl", 10)
+        specs.build_model("wrn_16_2:conv=mkl", 10)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -832,12 +833,12 @@ def test_checkpoint_directory_resolution(tmp_path, teacher_dir):
     assert rundir.resolve_checkpoint_dir(stage, 1) == os.path.join(stage, "epochs", "epoch_1")
     final = os.path.join(stage, "final")
     assert rundir.resolve_checkpoint_dir(final, 2) == final  # its meta says epoch 2
-    with pytest.raises(validate.ConfigError, match=r"did not keep that epoch; kept epochs: "
+    with pytest.raises(errors.ConfigError, match=r"did not keep that epoch; kept epochs: "
                                                    r"\['epoch_1'\]"):
         rundir.resolve_checkpoint_dir(teacher_dir, 5)
-    with pytest.raises(validate.ConfigError, match=r"holds one exported state \(epoch 2\)"):
+    with pytest.raises(errors.ConfigError, match=r"holds one exported state \(epoch 2\)"):
         rundir.resolve_checkpoint_dir(final, 1)
-    with pytest.raises(validate.ConfigError, match=r"is neither a train_teacher workdir"):
+    with pytest.raises(errors.ConfigError, match=r"is neither a train_teacher workdir"):
         rundir.resolve_checkpoint_dir(str(tmp_path), None)
     wrong = models.create("cnn2d", 10, width=32)
     with pytest.raises(ValueError, match=r"do not fit the model"):
@@ -926,14 +927,13 @@ def test_imagenet_eskd_on_a_tiny_tfds_imagenet(tmp_path):
 def test_teacher_lr_sets_the_teacher_stage_learning_rate(tmp_path):
     """``teacher.lr`` replaces ``optimizer.lr`` for the teacher's own training only: the first SGD
     update (momentum buffer empty, schedule at its peak) is -lr * batch / lr_batch * grad."""
-    from experiments import stages
 
     def first_update(teacher_lr):
         config = digits_fitnet.get_config("smoke").unlock()
         config.optimizer.schedule, config.optimizer.weight_decay = "constant", 0.0
         config.teacher.lr = teacher_lr
         ctx = stages.make_context(config, str(tmp_path / f"w{teacher_lr}"))
-        tx = stages.teacher_stage(ctx).tx
+        tx = teachers.teacher_stage(ctx).tx
         grads = {"w": jnp.ones((3,))}
         updates, _ = tx.update(grads, tx.init(grads), grads)
         return float(updates["w"][0])
@@ -944,5 +944,5 @@ def test_teacher_lr_sets_the_teacher_stage_learning_rate(tmp_path):
     assert digits_fitnet.get_config().teacher.lr == digits_eskd.get_config("teacher=large").optimizer.lr
     config = digits_fitnet.get_config("smoke").unlock()
     config.teacher.lr = -1.0
-    with pytest.raises(validate.ConfigError, match=r"config.teacher.lr=-1.0 must be a positive number"):
+    with pytest.raises(errors.ConfigError, match=r"config.teacher.lr=-1.0 must be a positive number"):
         validate.validate_config(config, "fitnet")

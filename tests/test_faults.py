@@ -4,6 +4,7 @@ with the message the user sees; crashes at each phase resume bit-identically.
 Entries covered by other helpers' tests are referenced from the catalogue, not repeated here.
 """
 
+import dataclasses
 import errno
 import os
 import signal
@@ -11,6 +12,7 @@ import threading
 
 import jax
 import numpy as np
+import optax
 import pytest
 from etils import epath
 
@@ -75,7 +77,11 @@ def train_iter(arrays, global_batch=32, **kwargs):
     (dict(teacher=teachers.from_linen(models.create("mlp", 10))), ValueError,
      r"a live teacher needs its frozen variables: pass teacher_variables="),
     (dict(teacher=object()), TypeError, r"teacher must be a kdjax.teachers.Teacher"),
-    (dict(eval_batch_transform=3), TypeError, r"eval_batch_transform must be a function"),
+    (dict(eval_batch_transform=3), TypeError,
+     r"fit\(\) no longer takes eval_batch_transform: pass the eval split's logit store as "
+     r"eval_store="),
+    (dict(train_store=3), TypeError, r"train_store must be a kdjax.logit_store.LogitStore"),
+    (dict(prefetch=0), ValueError, r"prefetch must be an integer >= 1; got 0"),
     (dict(train_iter=[{"image": np.zeros((32, 8, 8, 1))}]), TypeError,
      r"train_iter must be a checkpointable iterator with __next__, get_state and set_state"),
     (dict(tx="adam"), TypeError, r"tx must be an optax.GradientTransformation"),
@@ -90,6 +96,29 @@ def test_fit_argument_errors(tmp_path, overrides, error, message):
     with pytest.raises(error, match=message):
         fit_worker.run(str(tmp_path), num_steps, **overrides)
     assert not os.path.exists(tmp_path / "checkpoints")  # nothing written
+
+
+def test_settings_given_to_fit_as_keywords_name_fit_options(tmp_path, digits):
+    """fit's settings are a FitOptions: the old keywords are refused with the way to pass them,
+    and an options object checks itself when built or replaced."""
+    from kdjax import loop, recipe
+
+    kwargs = dict(workdir=str(tmp_path), student=models.create("mlp", 10), tx=optax.adam(1e-3),
+                  recipe=(recipe.ce(),), train_iter=train_iter(digits["train"]), num_steps=1,
+                  sample_input=np.zeros((1, 8, 8, 1), np.float32), seed=0)
+    with pytest.raises(TypeError, match=(
+            r"fit\(\) takes \['eval_every', 'keep'\] in its options now: pass "
+            r"options=kdjax.loop.FitOptions\(eval_every=..., keep=...\)")):
+        loop.fit(**kwargs, keep=2, eval_every=5)
+    with pytest.raises(TypeError, match="options must be a kdjax.loop.FitOptions; got dict"):
+        loop.fit(**kwargs, options={"keep": 2})
+    options = loop.FitOptions(keep=2)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        options.keep = 0
+    with pytest.raises(ValueError, match=r"keep must be an integer >= 1; got 0"):
+        options.replace(keep=0)
+    assert options.replace(best_metric="ce").rank_mode == "min" and options.rank_mode == "max"
+    assert not os.path.exists(tmp_path / "checkpoints")
 
 
 def test_fit_outside_the_main_thread_needs_handle_preemption_false(tmp_path):
@@ -205,11 +234,10 @@ def test_precomputed_store_with_other_class_count(tmp_path, digits):
     from kdjax import recipe
 
     store = _store(str(tmp_path / "store"), len(digits["train"]["label"]), 5)
-    with pytest.raises(ValueError, match=r"batch_transform reads a logit store of a 5-class "
+    with pytest.raises(ValueError, match=r"train_store is a logit store of a 5-class "
                                          r"teacher \(random\) but the student has 10 classes"):
         fit_worker.run(str(tmp_path / "run"), 5, teacher=teachers.precomputed(),
-                       recipe=(recipe.ce(), recipe.kd()), batch_transform=store.add_to_batch,
-                       eval_iter_fn=None)
+                       recipe=(recipe.ce(), recipe.kd()), train_store=store, eval_iter_fn=None)
 
 
 def test_precomputed_teacher_without_the_store_transform(tmp_path):
@@ -223,15 +251,29 @@ def test_precomputed_teacher_without_the_store_transform(tmp_path):
                        recipe=(recipe.ce(), recipe.kd()), eval_iter_fn=None)
 
 
-def test_one_split_store_used_for_eval_batches_too(tmp_path):
+def test_store_arguments_follow_the_teacher_data_contract(tmp_path):
+    """Each split's store is passed by name, with a precomputed teacher: a train store with an
+    eval needs the eval split's store, an eval store needs an eval, a store needs
+    teachers.precomputed(). All refused before anything is compiled or written."""
     store = _store(str(tmp_path / "store"), 1438, 10)
     with pytest.raises(ValueError, match=(
-            r"batch_transform is the add_to_batch of the logit store of split 'train', and without "
-            r"eval_batch_transform it would also be applied to the eval batches, whose example ids "
-            r"index another split; pass eval_batch_transform=LogitStore.open\(<store of the eval "
-            r"split>\).add_to_batch")):
+            r"train_store is the logit store of split 'train', but the eval batches need the "
+            r"teacher outputs of their own split \(their example ids index another store\); pass "
+            r"eval_store=LogitStore.open\(<store of the eval split>\) \(or eval_iter_fn=None\)")):
+        fit_worker.run(str(tmp_path / "run"), 5, teacher=teachers.precomputed(), train_store=store)
+    with pytest.raises(ValueError, match=r"eval_store was given but no eval_iter_fn"):
         fit_worker.run(str(tmp_path / "run"), 5, teacher=teachers.precomputed(),
-                       batch_transform=store.add_to_batch)
+                       eval_store=store, eval_iter_fn=None)
+    with pytest.raises(ValueError, match=(
+            r"train_store holds a precomputed teacher's outputs, which only "
+            r"teachers.precomputed\(\) reads, but the teacher is missing")):
+        fit_worker.run(str(tmp_path / "run"), 5, train_store=store, eval_iter_fn=None)
+    live = models.create("mlp", 10)
+    variables = live.init(jax.random.PRNGKey(0), np.zeros((1, 8, 8, 1), np.float32))
+    with pytest.raises(ValueError, match=r"eval_store holds .* but the teacher is live"):
+        fit_worker.run(str(tmp_path / "run"), 5, teacher=teachers.from_linen(live),
+                       teacher_variables=variables, eval_store=store)
+    assert not os.path.exists(tmp_path / "run")
 
 
 def test_store_for_another_split_is_refused_at_open(tmp_path, digits):

@@ -195,11 +195,21 @@ def test_precomputed_teacher_kd_and_eval_teacher_metrics_match_numpy(tmp_path, d
     logits = {split: digits[split]["image"].reshape(-1, 64) @ w for split in ("train", "test")}
     stores = {split: _write_store(str(tmp_path / split), split, logits[split])
               for split in ("train", "test")}
+    seen = []
+
+    def transform(batch):  # runs after the store of the batch's split added its logits
+        split = "train" if "epoch" in batch else "test"
+        rows = np.asarray(batch["mask"], bool) if "mask" in batch else slice(None)
+        seen.append(np.array_equal(batch["teacher_logits"][rows],
+                                   logits[split][batch["id"][rows]]))
+        return batch
+
     result = fit_worker.run(str(tmp_path / "run"), 10, checkpoint_every=0,
                             teacher=teachers.precomputed(),
                             recipe=(recipe.ce(0.5), recipe.kd(temperature=2.0, weight=0.5)),
-                            batch_transform=stores["train"].add_to_batch,
-                            eval_batch_transform=stores["test"].add_to_batch)
+                            train_store=stores["train"], eval_store=stores["test"],
+                            batch_transform=transform)
+    assert len(seen) >= 13 and all(seen)  # 10 train batches (and those prefetched), 3 eval
     assert {"loss/kd", "loss/ce", "teacher_accuracy"} <= set(result.history[-1])
     ev = result.eval_history[-1]
     student = mlp_forward_f64(jax.device_get(result.state.params), digits["test"]["image"])
@@ -223,32 +233,26 @@ def test_a_store_of_a_teacher_with_other_classes_is_refused_before_any_step(tmp_
         writer.write(np.arange(n), np.random.default_rng(0).normal(size=(n, 7)))
     logit_store.finalize(path, 1)
     store = logit_store.LogitStore.open(path)
-    for arg in ("batch_transform", "eval_batch_transform"):
-        transforms = {"batch_transform": lambda b: b, "eval_batch_transform": lambda b: b,
-                      arg: store.add_to_batch}
-        with pytest.raises(ValueError, match=f"{arg} reads a logit store of a 7-class teacher "
+    for arg in ("train_store", "eval_store"):
+        # The train store alone (no eval), or the eval store alone (train batches unread).
+        run = {"train_store": dict(train_store=store, eval_iter_fn=None),
+               "eval_store": dict(eval_store=store, eval_every=3)}[arg]
+        with pytest.raises(ValueError, match=f"{arg} is a logit store of a 7-class teacher "
                                              r"\(seven-class\) but the student has 10 classes"):
-            fit_worker.run(str(tmp_path / arg), 3, checkpoint_every=0, eval_every=3,
-                           teacher=teachers.precomputed(), recipe=(recipe.kd(2.0),), **transforms)
+            fit_worker.run(str(tmp_path / arg), 3, checkpoint_every=0,
+                           teacher=teachers.precomputed(), recipe=(recipe.kd(2.0),), **run)
         assert not os.path.exists(tmp_path / arg / "checkpoints" / "3")
 
 
-def test_batch_transform_serves_eval_batches_unless_an_eval_transform_is_given(tmp_path):
-    seen = {"train": 0, "eval": 0, "eval_only": 0}
+def test_batch_transform_serves_train_and_eval_batches(tmp_path):
+    seen = {"train": 0, "eval": 0}
 
     def transform(batch):  # train batches carry 'epoch', eval batches do not
         seen["train" if "epoch" in batch else "eval"] += 1
         return batch
 
-    def eval_only(batch):
-        seen["eval_only"] += 1
-        return batch
-
     fit_worker.run(str(tmp_path / "a"), 3, checkpoint_every=0, batch_transform=transform)
     assert seen["train"] >= 3 and seen["eval"] == 3  # 359 test rows: 3 padded batches of 128
-    fit_worker.run(str(tmp_path / "b"), 3, checkpoint_every=0, batch_transform=transform,
-                   eval_batch_transform=eval_only)
-    assert seen["eval"] == 3 and seen["eval_only"] == 3
 
 
 # --------------------------------------------------------------------------------------------
@@ -554,8 +558,8 @@ def test_topk_indices_outside_the_students_classes_are_refused(tmp_path, digits)
 
 def test_teacher_best_metric_with_a_topk_eval_store_is_refused(tmp_path, digits):
     """A top-k store gives no teacher eval metrics: ranking checkpoints by 'agreement' is refused
-    before training (a store's add_to_batch) or at the first eval (any other transform), with the
-    metrics the run does have."""
+    before training (a top-k eval_store) or at the first eval (a batch_transform adding top-k
+    outputs), with the metrics the run does have."""
     stores = {}
     for split in ("train", "test"):
         n = len(digits[split]["label"])
@@ -567,17 +571,16 @@ def test_teacher_best_metric_with_a_topk_eval_store_is_refused(tmp_path, digits)
         logit_store.finalize(str(tmp_path / split), 1)
         stores[split] = logit_store.LogitStore.open(str(tmp_path / split))
     common = dict(checkpoint_every=0, eval_every=2, best_metric="agreement",
-                  teacher=teachers.precomputed(), recipe=(recipe.ce(), recipe.kd(2.0)),
-                  batch_transform=stores["train"].add_to_batch)
+                  teacher=teachers.precomputed(), recipe=(recipe.ce(), recipe.kd(2.0)))
     match = (r"best_metric 'agreement' is not among this run's eval metrics \[.*'accuracy'.*\]: "
              r"teacher metrics need a teacher with full logits at eval")
     with pytest.raises(ValueError, match=match):
-        fit_worker.run(str(tmp_path / "a"), 4, eval_batch_transform=stores["test"].add_to_batch,
-                       **common)
+        fit_worker.run(str(tmp_path / "a"), 4, train_store=stores["train"],
+                       eval_store=stores["test"], **common)
     assert not os.path.exists(tmp_path / "a" / "metrics.jsonl")
     with pytest.raises(ValueError, match=match):
-        fit_worker.run(str(tmp_path / "b"), 4, eval_batch_transform=lambda b: stores[
-            "test"].add_to_batch(b), **common)
+        fit_worker.run(str(tmp_path / "b"), 4, batch_transform=lambda b: stores[
+            "train" if "epoch" in b else "test"].add_to_batch(b), **common)
     assert not os.path.isdir(tmp_path / "b" / "checkpoints" / "2")
 
 

@@ -1,4 +1,4 @@
-"""The CPU-scale reproduction driver (experiments/reproduce_cpu.py).
+"""The CPU-scale reproduction driver (experiments/reproduce_cpu/).
 
 A smoke run of the command (2 seeds, two short epochs on 400 MNIST-1D examples, a few cells) checks
 the files it writes, that the tables hold the per-seed numbers' mean and std, and that a second

@@ -1,42 +1,21 @@
-"""Durable small files: atomic write (temporary name, fsync, ``os.replace``), JSON read/write and
-an exclusive advisory file lock."""
+"""Durable small files: JSON read/write (atomic writes: :mod:`kdjax.atomic`) and an exclusive
+advisory file lock."""
 from __future__ import annotations
 
 import fcntl
 import json
 import os
 import socket
-import uuid
 import weakref
-from collections.abc import Callable
 from typing import Any
 
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: str, write: Callable[[Any], None]) -> None:
-    """Write ``path`` through ``write(file)`` into a temporary file, fsync it, then rename it."""
-    tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex}"
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    _fsync_dir(os.path.dirname(os.path.abspath(path)))
+# The writer and finalize write their files through these (kdjax.atomic: the project's one way).
+from kdjax.atomic import atomic_write as _atomic_write, fsync_dir as _fsync_dir  # noqa: F401
+from kdjax.atomic import write_json_atomic
 
 
 def _write_json(path: str, obj: Any) -> None:
-    _atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2, sort_keys=True).encode()))
+    write_json_atomic(path, obj)
 
 
 def _read_json(path: str) -> Any:

@@ -1,0 +1,131 @@
+r"""The measured CPU-scale reproduction of the ESKD and FitNet claims (MNIST-1D or scikit-learn digits).
+
+One command trains the whole grid, seeds x cells, and writes ``<out>/README.md`` (setup, tables,
+per-claim verdicts with numbers), three PNG plots and ``<out>/results.json`` (every per-seed number)::
+
+    python -m experiments.reproduce_cpu --out results [--seeds 10] [--dataset mnist1d] [--jobs 2] \
+        [--workdir workdirs/reproduce_cpu/mnist1d] [--cells scratch,full/large] [--smoke]
+
+Every run goes through the experiment modules with the configs of ``experiments/configs/small.py``
+(``mnist1d_eskd.py`` / ``mnist1d_fitnet.py`` and the digits ones):
+
+* teachers (trained once per size and seed, :func:`experiments.train_teacher.run`, keeping the
+  early-teacher epoch): ``small`` / ``medium`` / ``large`` CNNs of the ESKD grid and the FitNet
+  teacher; every student cell of seed ``s`` reads the seed-``s`` teacher with
+  ``source=checkpoint,path=...``;
+* ESKD grid (:func:`experiments.imagenet_eskd.run`): the small student from scratch, with full KD
+  and with ESKD from each teacher, ESKD in both readings (``stop_kd``: KD term off from the stop
+  epoch; ``early_teacher``: the teacher's early-epoch snapshot); one teacher-assistant chain
+  ``large -> medium -> small`` (full KD at each link) against the direct ``large -> small``;
+* FitNet (:func:`experiments.imagenet_fitnet.run`): the thin-and-deep student with hints (stage 1)
+  then KD (stage 2), against the same student with stage 2 alone (KD only, built here from the same
+  pieces as ``run_fitnet``'s stage 2, see :func:`~experiments.reproduce_cpu.runner.run_fitnet_kd_only`)
+  and from scratch.
+
+Seed ``s`` sets ``config.seed`` (initialisation and data order) of the teacher and of every student
+of that seed, so comparisons between cells of one seed are paired. Each (cell, seed) runs in its own
+directory ``<workdir>/<cell>/seed<s>``; a finished one leaves ``record.json`` and is reused when
+the command runs again unless it is stale (:func:`~experiments.reproduce_cpu.runner.stale_reason`:
+its config or its teacher changed); an interrupted run resumes inside a cell from its checkpoints. ``--cells`` runs only some
+student cells (and their teachers); ``--smoke`` runs every cell for two short epochs on a small
+slice of the data (CI). docs/experiments.md describes the tables and the verdict rules.
+
+The package, in the order a run goes through it: :mod:`~experiments.reproduce_cpu.grid` (the cells
+and their configs), :mod:`~experiments.reproduce_cpu.runner` (running them, the per-seed records),
+:mod:`~experiments.reproduce_cpu.statistics` (means, t-tests, the claims' verdicts) and
+:mod:`~experiments.reproduce_cpu.report` (README.md, plots, results.json); :func:`main` is the
+command. Their public names are importable from the package itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from typing import Sequence
+
+# The public names of the package's modules, importable from the package itself.
+from experiments.reproduce_cpu.grid import (DATASETS, RUN_OVERRIDES, SIZES, SMOKE_SAMPLES, Cell,
+                                            build_config, cell_dir, grid, select, set_key)
+from experiments.reproduce_cpu.report import (ACCURACY_PLOT, FITNET_TA_PLOT, MIMIC_PLOT, PREDICTS,
+                                              REPORT_FILE, RESULTS_JSON, code_versions,
+                                              comparison_text, comparisons_table, count_params,
+                                              eskd_table, fitnet_ta_table, fmt_diff, fmt_num,
+                                              fmt_p, fmt_pct, machine_info, markdown_table,
+                                              mimic_table, plot_accuracy_vs_teacher,
+                                              plot_fitnet_ta, plot_mimic, setup_info, timing_text,
+                                              verdict_table, write_report)
+from experiments.reproduce_cpu.runner import (INVOCATIONS_FILE, RECORD_FILE, TEACHER_IGNORED,
+                                              code_version, enable_compilation_cache,
+                                              finite_or_none, record_invocation,
+                                              run_cell, run_fitnet_kd_only, run_jobs, stale_reason,
+                                              write_json)
+from experiments.reproduce_cpu.statistics import (ALPHA, CLAIM_KINDS, by_cell, claims,
+                                                  collapsed_runs, combine, compare, direction,
+                                                  evaluate_claims, stats_of, summarize, verdict)
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m experiments.reproduce_cpu",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True, help="where README.md, plots, results.json go")
+    parser.add_argument("--dataset", default="mnist1d", choices=DATASETS)
+    parser.add_argument("--seeds", type=int, default=None,
+                        help="seeds per cell (default 10; 2 with --smoke)")
+    parser.add_argument("--jobs", type=int, default=1, help="worker processes (default 1)")
+    parser.add_argument("--workdir", default=None, help="run directories (default "
+                        "workdirs/reproduce_cpu/<dataset>[_smoke]); reusing it resumes")
+    parser.add_argument("--smoke", action="store_true",
+                        help="two short epochs per run on a slice of the data (CI)")
+    parser.add_argument("--cells", default=None,
+                        help="comma-separated student cells to run (default: all), e.g. "
+                             "'scratch,full/large'; the teachers they need are added")
+    args = parser.parse_args(argv)
+    if args.seeds is None:
+        args.seeds = 2 if args.smoke else 10
+    if args.seeds < 2:
+        parser.error(f"--seeds={args.seeds}: need at least 2 seeds for a standard deviation and a "
+                     f"t-test.")
+    if args.jobs < 1:
+        parser.error(f"--jobs={args.jobs}: need at least 1 worker process.")
+    if args.cells is not None:
+        args.cells = [k.strip() for k in args.cells.split(",") if k.strip()]
+        try:
+            select(*grid(args.dataset), args.cells)
+        except ValueError as e:
+            parser.error(f"--cells: {e}")
+    if args.workdir is None:
+        args.workdir = os.path.join("workdirs", "reproduce_cpu",
+                                    args.dataset + ("_smoke" if args.smoke else ""))
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the grid (teachers first, then the students) and writes the report. Returns 0."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    start = time.perf_counter()
+    started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    load_start = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    workdir = os.path.abspath(args.workdir)
+    seeds = list(range(args.seeds))
+    teacher_cells, student_cells = select(*grid(args.dataset), args.cells)
+    records = []
+    for phase, cells in (("teachers", teacher_cells), ("students", student_cells)):
+        jobs = [(cell, args.dataset, seed, workdir, args.smoke) for seed in seeds for cell in cells]
+        print(f"== {phase}: {len(jobs)} runs", flush=True)
+        records += run_jobs(jobs, args.jobs, phase)
+    reused = sum(1 for r in records if r.get("reused"))
+    history = record_invocation(workdir, {
+        "started": started, "wall_s": time.perf_counter() - start, "jobs": args.jobs,
+        "ran": len(records) - reused, "reused": reused, "argv": argv, "load_start": load_start,
+        "load_end": ", ".join(f"{x:.1f}" for x in os.getloadavg())})
+    timing = {"invocations": history, "runs_s": float(sum(r["wall_s"] for r in records)),
+              "total": len(records)}
+    command = "python -m experiments.reproduce_cpu " + " ".join(argv)
+    write_report(args.out, setup=setup_info(args.dataset, args.smoke), machine=machine_info(),
+                 records=records, seeds=seeds, timing=timing, command=command.strip())
+    print(f"report: {os.path.join(args.out, REPORT_FILE)} "
+          f"({(time.perf_counter() - start) / 60:.1f} min)", flush=True)
+    return 0
