@@ -228,28 +228,33 @@ def markdown(rows: list[dict]) -> str:
                 "cell": r["cell"], "name": r["name"], "images": r["images"],
                 "gflop": f"{r['flops'] / 1e9:.0f}"})
             fit = "" if r["fits"] else " **no**"
-            per = (f"{r['epoch_seconds'] / 60:.1f} min/epoch" if r["kind"] == "train"
-                   else f"{r['total_seconds'] / 60:.1f} min/run") if r["epoch_seconds"] else "-"
+            per = (f"{r['epoch_calls'] * r['roofline_seconds'] / 60:.1f} min/epoch"
+                   if r["kind"] == "train" else
+                   f"{r['calls'] * r['roofline_seconds'] / 60:.1f} min/run") if r["fits"] else "-"
             row[r["topology"]] = (f"{_gib(r['total_bytes'])} GiB{fit}, "
                                   f"{r['roofline_seconds'] * 1e3:.1f} ms, {per}")
         if cells:
-            parts.append(f"**{dtype}** (per device: HBM, roofline time per call; per epoch for "
-                         f"train steps, per run for eval and precompute; GFLOP per call on "
-                         f"{GRID_TOPOLOGIES[0]})")
+            parts.append(f"**{dtype}** (per device: HBM use, roofline time per call, and its "
+                         f"roofline time per epoch for train steps, per run for eval and precompute; "
+                         f"GFLOP per call on {GRID_TOPOLOGIES[0]})")
             parts.append(markdown_table(list(cells.values()), [
                 ("cell", "cell"), ("name", "program"), ("images", "global batch"),
                 ("gflop", "GFLOP / device")] + [(t, t) for t in GRID_TOPOLOGIES]))
     if grid_rows:
-        totals = {}
+        totals: dict = {}
         for r in grid_rows:
-            key = (r["dtype"], r["topology"])
-            totals[key] = totals.get(key, 0.0) + r["total_seconds"]
+            t = totals.setdefault((r["dtype"], r["topology"]), [0.0, 0.0, 0])
+            t[0] += r["calls"] * r["roofline_seconds"]
+            t[1] += r["total_seconds"]
+            t[2] += not r["fits"]
+        rate = compile_check.default_input_rate()["train"]
         parts.append(markdown_table(
-            [{"d": d, "t": t, "h": f"{s / 3600:.0f}",
+            [{"d": d, "t": t, "c": f"{c / 3600:.1f}", "i": f"{i / 3600:.1f}", "n": n,
               "what": "train, eval, precompute" if d == "float32" else "train steps"}
-             for (d, t), s in totals.items()],
-            [("d", "compute"), ("t", "slice"), ("h", "hours, whole grid (estimate)"),
-             ("what", "programs summed")]))
+             for (d, t), (c, i, n) in totals.items()],
+            [("d", "compute"), ("t", "slice"), ("c", "hours, roofline only"),
+             ("i", f"hours, input-bound at this CPU's rate ({rate:.0f} img/s/host)"),
+             ("n", "programs that do not fit"), ("what", "programs summed")]))
     fs = [r for r in rows if r["section"] == "fsdp_check"]
     if fs:
         parts.append(markdown_table([dict(r, rep=_gib(r["replicated_bytes"]), fs=_gib(r["fsdp_bytes"]),

@@ -220,3 +220,20 @@ def test_onednn_model_compiles_for_tpu_on_xla_convolutions_and_the_guard_names_c
         analysis.check_no_cpu_custom_calls(traced_for_cpu, "conv step")
     report = aot.compile_program("conv step", conv(), x, w, chip=spec.chip)  # XLA's convolution
     assert report.flops > 0 and report.fits
+
+
+@needs_libtpu
+def test_benchmark_compiles_the_colab_demo_for_colab_tpus(tmp_path, capsys):
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+    import tpu_compile
+
+    out = tmp_path / "colab.json"
+    assert tpu_compile.main(["--sections", "colab", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert {(r["topology"], r["program"]) for r in rows} == {
+        (t, p) for t in ("v5e-1", "v6e-1", "v2-8") for p in ("teacher", "scratch", "kd", "eskd")}
+    assert all(r["fits"] and r["flops"] > 0 for r in rows)
+    kd = {r["topology"]: r for r in rows if r["program"] == "kd"}
+    assert kd["v2-8"]["num_devices"] == 8 and kd["v5e-1"]["num_devices"] == 1
+    assert "| v2-8 | eskd |" in capsys.readouterr().out
