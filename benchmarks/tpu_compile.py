@@ -10,7 +10,8 @@ Needs libtpu (``pip install -e '.[tpu]'``, Python 3.12). Every figure comes from
 * ``grid``: the ESKD grid (ResNet-18 student; scratch; ESKD from live ResNet-18 / 34 / 50
   teachers; ESKD from a precomputed ResNet-50 store) and FitNet's two stages at the configs' batch
   sizes on v5e-16, v4-32 and v5p-64. float32: every program (train, eval, precompute); bfloat16
-  compute (``student.dtype`` / ``teacher.dtype``): the train steps. Full KD compiles to the
+  compute (``student.dtype`` / ``teacher.dtype``): the train steps of scratch, R50 ESKD (live
+  and precomputed) and FitNet (section ``grid_bf16``; ``grid`` compiles every cell in both). Full KD compiles to the
   ESKD program but for its constant KD weight (one scalar), so the ESKD rows stand for both.
 * ``fsdp``: the R50 -> R18 live-KD step on v5e-16, data-parallel (16 x 1) against ``fsdp=4``
   (``param_mode`` / ``teacher_mode`` = fsdp): per-device bytes of the state and the teacher
@@ -18,9 +19,7 @@ Needs libtpu (``pip install -e '.[tpu]'``, Python 3.12). Every figure comes from
 * ``slices``: the same step data-parallel on 1 x v5e-16 (global batch 256) and 2 x v5e-16 (512,
   the data axis across the slices): the collectives per device.
 * ``batch``: the largest global batch per chip kind for the R50 -> R18 live-KD step in float32
-  on one host (v5e-4, v4-8, v5p-8, v6e-4): compiled at two batch sizes, HBM use extrapolated
-  linearly, the prediction (a multiple of 8 per device) compiled to confirm, stepped down until
-  it fits.
+  on one host (v5e-4, v4-8, v5p-8, v6e-4), bracketed by compiling (:func:`largest_batch`).
 * ``colab``: the Colab demo's programs (notebooks/kdjax_demo.ipynb: MNIST-1D cnn1d teacher, scratch,
   KD and ESKD steps, AdamW, batch 128) on the TPU runtimes Colab offers: v5e-1, v6e-1, v2-8.
 """
@@ -82,12 +81,12 @@ def _dtype(dtype: str) -> dict:
     return {"student.dtype": dtype, "teacher.dtype": dtype}
 
 
-def grid(dtypes=("float32", "bfloat16")) -> list[dict]:
+def grid(dtypes=("float32", "bfloat16"), eskd_cells=ESKD_CELLS) -> list[dict]:
     rows = []
     for dtype in dtypes:
         kinds = ("train", "eval", "precompute") if dtype == "float32" else ("train",)
         for topology in GRID_TOPOLOGIES:
-            cells = [(label, imagenet_eskd, arg) for label, arg in ESKD_CELLS]
+            cells = [(label, imagenet_eskd, arg) for label, arg in eskd_cells]
             cells.append(("FitNet R50 -> R101/2", imagenet_fitnet, ""))
             for label, module, arg in cells:
                 report = compile_check.check(_config(module, arg, **_dtype(dtype)), topology,
@@ -134,36 +133,39 @@ def slices() -> list[dict]:
 
 
 def largest_batch() -> list[dict]:
+    """HBM use is not linear in the batch (the TPU compiler trades memory for recomputation), so
+    the largest batch is bracketed by compiling: 128 per device, then the size a proportional
+    model predicts, then geometric bisection until the bracket is within 15% (or 6 compiles)."""
     out = []
     for topology in BATCH_SLICES:
         spec = aot.parse_slice(topology)
         n = spec.num_devices
         tried = {}
 
-        def total(per_device: int) -> dict:
+        def fits(per_device: int) -> bool:
             if per_device not in tried:
                 tried[per_device] = _kd_step(topology, **{"dataset.batch_size": per_device * n,
                                                           "dataset.eval_batch_size": per_device * n})
-            return tried[per_device]
+            return tried[per_device]["fits"]
 
-        a, b = total(64), total(128)
-        slope = (b["total_bytes"] - a["total_bytes"]) / 64
-        predicted = int((spec.chip.hbm_bytes - a["total_bytes"]) / slope + 64) // 8 * 8
-        guess = predicted  # down by the measured excess until it fits, then one step up must not
-        while not total(guess)["fits"] and len(tried) < 5:
-            excess = total(guess)["total_bytes"] - spec.chip.hbm_bytes
-            guess = max(8, (guess - int(excess / slope) - 8) // 8 * 8)
-        confirmed = guess if total(guess)["fits"] else None
-        if confirmed is not None:
-            total(confirmed + 8)
+        lo, hi = (128, None) if fits(128) else (0, 128)
+        if hi is None:
+            guess = max(136, int(128 * spec.chip.hbm_bytes / tried[128]["total_bytes"]) // 8 * 8)
+            lo, hi = (guess, None) if fits(guess) else (lo, guess)
+            if hi is None:  # the prediction fits: try twice as much (None: it fits too)
+                lo, hi = (2 * lo, None) if fits(2 * lo) else (lo, 2 * lo)
+        while hi is not None and lo and hi / lo > 1.15 and len(tried) < 6:
+            mid = int((lo * hi) ** 0.5) // 8 * 8
+            lo, hi = (mid, hi) if fits(mid) else (lo, mid)
         out += _emit([dict(section="batch", topology=topology, chip=spec.chip.name, devices=n,
-                        hbm_bytes=spec.chip.hbm_bytes, bytes_per_image=slope,
-                        predicted_per_device=predicted, largest_per_device=confirmed,
-                        largest_global=None if confirmed is None else confirmed * n,
-                        next_fits=(None if confirmed is None else tried[confirmed + 8]["fits"]),
-                        compiled={k: dict(total_bytes=v["total_bytes"], fits=v["fits"])
-                                  for k, v in sorted(tried.items())})])
-        print(f"batch {topology}: {confirmed} per device", flush=True)
+                           hbm_bytes=spec.chip.hbm_bytes, largest_per_device=lo or None,
+                           first_failing_per_device=hi,
+                           largest_global=lo * n if lo else None,
+                           bytes_at_largest=tried[lo]["total_bytes"] if lo else None,
+                           compiled={k: dict(total_bytes=v["total_bytes"], fits=v["fits"],
+                                             compiler_oom=bool(v["compiler_oom"]))
+                                     for k, v in sorted(tried.items())})])
+        print(f"batch {topology}: fits {lo}, fails {hi} per device", flush=True)
     return out
 
 
@@ -205,7 +207,10 @@ def colab() -> list[dict]:
 
 
 SECTIONS = {"grid": grid, "grid_f32": lambda: grid(("float32",)),
-            "grid_bf16": lambda: grid(("bfloat16",)), "fsdp": fsdp, "slices": slices,
+            # bfloat16: the grid's ends (scratch and the largest teacher, live and stored), as
+            # compiling it whole took too long on this 2-core CPU for one session
+            "grid_bf16": lambda: grid(("bfloat16",), (ESKD_CELLS[0],) + ESKD_CELLS[3:]),
+            "fsdp": fsdp, "slices": slices,
             "batch": largest_batch, "colab": colab}
 
 
@@ -273,12 +278,14 @@ def markdown(rows: list[dict]) -> str:
     lb = [r for r in rows if r["section"] == "batch"]
     if lb:
         parts.append(markdown_table(
-            [dict(r, hbm=_gib(r["hbm_bytes"]), mib=f"{r['bytes_per_image'] / 2 ** 20:.1f}")
-             for r in lb],
-            [("topology", "slice"), ("hbm", "HBM GiB / device"), ("mib", "MiB per image"),
-             ("predicted_per_device", "predicted / device"),
-             ("largest_per_device", "largest compiled / device"),
-             ("largest_global", "global batch")]))
+            [dict(r, hbm=_gib(r["hbm_bytes"]),
+                  used="-" if r["bytes_at_largest"] is None else _gib(r["bytes_at_largest"]),
+                  tried=", ".join(f"{k}{'' if v['fits'] else ' (no)'}"
+                                  for k, v in r["compiled"].items())) for r in lb],
+            [("topology", "slice"), ("hbm", "HBM GiB / device"),
+             ("largest_per_device", "largest that fits / device"), ("used", "its GiB / device"),
+             ("first_failing_per_device", "smallest that does not"),
+             ("largest_global", "largest global batch"), ("tried", "per-device batches compiled")]))
     co = [r for r in rows if r["section"] == "colab"]
     if co:
         parts.append(markdown_table(
