@@ -271,7 +271,7 @@ def markdown(rows: list[dict]) -> str:
     coll = [r for r in rows if r["section"] in ("fsdp", "slices")]
     if coll:
         parts.append(markdown_table(
-            [dict(r, hbm=_gib(r["total_bytes"]), coll=compile_check._collectives_text(r["collectives"]),
+            [dict(r, hbm=_gib(r["total_bytes"]), coll=compile_check.collectives_text(r["collectives"]),
                   ms=f"{r['roofline_seconds'] * 1e3:.1f}") for r in coll],
             [("variant", "R50 -> R18 live-KD step"), ("hbm", "GiB / device"), ("ms", "roofline ms"),
              ("coll", "collectives per device per step")]))

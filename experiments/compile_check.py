@@ -291,7 +291,7 @@ def check(config, topology: str, num_slices: int = 1,
                     "input_rate_per_host x hosts"}
 
 
-def _collectives_text(collectives: dict) -> str:
+def collectives_text(collectives: dict) -> str:
     return ", ".join(f"{k} x{v['count']} ({v['bytes'] / 2 ** 20:.1f} MiB)"
                      for k, v in sorted(collectives.items())) or "none"
 
@@ -313,7 +313,7 @@ def format_report(report: dict) -> str:
             "rate": (f"{r['images_per_second']:.0f} ({r['bound_by']})"
                      if r["images_per_second"] else "-"),
             "hours": "beside step" if r["beside"] else f"{r['total_seconds'] / 3600:.2f}",
-            "coll": _collectives_text(r["collectives"])})
+            "coll": collectives_text(r["collectives"])})
     head = (f"{report['config']} on {report['num_slices']} x {report['topology']} "
             f"({report['libtpu_topology']}, {report['devices']} devices, {report['hosts']} hosts, "
             f"chip {report['chip']}): estimated {report['total_seconds'] / 3600:.1f} h for the "

@@ -135,14 +135,6 @@ class ProgramReport:
         compute = self.flops / self.chip.peak_flops
         return "compute" if compute >= self.bytes_accessed / self.chip.hbm_bandwidth else "HBM"
 
-    def shortfall(self) -> str:
-        """One line: how much HBM the program needs beyond the chip's (empty when it fits)."""
-        if self.fits:
-            return ""
-        return (f"{self.name} needs {self.total_bytes / GiB:.2f} GiB of {self.chip.hbm_bytes / GiB:.0f} "
-                f"GiB HBM per device on {self.chip.name} (temporaries {self.temp_bytes / GiB:.2f} GiB, "
-                f"arguments {self.argument_bytes / GiB:.2f} GiB)")
-
     def as_dict(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "chip"}
         out.update(chip=self.chip.name, total_bytes=self.total_bytes, hbm_bytes=self.chip.hbm_bytes,
@@ -158,6 +150,7 @@ def compile_program(name: str, fn, *args, chip: Chip) -> ProgramReport:
     with onednn.lowering_for("tpu"):
         lowered = fn.lower(*args)
     check_no_cpu_custom_calls(lowered, name)
+    inputs = [device_bytes(a) for a in args]
     start = time.perf_counter()
     try:
         compiled = lowered.compile()
@@ -167,11 +160,10 @@ def compile_program(name: str, fn, *args, chip: Chip) -> ProgramReport:
             raise
         return ProgramReport(
             name=name, chip=chip, num_devices=len(jax.tree.leaves(args)[0].sharding.device_set),
-            argument_bytes=sum(map(device_bytes, args)), output_bytes=0, alias_bytes=0,
+            argument_bytes=sum(inputs), output_bytes=0, alias_bytes=0,
             temp_bytes=int(float(oom[1]) * _UNITS[oom[2]]), code_bytes=0, flops=0.0,
             bytes_accessed=0.0, collectives={}, compile_seconds=time.perf_counter() - start,
-            input_bytes=[device_bytes(a) for a in args],
-            compiler_oom=" ".join(str(e).split("\n")[0].split()))
+            input_bytes=inputs, compiler_oom=" ".join(str(e).split("\n")[0].split()))
     seconds = time.perf_counter() - start
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
@@ -184,7 +176,7 @@ def compile_program(name: str, fn, *args, chip: Chip) -> ProgramReport:
         code_bytes=int(mem.generated_code_size_in_bytes), flops=float(cost.get("flops", 0.0)),
         bytes_accessed=float(cost.get("bytes accessed", 0.0)),
         collectives=collectives(compiled.as_text()), compile_seconds=seconds,
-        input_bytes=[device_bytes(a) for a in args])
+        input_bytes=inputs)
 
 
 def device_bytes(tree) -> int:
