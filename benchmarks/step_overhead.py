@@ -59,7 +59,7 @@ import numpy as np
 import optax
 
 from kdjax import models, recipe, sharding, teachers, train
-from kdjax.kernels import onednn
+from kdjax.kernels import build, onednn
 
 SIZE, CLASSES, TEMPERATURE, ALPHA, LR = 32, 100, 4.0, 0.9, 0.1
 # What each reported ratio divides (numerator, denominator terms), and its target.
@@ -398,8 +398,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--stem", choices=("cifar", "imagenet"), default="cifar",
                         help="ResNet stem: cifar (3x3/1, no pool) or imagenet (7x7/2 + max-pool)")
     parser.add_argument("--conv", choices=("auto", "xla", "onednn"), default="auto",
-                        help="the models' convolution; auto: oneDNN on CPU when built "
-                             "(python -m kdjax.kernels.build), else XLA's")
+                        help="the models' convolution; auto: oneDNN on CPU when it can be built "
+                             "(DNNL_ROOT picks the oneDNN: docs/kernels.md), else XLA's")
     parser.add_argument("--profile", metavar="DIR",
                         help="after timing, write a jax.profiler trace of one call of each JAX "
                              "variant to DIR (TensorBoard's profile plugin or ui.perfetto.dev)")
@@ -442,7 +442,8 @@ def main(argv: list[str] | None = None) -> dict:
         peak = args.peak_gflops * 1e9
     result = summarize(times, faults, flops, peak, args.batch)
     result.update(
-        conv=conv, peak_measured=backend == "gpu" or bool(args.measure_peak),
+        conv=conv, onednn=(f"{onednn.version()} ({build.find_onednn().origin})" if conv == "onednn"
+                           else None), peak_measured=backend == "gpu" or bool(args.measure_peak),
         backend=backend, device_kind=jax.devices()[0].device_kind, devices=jax.device_count(),
         jax=jax.__version__, torch=torch_version, torch_device=device, dtype=args.dtype,
         teacher_dtype=teacher_dtype,
@@ -450,7 +451,7 @@ def main(argv: list[str] | None = None) -> dict:
         xla_flags=os.environ.get("XLA_FLAGS", ""),
         glibc_tunables=os.environ.get("GLIBC_TUNABLES", ""),
         ld_preload=os.environ.get("LD_PRELOAD", ""), batch=args.batch, rounds=args.rounds)
-    print(f"{'conv':>22}: {conv}")
+    print(f"{'conv':>22}: {conv}" + (f", oneDNN {result['onednn']}" if result["onednn"] else ""))
     print(f"{'LD_PRELOAD':>22}: {result['ld_preload'] or '(none: glibc malloc)'}")
     for key, (lo, hi) in result["ratio_range_over_rounds"].items():
         target = result["targets"].get(key)

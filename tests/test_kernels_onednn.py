@@ -1,8 +1,9 @@
 """kdjax.kernels.onednn: oneDNN convolutions on XLA:CPU against float64 references, the lax fallbacks,
 models and a (sharded) train step on oneDNN vs XLA, concurrency, and the build / missing-library errors.
 
-Tests marked ``needs_onednn`` use the compiled library (``python -m kdjax.kernels.build``): they skip
-when it is not built, and fail when ``KDJAX_REQUIRE_ONEDNN`` is set (CI builds it first).
+Tests marked ``needs_onednn`` use the compiled library (built on first use into the kernel cache):
+they skip when it cannot be built here, and fail when ``KDJAX_REQUIRE_ONEDNN`` is set (as in CI).
+Each test that needs an instruction set says which (``needs_isa``).
 """
 
 import concurrent.futures
@@ -33,13 +34,12 @@ KEY = jax.random.key(0, impl="rbg")
 F32_TOL = 1e-5  # max |error| / max |reference| for one float32 convolution
 
 
-def library_gate(available: bool, required: str | None) -> tuple[str, str] | None:
-    """What a test that needs the library does: ``None`` (run) when it is built, else
+def library_gate(available: bool, required: str | None, why: str = "") -> tuple[str, str] | None:
+    """What a test that needs the library does: ``None`` (run) when it is available, else
     ``('fail' | 'skip', reason)``: fail when ``$KDJAX_REQUIRE_ONEDNN`` is set (not empty, not '0')."""
     if available:
         return None
-    missing = (f"kdjax's oneDNN convolution is not built ({onednn.library_path().name} is missing); "
-               f"build it with `python -m kdjax.kernels.build`")
+    missing = f"kdjax's oneDNN convolution is unavailable: {why}"
     if required not in (None, "", "0"):
         return "fail", f"{REQUIRE_ENV}={required} but {missing}"
     return "skip", f"{missing} (set {REQUIRE_ENV}=1 to fail instead of skipping)"
@@ -47,7 +47,8 @@ def library_gate(available: bool, required: str | None) -> tuple[str, str] | Non
 
 @pytest.fixture(scope="module")
 def onednn_library():
-    gate = library_gate(onednn.available(), os.environ.get(REQUIRE_ENV))
+    gate = library_gate(onednn.available(), os.environ.get(REQUIRE_ENV),
+                        "" if onednn.available() else onednn._library())
     if gate is not None:
         action, reason = gate
         if action == "fail":
@@ -58,15 +59,22 @@ def onednn_library():
 needs_onednn = pytest.mark.usefixtures("onednn_library")
 
 
-@pytest.fixture
-def missing_library(monkeypatch, tmp_path):
-    """``onednn.library_path`` points at a file that does not exist and ``_library``'s cache is
-    empty; afterwards the real path is restored and the cache cleared (the next use reloads it)."""
-    monkeypatch.setattr(onednn, "library_path", lambda: tmp_path / "_onednn_conv.missing.so")
+def clear_caches():
     onednn._library.cache_clear()
+    onednn._warn_unavailable.cache_clear()
+
+
+@pytest.fixture
+def missing_library(monkeypatch):
+    """The build fails (no oneDNN) and ``_library``'s cache is empty; afterwards the real build is
+    restored and the caches cleared (the next use loads the cached library again)."""
+    def no_onednn(force=False):
+        raise build.BuildError("no oneDNN found (test)")
+    monkeypatch.setattr(build, "build", no_onednn)
+    clear_caches()
     yield
     monkeypatch.undo()
-    onednn._library.cache_clear()
+    clear_caches()
 
 
 # ----------------------------------------------------------------------------- references / helpers
@@ -107,10 +115,10 @@ def flat_padding(padding):
     (False, "1", "fail"), (False, "yes", "fail"),
 ])
 def test_library_gate(available, required, expected):
-    gate = library_gate(available, required)
+    gate = library_gate(available, required, "no compiler")
     assert (gate if gate is None else gate[0]) == expected
     if gate is not None:
-        assert "python -m kdjax.kernels.build" in gate[1] and REQUIRE_ENV in gate[1]
+        assert "unavailable: no compiler" in gate[1] and REQUIRE_ENV in gate[1]
 
 
 # ----------------------------------------------------------------------------- forward and gradients
@@ -322,25 +330,6 @@ def test_the_callers_openmp_threads_are_kept():
         gomp.omp_set_num_threads(before)
 
 
-def test_a_stale_library_warns(monkeypatch, tmp_path):
-    # A library older than its source may lack what the source has (e.g. bfloat16 kernels).
-    lib, src = tmp_path / "_onednn_conv.test.so", tmp_path / "onednn_conv.cc"
-    lib.write_bytes(b"")
-    src.write_text("// newer")
-    os.utime(lib, (1, 1))
-    monkeypatch.setattr(onednn, "library_path", lambda: lib)
-    monkeypatch.setattr(onednn, "SOURCE", src)
-    monkeypatch.setattr(onednn.ctypes.cdll, "LoadLibrary", lambda path: pytest.fail("loaded"))
-    onednn._library.cache_clear()
-    try:
-        with pytest.warns(UserWarning, match="older than onednn_conv.cc.*python -m kdjax.kernels.build"):
-            with pytest.raises(pytest.fail.Exception, match="loaded"):
-                onednn._library()
-    finally:
-        monkeypatch.undo()
-        onednn._library.cache_clear()
-
-
 @needs_onednn
 @pytest.mark.parametrize("x_shape, w_shape, strides, padding", GEOMETRIES)
 def test_bfloat16_gradients_match_float64_reference(x_shape, w_shape, strides, padding):
@@ -535,7 +524,7 @@ def test_model_on_onednn_matches_xla(name, kwargs):
 @pytest.mark.parametrize("name", ["resnet18", "cifar_resnet20", "wrn_16_2"])
 def test_unknown_conv_name_lists_the_choices(name):
     with pytest.raises(ValueError, match=r"conv must be one of \['onednn', 'xla'\] .*"
-                                         r"python -m kdjax\.kernels\.build.*got conv='cudnn'\."):
+                                         r"XLA's convolution elsewhere.*got conv='cudnn'\."):
         models.create(name, 10, conv="cudnn")
 
 
@@ -792,16 +781,21 @@ def test_concurrent_convolutions_of_one_geometry():
 
 # ----------------------------------------------------------------------------- errors and the build
 
-def test_require_names_the_build_command(missing_library):
+def test_without_the_library_a_supported_conv_runs_on_xla_and_warns_once(missing_library):
+    message = r"kdjax's oneDNN convolution is unavailable: no oneDNN found \(test\)"
     assert not onednn.available()
-    message = (r"_onednn_conv\.missing\.so is missing\)\. Build it with `python -m kdjax\.kernels\.build`"
-               r".*`apt-get install libdnnl-dev`")
     with pytest.raises(RuntimeError, match=message):
         onednn.require()
-    with pytest.raises(RuntimeError, match=message):  # a supported conv does not silently fall back
-        onednn.conv_general_dilated(X, W, (1, 1), ((1, 1), (1, 1)), dimension_numbers=NHWC)
     with pytest.raises(RuntimeError, match=message):
         onednn.implementation("fwd", X.shape, W.shape, (1, 1), ((1, 1), (1, 1)))
+    with pytest.warns(RuntimeWarning, match="conv='onednn' runs on XLA's convolution.*" + message):
+        y = onednn.conv_general_dilated(X, W, (1, 1), ((1, 1), (1, 1)), dimension_numbers=NHWC)
+    np.testing.assert_array_equal(y, lax.conv_general_dilated(X, W, (1, 1), ((1, 1), (1, 1)),
+                                                              dimension_numbers=NHWC))
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the second use is silent
+        onednn.conv_general_dilated(X, W, (2, 2), ((1, 1), (1, 1)), dimension_numbers=NHWC)
 
 
 @needs_onednn
@@ -820,53 +814,167 @@ def _adjacent(cmd, first, second):
 def test_compile_command(monkeypatch, tmp_path):
     out = tmp_path / "lib.so"
     monkeypatch.delenv("CXX", raising=False)
-    monkeypatch.delenv("DNNL_ROOT", raising=False)
-    cmd = build.compile_command(out)
+    system = build.OneDnn(None, None, "2.6.3", "system")
+    cmd = build.compile_command(out, system)
     assert cmd[0] == "g++" and cmd[-1] == "-ldnnl"
-    assert {"-shared", "-fPIC", "-std=c++17", str(onednn.SOURCE)} <= set(cmd)
+    assert {"-shared", "-fPIC", "-std=c++17", "-fopenmp", str(build.SOURCE)} <= set(cmd)
     assert _adjacent(cmd, "-isystem", jax.ffi.include_dir()) and _adjacent(cmd, "-o", str(out))
-    assert not any("rpath" in c for c in cmd)
+    assert not any("rpath" in c for c in cmd) and cmd.count("-isystem") == 1
 
     monkeypatch.setenv("CXX", "clang++")
-    monkeypatch.setenv("DNNL_ROOT", "/opt/dnnl")
-    cmd = build.compile_command(out)
+    wheel = build.OneDnn(pathlib.Path("/venv/include"), pathlib.Path("/venv/lib"), "3.2.0", "PyPI")
+    cmd = build.compile_command(out, wheel)
     assert cmd[0] == "clang++" and cmd[-1] == "-ldnnl"
-    assert _adjacent(cmd, "-isystem", "/opt/dnnl/include")
+    assert _adjacent(cmd, "-isystem", "/venv/include")
     assert _adjacent(cmd, "-isystem", jax.ffi.include_dir())
-    assert {"-L/opt/dnnl/lib", "-Wl,-rpath,/opt/dnnl/lib"} <= set(cmd)
+    assert {"-L/venv/lib", "-Wl,-rpath,/venv/lib"} <= set(cmd)
+    # /usr/include is the compiler's own: naming it breaks libstdc++'s #include_next.
+    usr = build.OneDnn(pathlib.Path("/usr/include"), pathlib.Path("/usr/lib"), "2.6.3", "DNNL_ROOT=/usr")
+    assert "/usr/include" not in build.compile_command(out, usr)
 
 
-def _real_library_state():
-    path = onednn.library_path()
-    return path, (path.stat().st_mtime_ns, path.stat().st_size) if path.exists() else None
+def test_find_onednn_honours_dnnl_root_then_the_wheel(monkeypatch, tmp_path):
+    header = tmp_path / "include" / "oneapi" / "dnnl" / "dnnl_version.h"
+    header.parent.mkdir(parents=True)
+    header.write_text("#define DNNL_VERSION_MAJOR 3\n#define DNNL_VERSION_MINOR 9\n#define DNNL_VERSION_PATCH 1\n")
+    monkeypatch.setenv("DNNL_ROOT", str(tmp_path))
+    assert build.find_onednn() == build.OneDnn(tmp_path / "include", tmp_path / "lib", "3.9.1",
+                                               f"DNNL_ROOT={tmp_path}")
+    monkeypatch.setenv("DNNL_ROOT", str(tmp_path / "nothing"))
+    with pytest.raises(build.BuildError, match=r"no oneDNN headers in .*nothing.*cpu extra.*DNNL_ROOT"):
+        build.find_onednn()
+
+
+def test_the_cache_key_follows_source_jaxlib_onednn_and_compiler(monkeypatch, tmp_path):
+    monkeypatch.setenv("KDJAX_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("CXX", raising=False)
+    a = build.OneDnn(None, None, "2.6.3", "system")
+    base = build.library_path(a)
+    assert base.parent == tmp_path and base.name.startswith("onednn_conv-jaxlib")
+    assert build.library_path(a) == base
+    assert build.library_path(build.OneDnn(pathlib.Path("/x/include"), pathlib.Path("/x/lib"), "3.2.0",
+                                           "PyPI")) != base
+    monkeypatch.setenv("CXX", "clang++")
+    assert build.library_path(a) != base
+    monkeypatch.delenv("CXX")
+    source = tmp_path / "onednn_conv.cc"
+    source.write_text(build.SOURCE.read_text() + "// changed\n")
+    monkeypatch.setattr(build, "SOURCE", source)
+    assert build.library_path(a) != base
+    import jaxlib
+    monkeypatch.setattr(jaxlib, "__version__", "9.9.9")
+    assert "jaxlib9.9.9" in build.library_path(a).name
+
+
+FAKE_COMPILER = """#!/bin/sh
+# Records each run, waits (a slow compile), then writes its -o file like a compiler.
+echo run >> "$FAKE_CXX_LOG"
+sleep 1
+while [ "$#" -gt 0 ]; do [ "$1" = "-o" ] && printf built > "$2"; shift; done
+"""
+
+
+@pytest.fixture
+def fake_compiler(monkeypatch, tmp_path):
+    """$CXX is a script that logs its runs to the returned file; the cache is in tmp_path."""
+    cxx = tmp_path / "fake-g++"
+    cxx.write_text(FAKE_COMPILER)
+    cxx.chmod(0o755)
+    log = tmp_path / "runs.log"
+    monkeypatch.setenv("CXX", str(cxx))
+    monkeypatch.setenv("FAKE_CXX_LOG", str(log))
+    monkeypatch.setenv("KDJAX_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("DNNL_ROOT", "/usr")  # any oneDNN: the fake compiler reads nothing
+    monkeypatch.setattr(build, "_version", lambda include: "0.0.0")
+    return log
+
+
+def runs(log):
+    return len(log.read_text().splitlines()) if log.exists() else 0
+
+
+def test_build_compiles_once_then_uses_the_cache(fake_compiler, capsys):
+    out = build.build()
+    assert out.read_text() == "built" and runs(fake_compiler) == 1
+    assert "kdjax: compiling the oneDNN convolution" in capsys.readouterr().err
+    assert build.build() == out and runs(fake_compiler) == 1
+    assert capsys.readouterr().err == ""
+    assert build.build(force=True) == out and runs(fake_compiler) == 2
+    assert not list(out.parent.glob("*.tmp*"))
+
+
+def test_parallel_builds_compile_once(fake_compiler):
+    """Four processes ask for the library at once (as pytest-xdist workers do): the lock lets one
+    compile and the others load its result."""
+    script = "from kdjax.kernels import build; print(build.build())"
+    procs = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+             for _ in range(4)]
+    paths = {p.communicate(timeout=120)[0].strip() for p in procs}
+    assert all(p.returncode == 0 for p in procs)
+    assert len(paths) == 1 and runs(fake_compiler) == 1
+    assert pathlib.Path(paths.pop()).read_text() == "built"
 
 
 def test_failed_build_raises_and_leaves_nothing(monkeypatch, tmp_path, capsys):
-    real, before = _real_library_state()
-    out = tmp_path / "_onednn_conv.jaxlib-test.so"
-    monkeypatch.setattr(onednn, "library_path", lambda: out)
+    monkeypatch.setenv("KDJAX_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("CXX", "false")
-    with pytest.raises(RuntimeError, match=r"(?s)building kdjax's oneDNN convolution failed:\n  false .*"
-                                           r"-ldnnl\n.*`apt-get install g\+\+ libdnnl-dev`"):
-        build.build(force=True)
-    assert list(tmp_path.iterdir()) == []
-    assert build.main(["--force"]) == 1
-    assert "libdnnl-dev" in capsys.readouterr().err
-    assert list(tmp_path.iterdir()) == []
-    monkeypatch.undo()
-    assert _real_library_state() == (real, before)
-
-
-def test_build_runs_the_compiler_only_when_out_of_date(monkeypatch, tmp_path):
-    out = tmp_path / "_onednn_conv.jaxlib-test.so"
-    out.write_bytes(b"built")
-    monkeypatch.setattr(onednn, "library_path", lambda: out)
-    monkeypatch.setenv("CXX", "false")  # any compiler run fails
-    source_mtime = onednn.SOURCE.stat().st_mtime
-    os.utime(out, (source_mtime + 10, source_mtime + 10))
-    assert build.build() == out and out.read_bytes() == b"built"
-    os.utime(out, (source_mtime - 10, source_mtime - 10))  # older than the source: rebuilds
-    with pytest.raises(RuntimeError, match="libdnnl-dev"):
+    monkeypatch.setenv("DNNL_ROOT", "/usr")
+    monkeypatch.setattr(build, "_version", lambda include: "0.0.0")
+    with pytest.raises(build.BuildError, match=r"(?s)building kdjax's oneDNN convolution failed:\n  false .*"
+                                               r"-ldnnl\n.*cpu extra"):
         build.build()
-    assert out.read_bytes() == b"built"  # the failed build left the old library in place
-    assert sorted(p.name for p in tmp_path.iterdir()) == [out.name]
+    assert not list(tmp_path.glob("*.so")) and not list(tmp_path.glob("*.tmp*"))
+    assert build.main(["--force"]) == 1
+    assert "building kdjax's oneDNN convolution failed" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"CXX": "g++-missing"}, r"no C\+\+ compiler: 'g\+\+-missing' \(from \$CXX, default g\+\+\) is not on PATH"),
+    ({"KDJAX_CACHE_DIR": "/proc/kdjax-cache"}, r"cannot write kdjax's kernel cache /proc/kdjax-cache .*KDJAX_CACHE_DIR"),
+])
+def test_a_missing_compiler_or_cache_is_one_clear_error(monkeypatch, env, message):
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("DNNL_ROOT", "/usr")
+    monkeypatch.setattr(build, "_version", lambda include: "0.0.0")
+    with pytest.raises(build.BuildError, match=message):
+        build.build()
+
+
+PYPI_BUILD = """
+import os, sys
+import numpy as np
+from jax import lax
+from kdjax.kernels import build, onednn
+dnnl = build.find_onednn()
+assert dnnl.origin.startswith("PyPI"), dnnl
+x = np.random.default_rng(0).normal(size=(4, 9, 9, 3)).astype(np.float32)
+w = np.random.default_rng(1).normal(size=(3, 3, 3, 5)).astype(np.float32)
+y = onednn.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+ref = lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+print(float(np.abs(y - ref).max() / np.abs(ref).max()))
+print(onednn.version(), dnnl.version)
+print(os.listdir(os.environ["KDJAX_CACHE_DIR"]))
+print([line.split()[-1] for line in open("/proc/self/maps") if "libdnnl.so" in line][0])
+"""
+
+
+def test_the_kernel_builds_from_the_pypi_onednn_alone(tmp_path):
+    """A fresh cache, no DNNL_ROOT: the kernel compiles against the cpu extra's wheels and runs on
+    the library they installed (not a system oneDNN), with the same result as XLA."""
+    if build._wheel_file(build.WHEELS[0], "/libdnnl.so") is None:
+        gate = library_gate(False, os.environ.get(REQUIRE_ENV), "the cpu extra's oneDNN wheels "
+                            f"({', '.join(build.WHEELS)}) are not installed")
+        (pytest.fail if gate[0] == "fail" else pytest.skip)(gate[1])
+    env = {k: v for k, v in os.environ.items() if k != "DNNL_ROOT"}
+    env.update(KDJAX_CACHE_DIR=str(tmp_path), JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-c", PYPI_BUILD], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    error, versions, files, loaded = proc.stdout.strip().splitlines()
+    assert float(error) <= F32_TOL
+    runtime, header = versions.split()
+    assert runtime == header and int(runtime.split(".")[0]) >= 3
+    assert any(f.endswith(".so") and f"onednn{header}" in f for f in eval(files))
+    assert pathlib.Path(loaded).resolve().is_relative_to(pathlib.Path(sys.prefix).resolve()), loaded
+    assert "kdjax: compiling the oneDNN convolution" in proc.stderr

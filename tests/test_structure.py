@@ -7,8 +7,8 @@ the module a statement names (``from a.b import c`` names ``a.b.c`` when that is
 ``a.b``); the parent packages Python also initialises on the way are not edges, so a package whose
 ``__init__`` re-exports its submodules is not a circle.
 
-Also: ``kdjax`` never imports ``experiments``, and only :mod:`kdjax.atomic` replaces a file by
-renaming a temporary one over it.
+Also: ``kdjax`` never imports ``experiments``, only :mod:`kdjax.atomic` replaces a file by
+renaming a temporary one over it, and CI runs README's two set-up commands and nothing else.
 """
 
 from __future__ import annotations
@@ -141,3 +141,24 @@ def test_files_are_replaced_atomically_in_one_place():
                 renaming.append(f"{module}:{node.lineno}")
     assert not renaming, ("os.replace / os.rename outside kdjax.atomic (use write_json_atomic, "
                           "write_text_atomic or atomic_write): " + ", ".join(renaming))
+
+
+def readme_setup_commands() -> list[str]:
+    """The commands of README's first code block under "Set up and test", comments dropped."""
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        text = f.read()
+    block = text.split("## Set up and test", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+    return [line.split("#", 1)[0].strip() for line in block.splitlines() if line.strip()]
+
+
+def test_ci_runs_readmes_two_commands_and_nothing_else():
+    """Set-up is README's install command and its test command; .ci/run runs those two, after
+    making the venv, and installs nothing else (no apt-get, no separate kernel build)."""
+    commands = readme_setup_commands()
+    assert commands == ['pip install -e ".[dev]"', "python -m pytest -n 2"], commands
+    with open(os.path.join(ROOT, ".ci", "run"), encoding="utf-8") as f:
+        steps = [line.split("#", 1)[0].strip() for line in f if "# README:" in line]
+    assert steps == commands
+    with open(os.path.join(ROOT, ".ci", "run"), encoding="utf-8") as f:
+        script = f.read()
+    assert "apt-get" not in script and "kdjax.kernels.build" not in script

@@ -1,7 +1,7 @@
 """Compiled kernels that XLA does not provide at full speed on some backend.
 
 :mod:`kdjax.kernels.onednn`: oneDNN 2-D convolutions for XLA:CPU (a drop-in
-``lax.conv_general_dilated``), built once with ``python -m kdjax.kernels.build``.
+``lax.conv_general_dilated``), compiled on first use by :mod:`kdjax.kernels.build`.
 """
 
 from typing import Callable
@@ -17,6 +17,6 @@ CONVOLUTIONS: dict[str, Callable | None] = {"xla": None, "onednn": onednn.conv_g
 def convolution(name: str) -> Callable | None:
     """The convolution :data:`CONVOLUTIONS` names; ``ValueError`` listing the choices otherwise."""
     if name not in CONVOLUTIONS:
-        raise ValueError(f"conv must be one of {sorted(CONVOLUTIONS)} ('onednn': oneDNN on CPU, built "
-                         f"with `python -m kdjax.kernels.build`); got conv={name!r}.")
+        raise ValueError(f"conv must be one of {sorted(CONVOLUTIONS)} ('onednn': oneDNN on CPU, XLA's "
+                         f"convolution elsewhere); got conv={name!r}.")
     return CONVOLUTIONS[name]

@@ -27,9 +27,10 @@ a replicated kernel's gradient is summed over them). Under ``vmap`` the passes r
 example. Limit: first derivatives only (the backward kernels are not
 differentiable again).
 
-Build: ``python -m kdjax.kernels.build`` compiles ``onednn_conv.cc`` against the installed jaxlib's
-FFI headers and the system oneDNN (Debian/Ubuntu: ``apt-get install libdnnl-dev``) into
-``_onednn_conv.jaxlib-<version>.so`` beside this file.
+Build: on first use, :mod:`kdjax.kernels.build` compiles ``onednn_conv.cc`` against the installed
+jaxlib's FFI headers and oneDNN (the ``cpu`` extra's PyPI wheels, ``$DNNL_ROOT`` or the system's) into
+a per-user cache. Where it cannot (no compiler, no oneDNN, not Linux), :func:`conv_general_dilated`
+runs XLA's convolution and warns once, saying why and how to fix it.
 """
 
 from __future__ import annotations
@@ -38,7 +39,6 @@ import contextlib
 import ctypes
 import functools
 import math
-import pathlib
 import threading
 import warnings
 from typing import Any, Sequence
@@ -51,7 +51,6 @@ from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-SOURCE = pathlib.Path(__file__).with_name("onednn_conv.cc")
 #: The three FFI targets, by pass: (XLA target name, exported handler symbol).
 TARGETS = {"fwd": ("kdjax_onednn_conv_fwd", "KdjaxOnednnConvFwd"),
            "bwd_data": ("kdjax_onednn_conv_bwd_data", "KdjaxOnednnConvBwdData"),
@@ -84,40 +83,45 @@ def target_platform() -> str:
     return getattr(_LOWERING, "platform", None) or jax.default_backend()
 
 
-def library_path() -> pathlib.Path:
-    """Where the compiled library for the installed jaxlib lives (it need not exist yet)."""
-    import jaxlib
-    return SOURCE.with_name(f"_onednn_conv.jaxlib-{jaxlib.__version__}.so")
-
-
 @functools.cache
-def _library() -> ctypes.CDLL | None:
-    path = library_path()
-    if not path.exists():
-        return None
-    if path.stat().st_mtime < SOURCE.stat().st_mtime:
-        warnings.warn(f"{path.name} is older than {SOURCE.name}: it may lack fixes or features of "
-                      f"the source; rebuild it with `python -m kdjax.kernels.build`.", stacklevel=2)
-    lib = ctypes.cdll.LoadLibrary(str(path))
+def _library() -> ctypes.CDLL | str:
+    """The library, built first if need be (:func:`kdjax.kernels.build.build`), with its FFI targets
+    registered; or, if it cannot be built or loaded, why (a message naming the fix)."""
+    from kdjax.kernels import build  # here: `python -m kdjax.kernels.build` runs it as __main__
+    try:
+        path = build.build()
+        lib = ctypes.cdll.LoadLibrary(str(path))
+    except (build.BuildError, OSError) as e:
+        return str(e)
     for target, symbol in TARGETS.values():
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
     lib.KdjaxOnednnImplName.restype = ctypes.c_char_p
     lib.KdjaxOnednnImplName.argtypes = (ctypes.c_int, ctypes.POINTER(ctypes.c_int64), ctypes.c_int)
+    lib.KdjaxOnednnVersion.restype = ctypes.c_char_p
     return lib
 
 
 def available() -> bool:
-    """True when the library for the installed jaxlib is built (``python -m kdjax.kernels.build``)."""
-    return _library() is not None
+    """True when the library is built (or can be, now) and loaded for the installed jaxlib."""
+    return not isinstance(_library(), str)
 
 
 def require() -> None:
-    """Raises ``RuntimeError`` naming the build command unless :func:`available`."""
+    """Raises ``RuntimeError`` saying why the library is unavailable, unless :func:`available`."""
     if not available():
-        raise RuntimeError(
-            f"kdjax's oneDNN convolution is not built for this jaxlib ({library_path().name} is "
-            f"missing). Build it with `python -m kdjax.kernels.build` (needs g++ and oneDNN's headers: "
-            f"`apt-get install libdnnl-dev` on Debian/Ubuntu), or use the default XLA convolution.")
+        raise RuntimeError(f"kdjax's oneDNN convolution is unavailable: {_library()}")
+
+
+def version() -> str:
+    """The version of the oneDNN library the kernel runs on, e.g. ``'3.2.0'``."""
+    require()
+    return _library().KdjaxOnednnVersion().decode()
+
+
+@functools.cache
+def _warn_unavailable() -> None:
+    warnings.warn(f"conv='onednn' runs on XLA's convolution (slower on CPU): kdjax's oneDNN "
+                  f"convolution is unavailable: {_library()}", RuntimeWarning, stacklevel=4)
 
 
 def implementation(pass_: str, x_shape: Sequence[int], w_shape: Sequence[int],
@@ -323,7 +327,12 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequenc
     strides = tuple(int(s) for s in window_strides)
     (top, bottom), (left, right) = _explicit_padding(padding, lhs, rhs, strides)
     pads = (int(top), int(bottom), int(left), int(right))
-    if min(pads) < 0 or (lhs.dtype == jnp.bfloat16 and not native_bf16(
+    if min(pads) < 0:
+        return fallback()
+    if not available():
+        _warn_unavailable()
+        return fallback()
+    if (lhs.dtype == jnp.bfloat16 and not native_bf16(
             lhs.shape, rhs.shape, strides, ((pads[0], pads[1]), (pads[2], pads[3])))):
         return fallback()
     return conv_nhwc(lhs, rhs, strides, pads)

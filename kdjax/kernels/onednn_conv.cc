@@ -81,10 +81,29 @@ struct Plan {
 
 dnnl::convolution_forward::primitive_desc ForwardPd(const Geometry& g,
                                                     const dnnl::primitive_attr& attr) {
-  dnnl::convolution_forward::desc d(dnnl::prop_kind::forward_training,
-                                    dnnl::algorithm::convolution_direct, g.x(), g.w(Tag::any),
-                                    g.y(), g.strides(), g.pad_l(), g.pad_r());
-  return dnnl::convolution_forward::primitive_desc(d, attr, Engine());
+#if DNNL_VERSION_MAJOR >= 3
+  return {Engine(), dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct,
+          g.x(), g.w(Tag::any), g.y(), g.strides(), g.pad_l(), g.pad_r(), attr};
+#else
+  return {{dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct, g.x(),
+           g.w(Tag::any), g.y(), g.strides(), g.pad_l(), g.pad_r()},
+          attr, Engine()};
+#endif
+}
+
+// The backward passes' primitive descriptors, from their memory descriptors (x, the kernel, y) and
+// the forward one as a hint, in oneDNN 3.x's form or 2.x's.
+template <typename Pd>
+Pd BackwardPd(const Geometry& g, const memory::desc& w, const dnnl::primitive_attr& attr,
+              const dnnl::convolution_forward::primitive_desc& fwd) {
+#if DNNL_VERSION_MAJOR >= 3
+  return Pd(Engine(), dnnl::algorithm::convolution_direct, g.x(), w, g.y(), g.strides(),
+            g.pad_l(), g.pad_r(), fwd, attr);
+#else
+  return Pd({dnnl::algorithm::convolution_direct, g.x(), w, g.y(), g.strides(), g.pad_l(),
+             g.pad_r()},
+            attr, Engine(), fwd);
+#endif
 }
 
 // Fills the plan's primitive, kernel layout, scratchpad size and name from a primitive descriptor.
@@ -105,16 +124,12 @@ std::unique_ptr<Plan> Build(Pass pass, const Geometry& g) {
   if (pass == kFwd) {
     Adopt<dnnl::convolution_forward>(fwd, fwd.weights_desc(), plan.get());
   } else if (pass == kBwdData) {
-    dnnl::convolution_backward_data::primitive_desc pd(
-        {dnnl::algorithm::convolution_direct, g.x(), g.w(Tag::any), g.y(), g.strides(),
-         g.pad_l(), g.pad_r()},
-        attr, Engine(), fwd);
+    auto pd = BackwardPd<dnnl::convolution_backward_data::primitive_desc>(g, g.w(Tag::any),
+                                                                          attr, fwd);
     Adopt<dnnl::convolution_backward_data>(pd, pd.weights_desc(), plan.get());
   } else {  // the weight gradient in float32 (partial sums), converted to g.dt at the end
-    dnnl::convolution_backward_weights::primitive_desc pd(
-        {dnnl::algorithm::convolution_direct, g.x(), g.w(Tag::any, memory::data_type::f32), g.y(),
-         g.strides(), g.pad_l(), g.pad_r()},
-        attr, Engine(), fwd);
+    auto pd = BackwardPd<dnnl::convolution_backward_weights::primitive_desc>(
+        g, g.w(Tag::any, memory::data_type::f32), attr, fwd);
     Adopt<dnnl::convolution_backward_weights>(pd, pd.diff_weights_desc(), plan.get());
   }
   // oneDNN 2.6's jit_1x1 kernels with a stride (AVX2; "rtus": they first copy the strided input
@@ -489,4 +504,13 @@ extern "C" const char* KdjaxOnednnImplName(int pass, const int64_t* geometry, in
     name = std::string("error: ") + e.what();
   }
   return name.c_str();
+}
+
+// The version of the oneDNN library loaded at run time, e.g. "3.2.0" (onednn.py: version()).
+extern "C" const char* KdjaxOnednnVersion() {
+  static const std::string version = [] {
+    const dnnl_version_t* v = dnnl_version();
+    return std::to_string(v->major) + "." + std::to_string(v->minor) + "." + std::to_string(v->patch);
+  }();
+  return version.c_str();
 }
