@@ -28,9 +28,12 @@ from kdjax.data.pipeline import (
     local_batch_size,
     make_eval_iterator,
     make_train_iterator,
+    make_view_iterator,
     prefetch_to_device,
     train_example,
+    view_num_batches,
 )
+from kdjax.data.fingerprint import transform_fingerprint
 from kdjax.data.small import digits_arrays, mnist1d_arrays
 
 __all__ = [
@@ -49,6 +52,7 @@ __all__ = [
     "local_batch_size",
     "make_eval_iterator",
     "make_train_iterator",
+    "make_view_iterator",
     "mnist1d_arrays",
     "normalize_batch",
     "normalize_image",
@@ -57,4 +61,6 @@ __all__ = [
     "random_resized_crop_box",
     "tfds_string_id",
     "train_example",
+    "transform_fingerprint",
+    "view_num_batches",
 ]

@@ -349,6 +349,90 @@ def make_eval_iterator(
     return iter(ds.to_iter_dataset(options).batch(local, drop_remainder=True))
 
 
+class _ViewExample:
+    """Grain map: host-local position ``t`` -> the training view of global position ``j``.
+
+    Position ``j < E * N`` is ``(epoch, id) = (first + j // N, j mod N)``; later positions are
+    padding rows (``mask`` False) that repeat position ``j mod (E * N)``.
+    """
+
+    def __init__(self, source: Any, transform: Transform | None, seed: int, first: int, num_epochs: int,
+                 num_records: int, global_batch: int, local_batch: int, process_index: int):
+        self._source = source
+        self._transform = transform
+        self._seed = seed
+        self._first = first
+        self._total = num_epochs * num_records
+        self._num_records = num_records
+        self._global_batch = global_batch
+        self._local_batch = local_batch
+        self._process_index = process_index
+
+    def __call__(self, position: int) -> dict[str, Any]:
+        batch_index, row = divmod(int(position), self._local_batch)
+        global_position = batch_index * self._global_batch + self._process_index * self._local_batch + row
+        epoch, example_id = divmod(global_position % self._total, self._num_records)
+        result = train_example(self._source, example_id, seed=self._seed, epoch=self._first + epoch,
+                               transform=self._transform)
+        result["mask"] = np.bool_(global_position < self._total)
+        return result
+
+
+def make_view_iterator(
+    source: Any,
+    *,
+    global_batch_size: int,
+    seed: int,
+    epochs: tuple[int, int],
+    transform: Transform | None = None,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    num_threads: int = 0,
+    prefetch_buffer_size: int = 256,
+) -> grain.DatasetIterator:
+    """Every training view of epochs ``first..last``: one padded pass over all ``(epoch, id)``.
+
+    The views a teacher must see to precompute a view-keyed logit store: row ``(epoch, id)`` is
+    exactly :func:`train_example` ``(source, id, seed=seed, epoch=epoch, transform=transform)``, the
+    row :func:`make_train_iterator` with the same seed and transform yields for ``id`` in ``epoch``
+    on any number of hosts. Positions run epoch-major (``epoch = first + j // N``, ``id = j mod N``),
+    padded to whole global batches and split over hosts as in :func:`make_eval_iterator`
+    (``mask`` False on padding rows). Every id of every epoch is covered, also the ``N mod P``
+    records a train epoch on ``P`` hosts leaves out, so the store serves any host count.
+
+    Returns:
+      A ``grain.DatasetIterator`` of dicts ``{'image', 'label', 'id', 'epoch', 'mask'}``;
+      ``view_num_batches(len(source), epochs, global_batch_size)`` batches per host.
+    """
+    num_records = _check_source(source)
+    index, count = _resolve_processes(process_index, process_count)
+    local = local_batch_size(global_batch_size, count)
+    if not isinstance(seed, (int, np.integer)) or not 0 <= seed < _MAX_SEED:
+        raise ValueError(f"seed must be an integer in [0, 2**32), got {seed!r}.")
+    first, last = _check_epochs(epochs)
+    options = _read_options(num_threads, prefetch_buffer_size)
+    num_batches = view_num_batches(num_records, (first, last), global_batch_size)
+    ds = grain.MapDataset.range(num_batches * local)
+    ds = ds.map(_ViewExample(source, transform, int(seed), first, last - first + 1, num_records,
+                             global_batch_size, local, index))
+    return iter(ds.to_iter_dataset(options).batch(local, drop_remainder=True))
+
+
+def _check_epochs(epochs: Any) -> tuple[int, int]:
+    if (isinstance(epochs, (str, bytes)) or not hasattr(epochs, "__len__") or len(epochs) != 2
+            or not all(isinstance(e, (int, np.integer)) and not isinstance(e, bool) for e in epochs)
+            or not 0 <= epochs[0] <= epochs[1]):
+        raise ValueError(f"epochs must be (first, last), an inclusive range with 0 <= first <= last, "
+                         f"got {epochs!r}.")
+    return int(epochs[0]), int(epochs[1])
+
+
+def view_num_batches(num_records: int, epochs: tuple[int, int], global_batch_size: int) -> int:
+    """Global batches of :func:`make_view_iterator`: ``ceil(num_records * num_epochs / global)``."""
+    first, last = _check_epochs(epochs)
+    return eval_num_batches(num_records * (last - first + 1), global_batch_size)
+
+
 _END = object()
 
 
@@ -536,6 +620,8 @@ __all__ = [
     "local_batch_size",
     "make_eval_iterator",
     "make_train_iterator",
+    "make_view_iterator",
     "prefetch_to_device",
     "train_example",
+    "view_num_batches",
 ]

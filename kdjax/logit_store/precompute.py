@@ -75,6 +75,10 @@ def precompute(teacher_fn: Callable[[Any, dict[str, Any]], Any], teacher_variabl
     A batch whose real rows (``'mask'`` True) are all written already is skipped without running the
     teacher (a resumed run); with several processes the skip is agreed on by all of them.
 
+    For a view store (``writer.spec.views``) each batch also carries ``'epoch'`` (int ``[B]``), the
+    epoch of each row's augmented view (:func:`kdjax.data.make_view_iterator`); rows are written
+    under ``(epoch, id)``.
+
     ``should_stop(n)`` (e.g. :meth:`kdjax.preemption.PreemptionWatcher.should_stop`; on several
     processes a collective, called by all with the same ``n``) is asked after each batch ``n``
     (1, 2, ...); True ends the pass there, and the result has ``'stopped': 1``.
@@ -88,9 +92,9 @@ def precompute(teacher_fn: Callable[[Any, dict[str, Any]], Any], teacher_variabl
     if sharding is not None and not isinstance(sharding, jax.sharding.NamedSharding):
         raise TypeError(f"sharding must be a jax.sharding.NamedSharding over the batch axis, got "
                         f"{type(sharding).__name__}")
-    if spec.num_examples > np.iinfo(np.int32).max:
+    if spec.num_rows > np.iinfo(np.int32).max:
         raise ValueError(f"precompute carries ids through the device as int32; num_examples="
-                         f"{spec.num_examples} does not fit")
+                         f"{spec.num_examples} (rows {spec.num_rows}) does not fit")
     row_sharding = None
     if sharding is not None:
         lead = sharding.spec[0] if len(sharding.spec) else None
@@ -105,15 +109,18 @@ def precompute(teacher_fn: Callable[[Any, dict[str, Any]], Any], teacher_variabl
     def to_host(x: Any) -> np.ndarray:
         return np.asarray(x) if sharding is None else _local_rows(x)
 
-    def write_batch(batch, ids: np.ndarray, mask: np.ndarray) -> int:
+    def write_batch(batch, ids: np.ndarray, mask: np.ndarray, epochs: np.ndarray | None) -> int:
         device_batch = {key: to_device(np.asarray(val)) for key, val in batch.items() if key != "id"}
         outputs = fwd(teacher_variables, device_batch)
         local_ids = to_host(to_device(np.where(mask, ids, 0).astype(np.int32)))
         local_mask = to_host(to_device(mask))
+        local_epochs = None
+        if epochs is not None:
+            local_epochs = to_host(to_device(np.where(mask, epochs, spec.epochs[0]).astype(np.int32)))
         host = [to_host(o) for o in outputs]
         if spec.format == "topk":
-            return writer.write_topk(local_ids, host[0], host[1], local_mask)
-        return writer.write(local_ids, host[0], local_mask)
+            return writer.write_topk(local_ids, host[0], host[1], local_mask, epochs=local_epochs)
+        return writer.write(local_ids, host[0], local_mask, epochs=local_epochs)
 
     from tqdm import tqdm
 
@@ -129,12 +136,20 @@ def precompute(teacher_fn: Callable[[Any, dict[str, Any]], Any], teacher_variabl
             ids = _as_ids(batch["id"], "batch['id']")
             mask = _as_mask(batch.get("mask"), ids.size)
             _check_id_range(ids[mask], spec.num_examples, "precompute batch['id']")
+            epochs = None
+            if spec.views:
+                if "epoch" not in batch:
+                    raise ValueError(f"precompute into a view store ({spec.describe_views()}) needs "
+                                     f"batches with an 'epoch' key (kdjax.data.make_view_iterator), got "
+                                     f"keys {sorted(batch)}")
+                epochs = np.asarray(batch["epoch"])
             stats["batches"] += 1
             bar.update(1)
-            if _all_processes_agree(bool(writer.is_written(ids[mask]).all()), sharding is not None):
+            done = writer.is_written(ids[mask], None if epochs is None else epochs[mask])
+            if _all_processes_agree(bool(done.all()), sharding is not None):
                 stats["batches_skipped"] += 1
             else:
-                stats["rows_written"] += write_batch(batch, ids, mask)
+                stats["rows_written"] += write_batch(batch, ids, mask, epochs)
                 bar.set_postfix(rows=stats["rows_written"], refresh=False)
             if should_stop is not None and should_stop(stats["batches"]):
                 stats["stopped"] = 1

@@ -15,6 +15,7 @@ DTYPES: dict[str, np.dtype] = {
     "float32": np.dtype(np.float32),
 }
 _INDEX_DTYPE = np.dtype(np.int32)
+_VIEW_FIELDS = ("epochs", "seed", "transform")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,6 +34,13 @@ class StoreSpec:
         their class indices, largest first, ties to the lower class index).
       k: number of kept logits for ``'topk'`` (``1 <= k <= num_classes``); ``None`` for ``'full'``.
       dtype: stored value dtype: ``'float16'``, ``'bfloat16'`` or ``'float32'``.
+      epochs: ``None`` for a store of one (unaugmented) view per example; for a *view store*
+        ``(first, last)``, the inclusive range of training epochs whose augmented views it holds:
+        one row per ``(epoch, id)``, the teacher's outputs on
+        ``kdjax.data.train_example(source, id, seed=seed, epoch=epoch, transform=...)``.
+      seed: the data seed of those views (view store only; ``None`` otherwise).
+      transform: the fingerprint of the train transform that made them
+        (:func:`kdjax.data.transform_fingerprint`; view store only, ``None`` otherwise).
     """
 
     dataset: str
@@ -44,6 +52,9 @@ class StoreSpec:
     format: str = "full"
     k: int | None = None
     dtype: str = "float16"
+    epochs: tuple[int, int] | None = None
+    seed: int | None = None
+    transform: str | None = None
 
     def __post_init__(self):
         for name in ("dataset", "split", "teacher"):
@@ -74,6 +85,55 @@ class StoreSpec:
         object.__setattr__(self, "num_classes", int(self.num_classes))
         if self.k is not None:
             object.__setattr__(self, "k", int(self.k))
+        self._check_views()
+
+    def _check_views(self) -> None:
+        views = {"epochs": self.epochs, "seed": self.seed, "transform": self.transform}
+        if all(v is None for v in views.values()):
+            return
+        unset = [name for name, v in views.items() if v is None]
+        if unset:
+            raise ValueError(f"StoreSpec: a view store needs epochs, seed and transform together; "
+                             f"{', '.join(unset)} {'is' if len(unset) == 1 else 'are'} None (leave all "
+                             f"three None for a store of one unaugmented view per example)")
+        epochs = self.epochs
+        if (isinstance(epochs, (str, bytes)) or not hasattr(epochs, "__len__") or len(epochs) != 2
+                or not all(isinstance(e, (int, np.integer)) and not isinstance(e, bool) for e in epochs)
+                or not 0 <= epochs[0] <= epochs[1]):
+            raise ValueError(f"StoreSpec.epochs must be (first, last) with 0 <= first <= last (an "
+                             f"inclusive range of training epochs), got {epochs!r}")
+        object.__setattr__(self, "epochs", (int(epochs[0]), int(epochs[1])))
+        if (isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer))
+                or not 0 <= self.seed < 2**32):
+            raise ValueError(f"StoreSpec.seed must be an integer in [0, 2**32) (the data seed of the "
+                             f"views), got {self.seed!r}")
+        object.__setattr__(self, "seed", int(self.seed))
+        if not isinstance(self.transform, str) or not self.transform:
+            raise ValueError(f"StoreSpec.transform must be a non-empty string (the train transform's "
+                             f"fingerprint, kdjax.data.transform_fingerprint), got {self.transform!r}")
+
+    @property
+    def views(self) -> bool:
+        """Whether this is a view store: one row per ``(epoch, id)`` of :attr:`epochs`."""
+        return self.epochs is not None
+
+    @property
+    def num_epochs(self) -> int:
+        """Epochs of views held: ``last - first + 1`` for a view store, 1 otherwise."""
+        return self.epochs[1] - self.epochs[0] + 1 if self.views else 1
+
+    @property
+    def num_rows(self) -> int:
+        """Rows of a complete store: ``num_examples * num_epochs``; row key of ``(epoch, id)`` is
+        ``(epoch - first) * num_examples + id`` (just ``id`` when not a view store)."""
+        return self.num_examples * self.num_epochs
+
+    def describe_views(self) -> str:
+        """``'epochs 0-89 of seed 0, transform <fingerprint>'`` or ``'one unaugmented view'``."""
+        if not self.views:
+            return "one unaugmented view per example"
+        return (f"the augmented views of epochs {self.epochs[0]}-{self.epochs[1]} under seed {self.seed}, "
+                f"transform {self.transform}")
 
     @property
     def width(self) -> int:
@@ -91,6 +151,9 @@ class StoreSpec:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "StoreSpec":
         fields = {f.name for f in dataclasses.fields(cls)}
+        d = {**{name: None for name in _VIEW_FIELDS}, **d}  # stores written before views existed
+        if d.get("epochs") is not None:
+            d["epochs"] = tuple(d["epochs"])  # JSON keeps a list
         if set(d) != fields:
             raise ValueError(f"StoreSpec fields {sorted(d)} do not match the expected {sorted(fields)}")
         return cls(**d)

@@ -9,8 +9,8 @@ import numpy as np
 from kdjax.logit_store.files import _FileLock, _fsync_dir, _read_json, _this_holder, _write_json
 from kdjax.logit_store.layout import (LAYOUT_VERSION, _DONE, _PROGRESS, _SHARDS_DIR, _SPEC, _list_shards,
                                       _shard_files, _shard_name, _shard_state, is_complete)
-from kdjax.logit_store.rows import (_as_ids, _as_mask, _check_finite, _check_id_range, _is_float,
-                                    _repeated_ids, topk_host)
+from kdjax.logit_store.rows import (_as_ids, _as_mask, _check_finite, _describe_keys, _is_float,
+                                    _repeated_ids, _row_keys, topk_host)
 from kdjax.logit_store.spec import _INDEX_DTYPE, StoreSpec
 
 _LOCK = "LOCK"
@@ -69,7 +69,7 @@ class LogitStoreWriter:
         self._lock = self._acquire_lock()
         try:
             self._check_partial(resume)
-            self._done = np.zeros(spec.num_examples, dtype=bool)
+            self._done = np.zeros(spec.num_rows, dtype=bool)  # by row key
             self._rows = 0
             if os.path.exists(os.path.join(self._shard_dir, _SPEC)):
                 self._rows = self._recover()
@@ -163,14 +163,16 @@ class LogitStoreWriter:
     def _check_committed_ids(self, ids: np.ndarray) -> None:
         """Raise if the committed ids ``[rows]`` are out of range or repeat (a corrupt shard)."""
         fix = f"delete the shard directory {self._shard_dir} (a resume recomputes its rows)"
-        n = self.spec.num_examples
+        n = self.spec.num_rows
         bad = np.flatnonzero((ids < 0) | (ids >= n))
         if bad.size:
             raise ValueError(f"logit store shard {self._shard_dir} is corrupt: ids.bin holds id {ids[bad[0]]} "
-                             f"(row {bad[0]}, {bad.size} such rows) outside [0, num_examples={n}); {fix}")
+                             f"(row {bad[0]}, {bad.size} such rows) outside [0, {'rows' if self.spec.views else 'num_examples'}={n}); {fix}")
         repeated = _repeated_ids(ids)
         if repeated.size:
-            raise ValueError(f"logit store shard {self._shard_dir} is corrupt: ids.bin holds id {repeated[0]} "
+            raise ValueError(f"logit store shard {self._shard_dir} is corrupt: ids.bin holds "
+                             f"{'(epoch, id) ' if self.spec.views else 'id '}"
+                             f"{_describe_keys(self.spec, repeated[:1])[0]} "
                              f"more than once ({repeated.size} ids repeat; two writers appended to it at "
                              f"once?); {fix}")
 
@@ -181,14 +183,15 @@ class LogitStoreWriter:
         """Rows appended to this shard so far (committed or not)."""
         return self._rows
 
-    def is_written(self, ids: Any) -> np.ndarray:
-        """Bool ``[B]``: whether this writer already holds each id (ids must be in range)."""
-        ids = _as_ids(ids)
-        _check_id_range(ids, self.spec.num_examples, "LogitStoreWriter.is_written")
-        return self._done[ids]
+    def is_written(self, ids: Any, epochs: Any = None) -> np.ndarray:
+        """Bool ``[B]``: whether this writer already holds each id (ids must be in range; for a
+        view store, ``epochs [B]`` names the epoch of each id's view)."""
+        keys = _row_keys(self.spec, _as_ids(ids), epochs, "LogitStoreWriter.is_written")
+        return self._done[keys]
 
-    def _rows_to_write(self, ids: Any, mask: Any, n: int) -> tuple[np.ndarray, np.ndarray]:
-        """Validate ids/mask; return (ids [B], bool [B]: real rows whose id is not yet written)."""
+    def _rows_to_write(self, ids: Any, mask: Any, n: int, epochs: Any) -> tuple[np.ndarray, np.ndarray]:
+        """Validate ids/epochs/mask; return (row keys [B] (0 on padding rows), bool [B]: real rows
+        whose key is not yet written)."""
         if self._state != "open":
             raise ValueError(f"LogitStoreWriter for {self._shard_dir} is {self._state}; open a new writer "
                              f"with resume=True to continue")
@@ -196,17 +199,24 @@ class LogitStoreWriter:
         if ids.shape[0] != n:
             raise ValueError(f"ids has {ids.shape[0]} rows but the values have {n}")
         mask = _as_mask(mask, n)
-        real = ids[mask]
-        _check_id_range(real, self.spec.num_examples, "LogitStoreWriter.write")
+        if epochs is not None:
+            epochs = np.asarray(epochs)
+            if epochs.shape != ids.shape:
+                raise ValueError(f"epochs has shape {epochs.shape} but the ids have {ids.shape}")
+            epochs = epochs[mask]
+        real = _row_keys(self.spec, ids[mask], epochs, "LogitStoreWriter.write")
         repeated = _repeated_ids(real)
         if repeated.size:
-            raise ValueError(f"LogitStoreWriter.write: ids {repeated[:5].tolist()} appear more than "
-                             f"once among the real (mask=True) rows of one batch")
+            what = "(epoch, id) pairs" if self.spec.views else "ids"
+            raise ValueError(f"LogitStoreWriter.write: {what} {_describe_keys(self.spec, repeated[:5])} "
+                             f"appear more than once among the real (mask=True) rows of one batch")
+        keys = np.zeros(n, dtype=np.int64)
+        keys[mask] = real
         keep = mask.copy()
         keep[mask] = ~self._done[real]
-        return ids, keep
+        return keys, keep
 
-    def write(self, ids: Any, logits: Any, mask: Any = None) -> int:
+    def write(self, ids: Any, logits: Any, mask: Any = None, *, epochs: Any = None) -> int:
         """Append the teacher logits of a batch; returns the number of rows appended.
 
         Args:
@@ -214,14 +224,16 @@ class LogitStoreWriter:
           logits: float ``[B, num_classes]`` teacher logits (any float dtype, NumPy or JAX).
             For a 'topk' store the top k are taken on the host (``topk_host``).
           mask: bool ``[B]`` or None; rows with False are padding and are ignored.
-        Rows whose id this writer already holds are skipped.
+          epochs: int ``[B]``, the epoch of each row's view: required by a view store
+            (``spec.epochs``), ignored otherwise.
+        Rows whose id (view store: ``(epoch, id)``) this writer already holds are skipped.
         """
         logits = np.asarray(logits)
         C = self.spec.num_classes
         if logits.ndim != 2 or logits.shape[1] != C or not _is_float(logits.dtype):
             raise ValueError(f"logits must be a float array of shape [B, num_classes={C}], got shape "
                              f"{logits.shape} dtype {logits.dtype}")
-        ids, keep = self._rows_to_write(ids, mask, logits.shape[0])
+        ids, keep = self._rows_to_write(ids, mask, logits.shape[0], epochs)
         logits = logits[keep]
         _check_finite(logits, "teacher logits")
         if self.spec.format == "full":
@@ -229,12 +241,13 @@ class LogitStoreWriter:
         values, indices = topk_host(logits, self.spec.k)
         return self._append(ids[keep], values, indices)
 
-    def write_topk(self, ids: Any, values: Any, indices: Any, mask: Any = None) -> int:
+    def write_topk(self, ids: Any, values: Any, indices: Any, mask: Any = None, *,
+                   epochs: Any = None) -> int:
         """Append precomputed top-k outputs (format 'topk' only); returns the rows appended.
 
         Args:
           ids: int ``[B]``; values: float ``[B, k]``; indices: int ``[B, k]`` distinct class indices
-            in ``[0, num_classes)`` per row; mask: bool ``[B]`` or None.
+            in ``[0, num_classes)`` per row; mask: bool ``[B]`` or None; epochs: as in :meth:`write`.
         """
         if self.spec.format != "topk":
             raise ValueError(f"write_topk needs a 'topk' store, this one is '{self.spec.format}'; "
@@ -247,7 +260,7 @@ class LogitStoreWriter:
         if indices.shape != values.shape or not np.issubdtype(indices.dtype, np.integer):
             raise ValueError(f"indices must be an integer array of shape {values.shape} like values, got "
                              f"shape {indices.shape} dtype {indices.dtype}")
-        ids, keep = self._rows_to_write(ids, mask, values.shape[0])
+        ids, keep = self._rows_to_write(ids, mask, values.shape[0], epochs)
         values, indices = values[keep], indices[keep]
         _check_finite(values, "teacher top-k values")
         if indices.size and (indices.min() < 0 or indices.max() >= C):
