@@ -4,19 +4,24 @@ Where a run's teacher comes from (a kdjax run's export, a torchvision file, or t
 is :mod:`experiments.teachers`. Here: :func:`compute_store` runs a teacher over a split into a
 :mod:`kdjax.logit_store` store, named by :func:`store_spec` (the teacher's origin and the digest of
 its weights, :func:`weights_digest`); :func:`open_store` opens a complete one; ``kdjax.loop.fit`` reads
-it through its ``train_store`` / ``eval_store`` arguments.
+it through its ``train_store`` / ``eval_store`` arguments. With ``teacher.store_views`` (e.g.
+``'epochs:0-89'``, :func:`parse_views`) the train split's store is a *view store*: the teacher's
+outputs on every augmented view ``(epoch, id)`` the run's train iterator draws (its seed and train
+transform), computed over :func:`kdjax.data.make_view_iterator`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import re
 from typing import Any
 
 import jax
 
 from experiments.console import log
 from experiments.datasets import Data
+from experiments.errors import ConfigError
 from kdjax import sharding, teachers
 
 
@@ -57,26 +62,52 @@ def weights_digest(variables) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
+_VIEWS = re.compile(r"epochs:(\d+)-(\d+)")
+
+
+def parse_views(text: str | None) -> tuple[int, int] | None:
+    """``teacher.store_views`` (``--views``): ``'epochs:FIRST-LAST'`` -> ``(FIRST, LAST)``
+    (inclusive); empty or None -> None (a store of the unaugmented eval view)."""
+    if not text:
+        return None
+    m = _VIEWS.fullmatch(str(text).strip())
+    if not m or int(m.group(1)) > int(m.group(2)):
+        raise ConfigError(f"config.teacher.store_views={text!r} (--views): expected "
+                          f"'epochs:FIRST-LAST', an inclusive range of training epochs with FIRST <= "
+                          f"LAST, e.g. 'epochs:0-89' for a 90-epoch run.")
+    return int(m.group(1)), int(m.group(2))
+
+
 def store_spec(config, data: Data, split: str, teacher: TeacherModel):
     """The :class:`kdjax.logit_store.StoreSpec` of ``teacher`` on ``split`` under ``config``.
 
     Its ``teacher`` names the teacher's origin and its weights' :func:`weights_digest`, so a store
-    written by another teacher (retrained, another file or epoch) is refused, not reused."""
-    from kdjax import logit_store
+    written by another teacher (retrained, another file or epoch) is refused, not reused. With
+    ``teacher.store_views``, the train split's spec is a view store's: the epochs, the run's data
+    seed and its train transform's :func:`kdjax.data.transform_fingerprint`, so a store of another
+    seed, augmentation or epoch range is refused too."""
+    from kdjax import data as data_lib, logit_store
 
     t = config.teacher
+    epochs = parse_views(t.store_views) if split == data.train_split else None
+    views = {}
+    if epochs is not None:
+        views = dict(epochs=epochs, seed=data.seed,
+                     transform=data_lib.transform_fingerprint(data.train_transform))
     return logit_store.StoreSpec(
         dataset=data.name, split=split, num_examples=data.num_examples(split),
         num_classes=data.num_classes,
         teacher=f"{teacher.label}, weights {weights_digest(teacher.variables)}",
-        preprocessing=data.preprocessing,
+        preprocessing="train-transform-views" if views else data.preprocessing,
         format=t.store_format, k=t.store_k if t.store_format == "topk" else None,
-        dtype=t.store_dtype)
+        dtype=t.store_dtype, **views)
 
 
 def compute_store(path: str, spec, teacher: TeacherModel, data: Data, mesh, *, resume: bool = True,
                   progress: bool = True):
-    """Runs ``teacher`` over ``spec.split`` (eval transform, unaugmented) into a store at ``path``.
+    """Runs ``teacher`` over ``spec.split`` (eval transform, unaugmented) into a store at ``path``;
+    for a view store (``spec.views``) over every train view of ``spec.epochs`` instead
+    (:func:`kdjax.data.make_view_iterator`: the run's seed and train transform, eval batch size).
 
     Every process writes its own shard of the rows its eval iterator yields; process 0 finalizes
     after all writers closed. A complete store is opened without recomputing. Returns the open
@@ -95,9 +126,17 @@ def compute_store(path: str, spec, teacher: TeacherModel, data: Data, mesh, *, r
                                           process_count=jax.process_count(), resume=resume)
     batch_sharding = sharding.batch_sharding(mesh)
     variables, _ = train.put_teacher(teacher.variables, mesh)
-    total = data_lib.eval_num_batches(spec.num_examples, data.eval_batch_size)
+    if spec.views:
+        batches = data_lib.make_view_iterator(
+            data.sources[spec.split], global_batch_size=data.eval_batch_size, seed=spec.seed,
+            epochs=spec.epochs, transform=data.train_transform, num_threads=data.num_threads,
+            prefetch_buffer_size=data.prefetch)
+        total = data_lib.view_num_batches(spec.num_examples, spec.epochs, data.eval_batch_size)
+    else:
+        batches = data.eval_iter(spec.split)
+        total = data_lib.eval_num_batches(spec.num_examples, data.eval_batch_size)
     with writer, PreemptionWatcher() as watcher:
-        stats = logit_store.precompute(teacher.live(), variables, data.eval_iter(spec.split), writer,
+        stats = logit_store.precompute(teacher.live(), variables, batches, writer,
                                        sharding=batch_sharding, show_progress=progress, total=total,
                                        should_stop=watcher.should_stop)
         if stats.get("stopped"):
@@ -117,7 +156,8 @@ def compute_store(path: str, spec, teacher: TeacherModel, data: Data, mesh, *, r
 
 def open_store(path: str, spec):
     """Opens a complete store, checking that it holds what ``spec`` describes (every field:
-    dataset, split, counts, teacher and its weights, preprocessing, format, k, dtype)."""
+    dataset, split, counts, teacher and its weights, preprocessing, format, k, dtype, and a view
+    store's epochs, seed and transform)."""
     from kdjax import logit_store
 
     return logit_store.LogitStore.open(path, spec=spec)

@@ -18,6 +18,7 @@ import numpy as np
 from experiments.errors import ConfigError
 from experiments.recipes import LR_SCHEDULES, OPTIMIZERS
 from experiments.specs import build_model, parse_model_spec
+from experiments.teacher_io import parse_views
 from experiments.teachers import teacher_epochs
 from kdjax.convert import TORCHVISION_WIDTH
 
@@ -247,6 +248,16 @@ def _validate_teacher(p: list, c, experiment: str, files: bool = True) -> None:
         p.append("config.teacher.store_k is required with teacher.store_format='topk'.")
     if t.store_k is not None and t.store_format == "topk":
         _int_at_least(p, "teacher.store_k", t.store_k, 1)
+    try:
+        views = parse_views(t.store_views)
+    except ConfigError as e:
+        p.append(str(e))
+        views = None
+    if views is not None and (views[0] != 0 or views[1] < c.num_epochs - 1):
+        p.append(f"config.teacher.store_views={t.store_views!r} holds the views of epochs "
+                 f"{views[0]}-{views[1]}, but the run trains epochs 0-{c.num_epochs - 1}; use "
+                 f"--views=epochs:0-{c.num_epochs - 1} (config teacher.store_views) so that every "
+                 f"view the student draws has the teacher's outputs.")
 
 
 def _validate_run(p: list, c) -> None:

@@ -321,6 +321,68 @@ def test_precomputed_store_matches_the_teacher_and_gives_the_live_losses(tmp_pat
             summary(live, "student")["final"][key], rel=1e-4, abs=1e-6)
 
 
+def test_view_store_from_the_command_line_and_a_run_reading_it(tmp_path, teacher_dir, full_kd_dir,
+                                                                 digits):
+    """``--views=epochs:0-1``: the train split's store holds the teacher on every (epoch, id) view of
+    the run's seed and train transform (digits smoke: no augmentation, so each view is the image);
+    the KD run with ``teacher.store_views`` reads it and logs the live run's losses; a run of another
+    seed or epoch range, or one expecting the unaugmented store, is refused naming the difference."""
+    from kdjax import logit_store
+
+    store = str(tmp_path / "views")
+    full = cell("teacher=resnet50,mode=full", teacher_dir)
+    assert precompute_teacher_logits.main([full, f"--store={store}", "--views=epochs:0-1"]) == 0
+    train = logit_store.LogitStore.open(os.path.join(store, "train"))
+    test = logit_store.LogitStore.open(os.path.join(store, "test"))
+    assert train.spec.views and train.spec.epochs == (0, 1) and train.spec.seed == 0
+    assert train.spec.transform == "identity" and not test.spec.views
+    n = len(digits["train"]["label"])
+    variables = rundir.load_variables(os.path.join(teacher_dir, "stages", "teacher", "final"))
+    logits, _ = models.create("cnn2d", 10, width=8).apply({"params": variables["params"]},
+                                                          digits["train"]["image"])
+    for epoch in (0, 1):
+        got = train.lookup(np.arange(n), np.full(n, epoch))["teacher_logits"]
+        assert got.shape == (n, 10) and got.dtype == np.float32
+        np.testing.assert_allclose(got, np.asarray(logits), rtol=1e-5, atol=1e-5)
+
+    pre = str(tmp_path / "pre")
+    kd_argv = [full.replace(",smoke", ",precomputed,smoke"), f"--workdir={pre}",
+               f"--config.teacher.store={store}", "--config.teacher.store_views=epochs:0-1"]
+    assert imagenet_eskd.main(kd_argv) == 0
+    live_train, pre_train = records(full_kd_dir, "student", "train"), records(pre, "student", "train")
+    assert [r["step"] for r in live_train] == [r["step"] for r in pre_train]
+    for a, b in zip(live_train, pre_train):
+        for key in ("loss/ce", "loss/kd", "loss/total"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
+
+    base_argv = [full.replace(",smoke", ",precomputed,smoke"), f"--config.teacher.store={store}"]
+    with pytest.raises(ValueError, match=r"was written for seed 0 but the run's data seed is 3.*"
+                                         r"--views=epochs:<first>-<last>"):
+        imagenet_eskd.main(base_argv + [f"--workdir={tmp_path / 'seed'}", "--config.seed=3",
+                                        "--config.teacher.store_views=epochs:0-1"])
+    with pytest.raises(ValueError, match=r"was written for preprocessing 'train-transform-views' but "
+                                         r"the run expects preprocessing 'digits-standardised'; for "
+                                         r"epochs \(0, 1\) but the run expects the views of epochs None"):
+        imagenet_eskd.main(base_argv + [f"--workdir={tmp_path / 'centre'}"])
+    with pytest.raises(ValueError, match=r"was written for epochs \(0, 1\) but the run expects the "
+                                         r"views of epochs \(0, 2\)"):
+        imagenet_eskd.main(base_argv + [f"--workdir={tmp_path / 'range'}", "--config.num_epochs=3",
+                                        "--config.teacher.store_views=epochs:0-2"])
+
+
+def test_store_views_config_errors():
+    c = imagenet_cfg.get_config("teacher=resnet50,mode=full,smoke")
+    c.teacher.store_views = "epochs:0-0"
+    with pytest.raises(errors.ConfigError, match=r"store_views='epochs:0-0' holds the views of epochs "
+                                                 r"0-0, but the run trains epochs 0-1; use "
+                                                 r"--views=epochs:0-1"):
+        validate.validate_config(c, None, files=False)
+    for bad in ("0-89", "epochs:5-2", "epochs:a-b"):
+        with pytest.raises(errors.ConfigError, match=r"expected 'epochs:FIRST-LAST'"):
+            teacher_io.parse_views(bad)
+    assert teacher_io.parse_views("epochs:0-89") == (0, 89) and teacher_io.parse_views("") is None
+
+
 def test_weights_digest_changes_with_any_weight_and_not_with_placement():
     """The teacher identity a store records: equal weights give one digest wherever they live
     (NumPy, one device, sharded over 8); one changed float, a renamed or reshaped leaf, another."""

@@ -34,7 +34,10 @@ Schema (``placeholder`` keys may be None):
   teacher from this epoch of its own training), ``num_epochs`` (teacher training length when
   ``source='train'``; None: ``num_epochs``), ``lr`` (its own peak learning rate when trained in the
   run; None: ``optimizer.lr``), ``precomputed`` / ``store`` / ``store_format`` / ``store_k`` /
-  ``store_dtype`` (read the teacher's logits from a logit store instead of running it).
+  ``store_dtype`` (read the teacher's logits from a logit store instead of running it),
+  ``store_views`` (``''``: the train store holds the unaugmented eval view of each example;
+  ``'epochs:0-89'``: a view store, the teacher's outputs on every augmented view the run draws in
+  those epochs, keyed by ``(epoch, id)``; must cover ``0 .. num_epochs - 1``).
 * ``kd``: ``mode`` (``scratch`` | ``full`` | ``eskd``), ``reading`` of early stopping for ``eskd``
   (``stop_kd``: KD weight 0 from ``stop_epoch`` on; ``early_teacher``: the teacher from
   ``teacher.early_epoch``), ``temperature``, ``weight`` (KD weight), ``ce_weight``, ``stop_epoch``.
@@ -167,6 +170,7 @@ def kd_config() -> ml_collections.ConfigDict:
     c.teacher.store_format = "full"
     c.teacher.store_k = config_dict.placeholder(int)
     c.teacher.store_dtype = "float32"
+    c.teacher.store_views = ""
 
     c.kd = ml_collections.ConfigDict()
     c.kd.mode = "scratch"
