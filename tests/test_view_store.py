@@ -263,6 +263,28 @@ def test_finalize_names_the_missing_epoch_id_pairs(tmp_path, mnist1d, mlp_teache
         ls.finalize(path, 1)
 
 
+@pytest.mark.parametrize("fmt, k, dtype, per_row", [("topk", 3, "float16", 8 + 3 * 2 + 3 * 4 + 16),
+                                                     ("full", None, "float32", 8 + 10 * 4 + 16),
+                                                     ("topk", 10, "bfloat16", 84)])
+def test_disk_bytes_per_row_are_the_documented_formula(tmp_path, mnist1d, mlp_teacher, fmt, k, dtype,
+                                                       per_row):
+    """README's sizes: bytes per (epoch, id) = 8 (id) + width x itemsize + 4k (top-k indices) + 16
+    (index), checked against the files a finalized view store really holds."""
+    source = mnist1d["train"]
+    spec = view_spec(source, augment, format=fmt, k=k, dtype=dtype)
+    assert spec.bytes_per_row == per_row
+    path = tmp_path / "s"
+    precompute_views(str(path), spec, source, augment, *mlp_teacher, process_count=2)
+    data_bytes = sum(os.path.getsize(f) for f in path.glob("shards/*/*.bin"))
+    with open(path / "index.npy", "rb") as f:
+        np.lib.format.read_magic(f)
+        np.lib.format.read_array_header_1_0(f)
+        header = f.tell()
+    assert header == 128
+    index_bytes = os.path.getsize(path / "index.npy") - header
+    assert data_bytes + index_bytes == spec.num_rows * per_row == 3 * 160 * per_row
+
+
 # ---------------------------------------------------------------------------------------------
 # Mismatches are refused, naming the field and the fix
 # ---------------------------------------------------------------------------------------------

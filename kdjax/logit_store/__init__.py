@@ -25,6 +25,12 @@ committed are skipped. ``finalize`` (process 0, after every writer closed) check
 ``[0, num_examples)`` was written exactly once, builds the id -> (shard, row) index and writes
 ``COMPLETE``.
 
+A *view store* (``StoreSpec.epochs`` / ``seed`` / ``transform`` set) holds one row per
+``(epoch, id)``: the teacher's outputs on the augmented view ``kdjax.data.train_example`` gives for
+that epoch; its rows are keyed ``(epoch - first) * num_examples + id`` (what its ``ids.bin`` and
+``index.npy`` hold), written from ``kdjax.data.make_view_iterator`` batches and read by each train
+batch row's ``(epoch, id)``.
+
 Values are stored as float16, bfloat16 (``ml_dtypes.bfloat16``, NumPy has no native bf16) or
 float32; top-k indices as int32. See docs/logit_store.md.
 """

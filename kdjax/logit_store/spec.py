@@ -128,6 +128,15 @@ class StoreSpec:
         ``(epoch - first) * num_examples + id`` (just ``id`` when not a view store)."""
         return self.num_examples * self.num_epochs
 
+    @property
+    def bytes_per_row(self) -> int:
+        """Disk bytes per row (per example; a view store: per ``(epoch, id)``) of a complete store:
+        ``ids.bin`` 8 + ``values.bin`` ``width x itemsize`` + ``indices.bin`` ``4 k`` ('topk') +
+        ``index.npy`` 16 (int64 shard and row). The store is ``num_rows x bytes_per_row`` plus a
+        few small JSON files and the 128-byte ``.npy`` header."""
+        indices = _INDEX_DTYPE.itemsize * self.k if self.format == "topk" else 0
+        return 8 + self.width * self.value_dtype.itemsize + indices + 16
+
     def describe_views(self) -> str:
         """``'epochs 0-89 of seed 0, transform <fingerprint>'`` or ``'one unaugmented view'``."""
         if not self.views:
