@@ -198,6 +198,102 @@ def test_view_store_holds_the_live_teacher_on_every_train_view(tmp_path, mnist1d
         assert np.abs(per_epoch[0] - centre).max() > 1e-2
 
 
+def test_device_sharded_precompute_writes_the_same_view_store(tmp_path, mnist1d, mlp_teacher):
+    """precompute(sharding=...) over 8 CPU devices (batch axis split, ids and epochs carried through
+    the devices with the outputs) gives the store of the unsharded pass, row for row."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    source = mnist1d["train"]
+    teacher, variables = mlp_teacher
+    spec = view_spec(source, augment, format="topk", k=4)
+    plain = precompute_views(str(tmp_path / "plain"), spec, source, augment, teacher, variables)
+    mesh = sharding.make_mesh(devices=jax.devices()[:8])
+    batch_sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+    views = data.make_view_iterator(source, global_batch_size=24, seed=SEED, epochs=EPOCHS, transform=augment)
+    path = str(tmp_path / "sharded")
+    with ls.LogitStoreWriter(path, spec) as w:
+        stats = ls.precompute(teacher, jax.device_put(variables, NamedSharding(mesh, PartitionSpec())),
+                              views, w, sharding=batch_sharding, show_progress=False)
+    assert stats["rows_written"] == 3 * 160
+    ls.finalize(path, 1)
+    sharded = ls.LogitStore.open(path, spec=spec)
+    ids, epochs = np.tile(np.arange(160), 3), np.repeat([0, 1, 2], 160)
+    for key in plain.batch_keys:
+        a, b = sharded.lookup(ids, epochs)[key], plain.lookup(ids, epochs)[key]
+        assert a.dtype == b.dtype and a.shape == b.shape
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
+_TWO_PROCESS_WORKER = r'''
+import os, sys
+process_id, port, path = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+os.environ["JAX_PLATFORMS"] = "cpu"
+import jax
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=process_id)
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec
+from kdjax import data, logit_store as ls
+
+def augment(record, rng):
+    image = np.roll(record["image"], rng.integers(-4, 5), axis=0)
+    image = image + 0.2 * rng.standard_normal(image.shape)
+    return {"image": image.astype(np.float32), "label": record["label"]}
+
+N, C = 29, 10
+rng = np.random.default_rng(3)
+source = data.ArraySource({"image": rng.normal(size=(N, 40, 1)).astype(np.float32), "label": np.arange(N) % C})
+variables = {"w": rng.normal(size=(40, C)).astype(np.float32)}
+teacher = lambda v, b: b["image"].reshape(b["image"].shape[0], -1) @ v["w"]
+spec = ls.StoreSpec(dataset="toy", split="train", num_examples=N, num_classes=C, teacher="linear",
+                    preprocessing="none", format="topk", k=3, dtype="float32", epochs=(1, 3), seed=11,
+                    transform=data.transform_fingerprint(augment))
+views = data.make_view_iterator(source, global_batch_size=16, seed=11, epochs=(1, 3), transform=augment)
+sharding = NamedSharding(jax.make_mesh((4, 2), ("data", "fsdp")), PartitionSpec(("data", "fsdp")))
+with ls.LogitStoreWriter(path, spec, process_index=jax.process_index(), process_count=2) as w:
+    stats = ls.precompute(teacher, variables, views, w, sharding=sharding, show_progress=False)
+multihost_utils.sync_global_devices("closed")
+if process_id == 0:
+    ls.finalize(path, 2)
+multihost_utils.sync_global_devices("finalized")
+store = ls.LogitStore.open(path, spec=spec)
+for epoch in (1, 2, 3):
+    images = np.stack([data.train_example(source, i, seed=11, epoch=epoch, transform=augment)["image"]
+                       for i in range(N)])
+    live = images.reshape(N, -1) @ variables["w"]
+    got = store.lookup(np.arange(N), np.full(N, epoch))
+    order = np.argsort(-live, axis=1, kind="stable")[:, :3]
+    np.testing.assert_array_equal(got["teacher_topk_indices"], order)
+    np.testing.assert_allclose(got["teacher_topk_values"], np.take_along_axis(live, order, 1), rtol=1e-5, atol=1e-5)
+print("STATS", process_id, stats["batches"], stats["rows_written"], flush=True)
+'''
+
+
+def test_two_jax_processes_write_one_view_store(tmp_path):
+    """Two jax.distributed CPU processes (4 devices each) write their shards of a view store of
+    29 ids x epochs 1-3 (87 rows, 6 global batches of 16, the last padded); both read back the live
+    teacher's top-3 on every (epoch, id) view."""
+    import sys
+
+    import local_processes
+
+    script = tmp_path / "worker.py"
+    script.write_text(_TWO_PROCESS_WORKER)
+    path = str(tmp_path / "store")
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    outs = local_processes.run(lambda i, port: [sys.executable, str(script), str(i), str(port), path],
+                               env=env, timeout=180)
+    stats = sorted(line.split()[1:] for out in outs for line in out.splitlines() if line.startswith("STATS"))
+    # Global batch b holds positions 16b .. 16b + 15 (real below 87), process p its rows 8p .. 8p + 7:
+    # process 0 positions 80-87 of the last batch (87 is padding), process 1 88-95 (all padding).
+    assert stats == [["0", "6", "47"], ["1", "6", "40"]]
+    meta = json.load(open(os.path.join(path, "metadata.json")))
+    assert meta["spec"]["epochs"] == [1, 3] and meta["process_count"] == 2
+    assert sum(s["rows"] for s in meta["shards"]) == 87
+
+
 def test_view_store_lookups_need_an_epoch_of_its_range(tmp_path, mnist1d, mlp_teacher):
     source = mnist1d["train"]
     store = precompute_views(str(tmp_path / "s"), view_spec(source, augment, epochs=(1, 1)), source,
