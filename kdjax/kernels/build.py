@@ -166,7 +166,7 @@ def _compile(out: pathlib.Path, dnnl: OneDnn) -> None:
     tmp = out.with_suffix(f".tmp{os.getpid()}")
     cmd = compile_command(tmp, dnnl)
     print(f"kdjax: compiling the oneDNN convolution for jaxlib {jaxlib.__version__} and oneDNN "
-          f"{dnnl.version} ({dnnl.origin}) into {out} (once, about 20 s)", file=sys.stderr, flush=True)
+          f"{dnnl.version} ({dnnl.origin}) into {out} (once; a few seconds)", file=sys.stderr, flush=True)
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         tmp.unlink(missing_ok=True)
