@@ -51,7 +51,7 @@ from experiments.errors import ConfigError  # noqa: E402
 from experiments.rundir import abstract_variables, write_json  # noqa: E402
 from experiments.specs import build_model  # noqa: E402
 from experiments.stages import Context, Stage, fitnet_kd_stage, kd_stage, make_meshes  # noqa: E402
-from experiments.teacher_io import TeacherModel  # noqa: E402
+from experiments.teacher_io import TeacherModel, parse_views  # noqa: E402
 from experiments.teachers import teacher_stage  # noqa: E402
 from kdjax import aot, sharding, teachers, train  # noqa: E402
 from kdjax.aot.chips import GiB  # noqa: E402
@@ -176,7 +176,8 @@ def stage_programs(stage: Stage, ctx: Context) -> list[Program]:
 
 def precompute_programs(ctx: Context, teacher: TeacherModel) -> list[Program]:
     """The store's precompute program (the teacher over eval batches of each split,
-    :func:`kdjax.logit_store.store_outputs`), as ``experiments.teacher_io.compute_store`` runs it."""
+    :func:`kdjax.logit_store.store_outputs`), as ``experiments.teacher_io.compute_store`` runs it;
+    with ``teacher.store_views`` the train split's pass covers every epoch of the range."""
     c, data = ctx.config, ctx.data
     t = c.teacher
     fn = store_outputs(teacher.live(), data.num_classes, t.store_format,
@@ -189,6 +190,12 @@ def precompute_programs(ctx: Context, teacher: TeacherModel) -> list[Program]:
     args = (sharding.with_shardings(teacher.variables, t_sh),
             _batch(ctx.mesh, data.eval_batch_size, data, train=False))
     calls = sum(_eval_calls(ctx, s) for s in dict.fromkeys((data.train_split, data.eval_split)))
+    views = parse_views(t.store_views)
+    if views is not None:  # a view store: the teacher on every (epoch, id) of the train split
+        from kdjax.data import view_num_batches
+
+        calls += (view_num_batches(data.num_examples(data.train_split), views, data.eval_batch_size)
+                  - _eval_calls(ctx, data.train_split))
     return [Program(f"precompute: teacher {teacher.spec} -> {t.store_format} store", "teacher_store",
                     "precompute", jitted, args, data.eval_batch_size, calls, calls)]
 

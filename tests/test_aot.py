@@ -129,6 +129,24 @@ def test_live_and_precomputed_kd_steps_compile_for_v5e_with_memory_report():
 
 
 @needs_libtpu
+def test_a_view_store_precompute_is_counted_over_every_epoch():
+    """teacher.store_views: the precompute program runs over every (epoch, id) of the train split
+    (kdjax.data.view_num_batches) plus the eval split's one pass."""
+    import math
+
+    from kdjax import data
+
+    settings = {"teacher.precomputed": True, "teacher.store_format": "topk", "teacher.store_k": 3}
+    c = _digits_config(**settings)
+    epochs, batch = c.num_epochs, c.dataset.eval_batch_size
+    views = compile_check.check(_digits_config(**settings, **{"teacher.store_views": f"epochs:0-{epochs - 1}"}),
+                                "v5e:2x2", kinds=("precompute",))
+    row, = views["programs"]
+    sizes = {split: len(a["label"]) for split, a in data.digits_arrays().items()}
+    assert row["calls"] == math.ceil(sizes["train"] * epochs / batch) + math.ceil(sizes["test"] / batch)
+
+
+@needs_libtpu
 def test_fsdp_shards_the_state_and_the_teacher_to_a_quarter():
     big = {"student.model": "mlp:width=1024", "teacher.model": "mlp:width=2048",
            "teacher.source": "checkpoint"}
