@@ -9,6 +9,8 @@ import functools
 import io
 import json
 import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -118,6 +120,15 @@ def test_transform_fingerprint_follows_code_and_parameters():
     def other2(record, rng):
         return {"image": record["image"] * 3, "label": record["label"]}
     assert fp(other).split("@")[1] != fp(other2).split("@")[1]
+    words = frozenset(f"w{i}" for i in range(20))
+    assert fp(functools.partial(augment, words)) == fp(functools.partial(augment, frozenset(sorted(words))))
+    script = ("import functools; from kdjax import data; from test_view_store import augment; "
+              "print(data.transform_fingerprint(functools.partial(augment, scale=frozenset("
+              "'w%d' % i for i in range(20)))))")
+    runs = {subprocess.run([sys.executable, "-c", script], env={**os.environ, "PYTHONHASHSEED": str(seed),
+                                                               "PYTHONPATH": os.path.dirname(__file__)},
+                           capture_output=True, text=True, check=True).stdout for seed in (1, 2)}
+    assert len(runs) == 1  # the same in every process, whatever the hash seed
     pinned = functools.partial(augment)
     pinned.kdjax_fingerprint = "demo-shift-noise:v1"
     assert fp(pinned).startswith("demo-shift-noise:v1@")

@@ -73,6 +73,8 @@ class _Hasher:
         if isinstance(x, (tuple, list)):
             inner = ", ".join(self.value(v, home, depth + 1) for v in x)
             return f"({inner})" if isinstance(x, tuple) else f"[{inner}]"
+        if isinstance(x, (set, frozenset)):  # sorted: a set's order varies with the hash seed
+            return "{" + ", ".join(sorted(self.value(v, home, depth + 1) for v in x)) + "}"
         if isinstance(x, dict):
             return "{" + ", ".join(f"{self.value(k, home, depth + 1)}: {self.value(v, home, depth + 1)}"
                                    for k, v in sorted(x.items(), key=lambda kv: repr(kv[0]))) + "}"
