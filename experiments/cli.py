@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
+import tempfile
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import jax
@@ -88,7 +89,8 @@ def parse_command_line(argv: Sequence[str], *, prog: str, doc: str = "",
     ``argv`` excludes the program name. ``extra_flags``: ``(name, default, help)`` with a str,
     bool or int default (the flag's type). ``--help`` prints ``doc`` and the flags, then exits 0.
     Config overrides are checked against the loaded config first, so an unknown key fails with
-    the list of valid keys. Raises :class:`ConfigError` on any problem.
+    the list of valid keys, and ``--workdir`` by :func:`check_workdir`. Raises
+    :class:`ConfigError` on any problem.
     """
     from absl import flags
     from ml_collections import config_flags
@@ -124,8 +126,28 @@ def parse_command_line(argv: Sequence[str], *, prog: str, doc: str = "",
     if needs_workdir and not fv.workdir:
         raise ConfigError(f"{prog}: --workdir=DIR is required (checkpoints, metrics and the report "
                           f"go there; rerunning with the same --workdir resumes).")
+    if fv.workdir:
+        check_workdir(prog, fv.workdir)
     extra = {name: fv[name].value for name, _, _ in extra_flags}
     return Args(config=fv.config, workdir=fv.workdir, distributed=fv.distributed, flags=extra)
+
+
+def check_workdir(prog: str, workdir: str) -> None:
+    """ConfigError (one line, naming the path and the fix) unless ``workdir`` is a writable
+    directory or can be created as one: not a file, not under a file, not on a read-only file
+    system or without permission. Leaves nothing behind."""
+    path = os.path.abspath(workdir)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    fix = "pass --workdir= a writable directory (created if missing)"
+    if not os.path.isdir(path):
+        where = "is a file" if path == os.path.abspath(workdir) else f"is under the file {path}"
+        raise ConfigError(f"{prog}: --workdir={workdir} {where}, not a directory; {fix}.")
+    try:  # a directory created and removed at once: the only sure test of writing there
+        os.rmdir(tempfile.mkdtemp(prefix=".kdjax_write_check_", dir=path))
+    except OSError as e:
+        raise ConfigError(f"{prog}: --workdir={workdir}: cannot write in {path} ({e.strerror}); "
+                          f"{fix}.") from None
 
 
 def run_main(main: Callable[[Sequence[str]], int]) -> None:

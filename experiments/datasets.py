@@ -8,6 +8,8 @@ from typing import Any
 import ml_collections
 import numpy as np
 
+from experiments.errors import ConfigError
+
 
 @dataclasses.dataclass
 class Data:
@@ -60,14 +62,20 @@ class Data:
 
 
 def build_data(dataset: ml_collections.ConfigDict, seed: int) -> Data:
-    """Opens the dataset named by ``config.dataset`` (sources, transforms, sample input)."""
+    """Opens the dataset named by ``config.dataset`` (sources, transforms, sample input).
+
+    ConfigError when ImageNet is not prepared in ``dataset.data_dir`` (the message says how)."""
     import functools
 
     from kdjax import data
 
     splits = (dataset.train_split, dataset.eval_split)
     if dataset.name == "imagenet2012":
-        sources = {s: data.imagenet_source(s, dataset.data_dir) for s in dict.fromkeys(splits)}
+        try:
+            sources = {s: data.imagenet_source(s, dataset.data_dir) for s in dict.fromkeys(splits)}
+        except (FileNotFoundError, ValueError) as e:  # not prepared there; says how, on one line
+            raise ConfigError(f"config.dataset.data_dir={dataset.data_dir!r}: "
+                              f"{' '.join(str(e).split())}") from None
         train_tf = functools.partial(data.imagenet_train_transform, image_size=dataset.image_size)
         eval_tf = functools.partial(data.imagenet_eval_transform, image_size=dataset.image_size,
                                     resize_size=dataset.resize_size)

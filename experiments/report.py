@@ -10,7 +10,8 @@ no pyplot state is touched):
   the eval ``KL(p_t || p_s)`` at T = 1 and the eval top-1 agreement with the teacher over steps,
   one curve per (student, teacher) pair.
 
-A dashed vertical line marks the step where ESKD (``stop_kd`` reading) switched the KD term off.
+A dashed vertical line, with its legend entry, marks the step where ESKD (``stop_kd`` reading)
+switched the KD term off.
 
 The pieces are public so that a driver comparing several runs (e.g. one per teacher) can reuse
 them: :func:`load_results`, :func:`read_stage_metrics`, :func:`result_row`,
@@ -151,7 +152,8 @@ def _panel(ax, curves: Mapping[str, Sequence[Mapping[str, Any]]], key: str, titl
                     marker="o" if len(steps) < 30 else None, markersize=3)
             drawn = True
             if stops and stops.get(label) is not None:
-                ax.axvline(stops[label], color=colors[label], linestyle="--", linewidth=0.8)
+                ax.axvline(stops[label], color=colors[label], linestyle="--", linewidth=0.8,
+                           label=f"{label}: ESKD stop (KD term off)")
     ax.set_title(title)
     ax.set_xlabel("step")
     ax.set_ylabel(ylabel)
@@ -226,6 +228,8 @@ def write_report(workdir: str, *, title: str, summaries: Sequence[Mapping[str, A
                  paper_source: str = "") -> str:
     """Writes ``report.md`` and the three plots into ``workdir``; returns the report's path.
 
+    The note on ESKD's two readings is added when a stage distilled with full KD or ESKD.
+
     ``summaries``: stage summaries (``results.json``'s ``stages``), each with ``dir`` (the stage
     directory, relative to ``workdir``) holding its ``metrics.jsonl``.
     """
@@ -250,7 +254,9 @@ def write_report(workdir: str, *, title: str, summaries: Sequence[Mapping[str, A
     lines = [f"# {title}", ""]
     if paper_source:
         lines += [f"Paper numbers: {paper_source}.", ""]
-    lines += ["## Results (final eval)", "", markdown_table(rows), "", READINGS_NOTE, ""]
+    lines += ["## Results (final eval)", "", markdown_table(rows), ""]
+    if any(s.get("kd_mode") in ("full", "eskd") for s in summaries):  # not FitNet's: no reading
+        lines += [READINGS_NOTE, ""]
     lines += [f"Paper: {n}." for n in notes] + ([""] if notes else [])
     for s in hint_stages:
         train = s.get("final_train") or {}

@@ -33,6 +33,8 @@ Checkpoints (``<workdir>/checkpoints``, see :mod:`kdjax.checkpointing`) are writ
 is kept besides the newest ``keep``), at a preemption and after the last step. Metrics go to
 ``<workdir>/metrics.jsonl`` and ``<workdir>/tb`` (see :mod:`kdjax.metrics`), from process 0 only;
 on resume the records logged after the restored step are dropped, since those steps are redone.
+Process 0 prints ``<name>: resuming from step N of M`` when it resumes; while the progress bar
+is shown, log records print above it.
 
 Multi-process: every process runs ``fit`` with the same arguments and its own host-local
 ``train_iter`` (e.g. ``make_train_iterator`` with the default process index); all take part in
@@ -50,6 +52,7 @@ import math
 import os
 import threading
 import time
+import warnings
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import flax.traverse_util
@@ -610,6 +613,29 @@ def _drain(pending: list, first_step: int, window: _Window, nonfinite: str,
 # ----------------------------------------------------------------------------------------------
 
 
+def _progress_bar_class() -> type:
+    """``tqdm.auto``'s bar (a widget under Jupyter) when ipywidgets is installed, else the text
+    bar: without ipywidgets, ``tqdm.auto`` in a Jupyter kernel warns "IProgress not found"."""
+    import importlib.util
+
+    if importlib.util.find_spec("ipywidgets") is not None:
+        from tqdm.auto import tqdm
+    else:
+        from tqdm.std import tqdm
+    return tqdm
+
+
+def _logs_above(bar_class: type):
+    """A context in which console log lines (a preemption, a skipped update) print above the
+    progress bar, not onto its line (``tqdm.contrib.logging.logging_redirect_tqdm``)."""
+    from tqdm import TqdmWarning
+
+    with warnings.catch_warnings():  # tqdm.contrib imports tqdm.auto: see _progress_bar_class
+        warnings.simplefilter("ignore", TqdmWarning)
+        from tqdm.contrib.logging import logging_redirect_tqdm
+    return logging_redirect_tqdm(tqdm_class=bar_class)
+
+
 def _best(eval_history: list[dict], metric: str | None, mode: str) -> dict | None:
     scored = [r for r in eval_history if metric is not None and r.get(metric) is not None]
     if not scored:
@@ -811,12 +837,16 @@ def fit(*, workdir: str, student, tx: optax.GradientTransformation, recipe: Sequ
         stack.callback(batches.close)
         bar = None
         if options.progress and chief and start < num_steps:
-            from tqdm.auto import tqdm
-
+            tqdm = _progress_bar_class()
             bar = stack.enter_context(tqdm(total=num_steps, initial=start, desc=options.name,
                                            unit="step", dynamic_ncols=True))
+            stack.enter_context(_logs_above(tqdm))
         if start and chief:
-            logger.info("Resumed %s at step %d of %d.", workdir, start, num_steps)
+            resuming = f"{options.name}: resuming from step {start} of {num_steps} ({workdir})"
+            if bar is not None:
+                bar.write(resuming)
+            else:
+                print(resuming, flush=True)
 
         pending: list = []
         pending_first = start

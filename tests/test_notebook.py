@@ -1,6 +1,7 @@
 """The Colab demo notebook (notebooks/kdjax_demo.ipynb): a valid nbformat 4 file with its outputs
-cleared, and every code cell runs in order, in one namespace, as plain Python (no IPython magics),
-with ``KDJAX_DEMO_STEPS`` small so the whole demo takes seconds."""
+cleared and no IPython magics, and it runs top to bottom through a real Jupyter kernel (nbclient +
+ipykernel on this interpreter, as Colab runs it) with ``KDJAX_DEMO_STEPS`` small so the whole demo
+takes seconds."""
 
 import importlib.util
 import json
@@ -8,9 +9,7 @@ import pathlib
 import re
 import subprocess
 import sys
-import tempfile
 
-import matplotlib
 import pytest
 
 NOTEBOOK = pathlib.Path(__file__).resolve().parents[1] / "notebooks" / "kdjax_demo.ipynb"
@@ -89,53 +88,87 @@ def test_install_cell_without_a_clone_says_where_to_put_it(monkeypatch, tmp_path
         _run_install_cell(monkeypatch, tmp_path)
 
 
-def test_notebook_runs_end_to_end(monkeypatch, tmp_path):
+_PROBE = """
+import json, sys
+print(json.dumps({
+    "executable": sys.executable, "steps": STEPS, "stop_step": stop_step, "workdir": WORKDIR,
+    "table": accuracy_table,
+    "eval_steps": {name: [r["step"] for r in result.eval_history] for name, result in runs.items()},
+    "final": {name: result.eval_history[-1] for name, result in runs.items()},
+    "eskd_weights": [float(eskd_weight(s)) for s in (0, stop_step - 1, stop_step, STEPS)],
+    "legend": [text.get_text() for text in fig.axes[0].get_legend().get_texts()],
+}, default=float))
+"""
+
+
+def _kernel_manager(tmp_path):
+    """A kernel manager for a kernel spec that runs this very interpreter (``sys.executable``):
+    the ``python3`` spec a venv's ipykernel ships runs whatever ``python`` is first on PATH."""
+    from ipykernel.kernelspec import write_kernel_spec
+    from jupyter_client import KernelManager
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    kernels = tmp_path / "kernels"
+    write_kernel_spec(str(kernels / "kdjax-test"))
+    specs = KernelSpecManager(kernel_dirs=[str(kernels)], ensure_native_kernel=False)
+    return KernelManager(kernel_name="kdjax-test", kernel_spec_manager=specs)
+
+
+def _outputs(cell: dict, stream: str) -> str:
+    return "".join(o.get("text", "") for o in cell["outputs"]
+                   if o["output_type"] == "stream" and o["name"] == stream)
+
+
+def test_notebook_runs_end_to_end_in_a_jupyter_kernel(monkeypatch, tmp_path):
+    import nbformat
+    from nbclient import NotebookClient
+
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
     monkeypatch.setenv("KDJAX_DEMO_STEPS", str(STEPS))
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the demo's workdirs go under tmp_path
-    monkeypatch.chdir(NOTEBOOK.parent)                        # as when opened from notebooks/
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    monkeypatch.setenv("TMPDIR", str(tmp))  # the kernel's tempfile directory: WORKDIR goes there
+    notebook = nbformat.reads(NOTEBOOK.read_text(encoding="utf-8"), as_version=4)
+    # kdjax is installed here: the install cell must not run pip.
+    notebook.cells.insert(0, nbformat.v4.new_code_cell(
+        "import subprocess\n"
+        "def _no_pip(*args, **kwargs):\n"
+        "    raise AssertionError(f'the install cell ran {args} although kdjax is importable')\n"
+        "subprocess.run = _no_pip"))
+    notebook.cells.append(nbformat.v4.new_code_cell(_PROBE))
+    client = NotebookClient(notebook, km=_kernel_manager(tmp_path), timeout=300,
+                            resources={"metadata": {"path": str(NOTEBOOK.parent)}})
+    client.execute()  # raises CellExecutionError, with the cell's traceback, if a cell fails
 
-    def no_pip(*args, **kwargs):
-        raise AssertionError(f"the install cell ran {args} although kdjax is importable")
-
-    namespace = {"__name__": "__main__"}
-    plt.close("all")
-    try:
-        for index, source in enumerate(_code_cells(_notebook())):
-            code = compile(source, f"{NOTEBOOK.name}, code cell {index}", "exec")
-            if index == 0:
-                with monkeypatch.context() as patch:
-                    patch.setattr(subprocess, "run", no_pip)
-                    exec(code, namespace)
-            else:
-                exec(code, namespace)
-        figure_lines = [len(ax.get_lines()) for ax in plt.gcf().axes]
-    finally:
-        plt.close("all")
-
-    assert namespace["STEPS"] == STEPS
-    table = namespace["accuracy_table"]
+    code = [cell for cell in notebook.cells if cell.cell_type == "code"]
+    facts = json.loads(_outputs(code[-1], "stdout"))
+    assert facts["executable"] == sys.executable
+    assert facts["steps"] == STEPS
+    # The runs' directory was a temporary one under TMPDIR, removed by the clean-up cell.
+    assert pathlib.Path(facts["workdir"]).parent == tmp
+    assert list(tmp.glob("kdjax_demo_*")) == []
+    stderr = "".join(_outputs(cell, "stderr") for cell in code)
+    assert "IProgress" not in stderr and "Traceback" not in stderr
+    assert "tracked_metric" not in stderr
+    # The results cell prints one line per run with its final accuracy, and draws the plot.
+    results = next(cell for cell in code if "accuracy_table = " in cell.source)
+    printed = _outputs(results, "stdout").splitlines()
+    assert printed[0].split() == ["run", "params", "test", "acc", "agreement"]
+    table = facts["table"]
     assert tuple(table) == RUNS
-    for name, accuracy in table.items():
-        assert isinstance(accuracy, float) and 0.0 <= accuracy <= 1.0, (name, accuracy)
-    for name, result in namespace["runs"].items():
-        steps = [record["step"] for record in result.eval_history]
-        assert steps == list(range(1, STEPS + 1)), (name, steps)  # EVAL_EVERY = 1 at 6 steps
-        assert result.eval_history[-1]["num_examples"] == 1000    # the MNIST-1D test split
-        assert int(result.state.step) == STEPS
-        assert table[name] == result.eval_history[-1]["accuracy"]
+    for name, line in zip(RUNS, printed[1:]):
+        assert line.startswith(name) and f"{table[name]:9.3f}" in line, (name, line)
+        assert 0.0 <= table[name] <= 1.0
+    assert any("image/png" in o.get("data", {}) for o in results.outputs)
+    assert facts["legend"] == list(RUNS) + ["ESKD stop step"]
+    for name in RUNS:
+        assert facts["eval_steps"][name] == list(range(1, STEPS + 1))  # EVAL_EVERY = 1 at 6 steps
+        assert facts["final"][name]["num_examples"] == 1000             # the MNIST-1D test split
+        assert facts["final"][name]["accuracy"] == table[name]
     # The KD runs' live teacher is the trained teacher: its accuracy on the same test split matches.
-    teacher_accuracy = table[RUNS[0]]
     for name in RUNS[2:]:
-        record = namespace["runs"][name].eval_history[-1]
-        assert record["teacher_accuracy"] == pytest.approx(teacher_accuracy, abs=2e-3)
-        assert 0.0 <= record["agreement"] <= 1.0
-    assert "teacher_accuracy" not in namespace["runs"][RUNS[1]].eval_history[-1]
+        assert facts["final"][name]["teacher_accuracy"] == pytest.approx(table[RUNS[0]], abs=2e-3)
+        assert 0.0 <= facts["final"][name]["agreement"] <= 1.0
+    assert "teacher_accuracy" not in facts["final"][RUNS[1]]
     # ESKD: KD weight 0.5 before the stop step, 0 from it on.
-    stop = namespace["stop_step"]
-    assert stop == 2 * STEPS // 3
-    assert [float(namespace["eskd_weight"](s)) for s in (0, stop - 1, stop, STEPS)] == [0.5, 0.5, 0.0, 0.0]
-    # One curve per run plus the ESKD stop line.
-    assert figure_lines == [len(RUNS) + 1]
-    assert len(list(tmp_path.glob("kdjax_demo_*/*/metrics.jsonl"))) == len(RUNS)
+    assert facts["stop_step"] == 2 * STEPS // 3
+    assert facts["eskd_weights"] == [0.5, 0.5, 0.0, 0.0]

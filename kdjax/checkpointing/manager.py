@@ -3,6 +3,8 @@ async writes, guarded saves and verified restores)."""
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 from typing import Any, Optional
 
@@ -19,6 +21,29 @@ from kdjax.checkpointing.iterator_state import _IteratorStateSave, _iterator_pay
 from kdjax.checkpointing.layout import _DATA, _INTEGRITY, _STATE
 from kdjax.checkpointing.manifest import _build_manifest
 from kdjax.checkpointing.restore import _restore_verified, _validate_target
+
+
+#: What orbax logs (absl, WARNING) for every save without metrics while it ranks checkpoints by
+#: one, although its ``BestN`` policy handles such steps (``keep_checkpoints_without_metrics``):
+#: a Checkpointer with ``best_metric`` saves them by design (checkpoints between evals, on
+#: preemption) and ranks them worst.
+_NO_METRICS_WARNING = "Requested `tracked_metric`; did not provide metrics."
+
+
+def _not_the_no_metrics_warning(record: logging.LogRecord) -> bool:
+    return record.getMessage() != _NO_METRICS_WARNING
+
+
+@contextlib.contextmanager
+def _quiet_metricless_save(active: bool):
+    """Drops orbax's :data:`_NO_METRICS_WARNING` (only that message) while ``active``."""
+    absl_logger = logging.getLogger("absl")
+    if active:
+        absl_logger.addFilter(_not_the_no_metrics_warning)
+    try:
+        yield
+    finally:
+        absl_logger.removeFilter(_not_the_no_metrics_warning)
 
 
 class Checkpointer:
@@ -167,7 +192,9 @@ class Checkpointer:
 
         self.wait()
         try:
-            self._mngr.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
+            with _quiet_metricless_save(self._best_metric is not None and metrics is None):
+                self._mngr.save(step, args=ocp.args.Composite(**items), metrics=metrics,
+                                force=True)
         except Exception as e:  # noqa: BLE001 - classified and re-raised with context
             raise self._save_error(step, e) from e
         self._pending_step = step
