@@ -239,6 +239,8 @@ def run_stage(stage: Stage, ctx: Context) -> StageOutcome:
             continue
         end = end_epoch * spe
         result = loop.fit(num_steps=end, train_iter=data.train_iter(), **kwargs)
+        # The next segment continues this process's own run: no "resuming" line for it.
+        kwargs["options"] = dataclasses.replace(kwargs["options"], announce_resume=False)
         if result.stopped_early:
             log(f"[{stage.name}] preempted: checkpoint written; start the same command again to "
                 f"resume.")

@@ -147,6 +147,8 @@ class FitOptions:
       handle_preemption: install the SIGTERM watcher (needs the main thread).
       async_checkpoint: write checkpoints in the background while training goes on.
       prefetch: device batches prepared ahead in a background thread.
+      announce_resume: print ``<name>: resuming from step N of M`` when resuming (False: the
+        caller continues its own run in segments, e.g. to export an epoch's snapshot).
     """
     eval_every: int = 0
     checkpoint_every: int = 0
@@ -161,6 +163,7 @@ class FitOptions:
     handle_preemption: bool = True
     async_checkpoint: bool = True
     prefetch: int = 2
+    announce_resume: bool = True
 
     def __post_init__(self) -> None:
         _check_int("eval_every", self.eval_every, 0)
@@ -841,7 +844,7 @@ def fit(*, workdir: str, student, tx: optax.GradientTransformation, recipe: Sequ
             bar = stack.enter_context(tqdm(total=num_steps, initial=start, desc=options.name,
                                            unit="step", dynamic_ncols=True))
             stack.enter_context(_logs_above(tqdm))
-        if start and chief:
+        if start and chief and options.announce_resume:
             resuming = f"{options.name}: resuming from step {start} of {num_steps} ({workdir})"
             if bar is not None:
                 bar.write(resuming)

@@ -154,3 +154,15 @@ def test_the_eskd_stop_line_has_a_legend_entry(tmp_path, monkeypatch):
     (fig, _), = figures
     assert [t.get_text() for t in fig.legends[0].get_texts()] == [
         "student", "student: ESKD stop (KD term off)", "scratch"]
+
+
+def test_a_run_trained_in_segments_does_not_say_it_resumes(tmp_path):
+    """A teacher that keeps an early epoch trains in segments (fit to that epoch, export, fit on
+    from its own checkpoint): uninterrupted, it prints no 'resuming from step' line."""
+    result = _command("-m", "experiments.train_teacher",
+                      "--config=experiments/configs/digits_eskd.py:teacher=small,mode=eskd,"
+                      "reading=early_teacher,smoke", f"--workdir={tmp_path}")
+    assert result.returncode == 0, result.stderr
+    epochs = os.listdir(os.path.join(tmp_path, "stages", "teacher", "epochs"))
+    assert epochs and all(e.startswith("epoch_") for e in epochs)  # it did train in segments
+    assert "resuming" not in result.stdout + result.stderr
