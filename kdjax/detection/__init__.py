@@ -1,0 +1,7 @@
+"""Building blocks of two-stage (Faster R-CNN-shaped) detectors, in JAX (issue 18).
+
+Boxes are ``[..., 4]`` float ``(x1, y1, x2, y2)`` in pixels (width ``x2 - x1``, no ``+ 1``).
+
+* :mod:`kdjax.detection.boxes`: validation, areas, IoU, Faster R-CNN box encoding/decoding,
+  clipping.
+"""
