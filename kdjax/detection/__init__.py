@@ -4,4 +4,6 @@ Boxes are ``[..., 4]`` float ``(x1, y1, x2, y2)`` in pixels (width ``x2 - x1``, 
 
 * :mod:`kdjax.detection.boxes`: validation, areas, IoU, Faster R-CNN box encoding/decoding,
   clipping.
+* :mod:`kdjax.detection.anchors`: Faster R-CNN anchors per feature-map cell (sizes x aspect
+  ratios at a stride), one or several levels.
 """
