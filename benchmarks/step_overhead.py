@@ -87,7 +87,7 @@ def flops_of(jitted, *args) -> float:
 
 
 def jax_variants(dtype, stem: str, conv: str, batch_size: int = 64, width: int = 64,
-                 teacher_dtype=None, teacher_device: bool = False):
+                 teacher_dtype=None, teacher_device: bool = False, teacher: str = "resnet34"):
     """Returns ({name: zero-arg callable running one step}, {name: flops per call}).
 
     Every variant runs on the first device; with ``teacher_device`` and a second device, also
@@ -96,6 +96,9 @@ def jax_variants(dtype, stem: str, conv: str, batch_size: int = 64, width: int =
     ``dtype``: the student's compute dtype; ``teacher_dtype`` (default ``dtype``): the live
     teacher's, through ``teachers.from_linen(compute_dtype=...)``.
 
+    ``teacher``: the live teacher's architecture (``resnet34``, or ``resnet50``, the ImageNet
+    configs' largest; the student's step reading stored logits is the same either way).
+
     ``conv`` is the models' convolution (``'xla'`` or ``'onednn'``). XLA's ``cost_analysis()`` does
     not see inside oneDNN's custom calls, so flops are counted for ``conv='xla'`` only (empty dict
     otherwise; the math is the same, so the XLA twin's counts serve).
@@ -103,7 +106,7 @@ def jax_variants(dtype, stem: str, conv: str, batch_size: int = 64, width: int =
     mesh = sharding.make_mesh(devices=jax.devices()[:1])
     tx = optax.sgd(LR, momentum=0.9)
     student = models.create("resnet18", CLASSES, stem=stem, dtype=dtype, conv=conv, width=width)
-    teacher_module = models.create("resnet34", CLASSES, stem=stem, dtype=dtype, conv=conv,
+    teacher_module = models.create(teacher, CLASSES, stem=stem, dtype=dtype, conv=conv,
                                    width=width)
     t_vars = teacher_module.init(jax.random.PRNGKey(1), jnp.zeros((1, SIZE, SIZE, 3)))
     t_vars, t_sh = train.put_teacher(t_vars, mesh)
@@ -395,6 +398,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--width", type=int, default=64,
                         help="stem channels of both ResNets (stages: x1, x2, x4, x8)")
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch comparison")
+    parser.add_argument("--teacher", choices=("resnet34", "resnet50"), default="resnet34",
+                        help="the live teacher (the PyTorch twin has resnet34 only: with resnet50 "
+                             "it is skipped)")
     parser.add_argument("--stem", choices=("cifar", "imagenet"), default="cifar",
                         help="ResNet stem: cifar (3x3/1, no pool) or imagenet (7x7/2 + max-pool)")
     parser.add_argument("--conv", choices=("auto", "xla", "onednn"), default="auto",
@@ -419,13 +425,15 @@ def main(argv: list[str] | None = None) -> dict:
     if conv == "auto":
         conv = "onednn" if backend == "cpu" and onednn.available() else "xla"
     setup = (args.batch, args.width, jnp.dtype(teacher_dtype))
-    runs, flops = jax_variants(dtype, args.stem, "xla", *setup, teacher_device=conv == "xla")
+    runs, flops = jax_variants(dtype, args.stem, "xla", *setup, teacher_device=conv == "xla",
+                               teacher=args.teacher)
     if conv == "onednn":  # XLA's flop counts serve (same math); keep XLA's live step beside it
-        runs = dict(jax_variants(dtype, args.stem, "onednn", *setup, teacher_device=True)[0],
+        runs = dict(jax_variants(dtype, args.stem, "onednn", *setup, teacher_device=True,
+                                 teacher=args.teacher)[0],
                     kd_live_xla_conv=runs["kd_live"])
         flops["kd_live_xla_conv"] = flops["kd_live"]
     torch_version = None
-    device = None if args.no_torch else torch_device(backend)
+    device = None if args.no_torch or args.teacher != "resnet34" else torch_device(backend)
     if device is not None:
         runs["torch_kd_live"], torch_version = torch_variant(args.stem, device, args.batch,
                                                              args.width, teacher_dtype, args.dtype)
@@ -442,7 +450,7 @@ def main(argv: list[str] | None = None) -> dict:
         peak = args.peak_gflops * 1e9
     result = summarize(times, faults, flops, peak, args.batch)
     result.update(
-        conv=conv, onednn=(f"{onednn.version()} ({build.find_onednn().origin})" if conv == "onednn"
+        conv=conv, teacher=args.teacher, onednn=(f"{onednn.version()} ({build.find_onednn().origin})" if conv == "onednn"
                            else None), peak_measured=backend == "gpu" or bool(args.measure_peak),
         backend=backend, device_kind=jax.devices()[0].device_kind, devices=jax.device_count(),
         jax=jax.__version__, torch=torch_version, torch_device=device, dtype=args.dtype,

@@ -102,7 +102,20 @@ def test_script_end_to_end(tmp_path):
     if r["torch"] is not None:
         assert r["torch_device"] == "cpu" and "vs_pytorch" in r
     assert (r["conv"] == "onednn") == ("onednn_speedup" in r)
+    if r["conv"] == "onednn":  # the oneDNN the kernel runs on, and where it came from
+        from kdjax.kernels import onednn
+        assert r["onednn"].startswith(onednn.version() + " (")
+    assert r["teacher"] == "resnet34"
     assert "live_overhead" in proc.stdout and "GFLOP/s (measured)" in proc.stdout
+
+
+def test_resnet50_teacher_variants_run(bench):
+    """``--teacher resnet50`` builds the steps around a live ResNet-50 (same student, same stored-
+    logit step; main() then runs no PyTorch twin, which exists for ResNet-34 only)."""
+    runs, _ = bench.jax_variants(bench.jnp.float32, "cifar", "xla", batch_size=2, width=4,
+                                 teacher="resnet50")
+    assert {"ce", "kd_precomputed", "kd_live", "teacher_forward"} <= set(runs)
+    runs["kd_live"]()  # runs, with the bottleneck teacher inside the step
 
 
 @pytest.mark.slow
