@@ -6,4 +6,6 @@ Boxes are ``[..., 4]`` float ``(x1, y1, x2, y2)`` in pixels (width ``x2 - x1``, 
   clipping.
 * :mod:`kdjax.detection.anchors`: Faster R-CNN anchors per feature-map cell (sizes x aspect
   ratios at a stride), one or several levels.
+* :mod:`kdjax.detection.nms`: greedy NMS with a fixed output size (indices + valid mask), jittable,
+  per-class via ``classes``, batched by ``vmap`` (:func:`~kdjax.detection.nms.batched_nms`).
 """
