@@ -212,16 +212,21 @@ class _EvalExample:
         self._process_index = process_index
 
     def __call__(self, position: int) -> dict[str, Any]:
-        batch_index, row = divmod(int(position), self._local_batch)
-        global_position = (
-            batch_index * self._global_batch + self._process_index * self._local_batch + row
-        )
+        global_position = _global_position(position, self._local_batch, self._global_batch,
+                                           self._process_index)
         example_id = global_position % self._num_records
         record = self._source[example_id]
         out = _passthrough(record) if self._transform is None else self._transform(record, None)
         result = _finish(out, example_id)
         result["mask"] = np.bool_(global_position < self._num_records)
         return result
+
+
+def _global_position(position: int, local_batch: int, global_batch: int, process_index: int) -> int:
+    """Host-local position ``t`` -> its position in the padded global order: row ``r`` of local
+    batch ``b`` is row ``process_index * local_batch + r`` of global batch ``b``."""
+    batch_index, row = divmod(int(position), local_batch)
+    return batch_index * global_batch + process_index * local_batch + row
 
 
 def _resolve_processes(process_index: int | None, process_count: int | None) -> tuple[int, int]:
@@ -369,8 +374,8 @@ class _ViewExample:
         self._process_index = process_index
 
     def __call__(self, position: int) -> dict[str, Any]:
-        batch_index, row = divmod(int(position), self._local_batch)
-        global_position = batch_index * self._global_batch + self._process_index * self._local_batch + row
+        global_position = _global_position(position, self._local_batch, self._global_batch,
+                                           self._process_index)
         epoch, example_id = divmod(global_position % self._total, self._num_records)
         result = train_example(self._source, example_id, seed=self._seed, epoch=self._first + epoch,
                                transform=self._transform)
