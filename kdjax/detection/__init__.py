@@ -8,4 +8,6 @@ Boxes are ``[..., 4]`` float ``(x1, y1, x2, y2)`` in pixels (width ``x2 - x1``, 
   ratios at a stride), one or several levels.
 * :mod:`kdjax.detection.nms`: greedy NMS with a fixed output size (indices + valid mask), jittable,
   per-class via ``classes``, batched by ``vmap`` (:func:`~kdjax.detection.nms.batched_nms`).
+* :mod:`kdjax.detection.roi_align`: RoIAlign over NHWC features (torchvision / Detectron2 semantics,
+  ``aligned=True`` by default, fixed ``sampling_ratio``), differentiable.
 """
