@@ -10,4 +10,6 @@ Boxes are ``[..., 4]`` float ``(x1, y1, x2, y2)`` in pixels (width ``x2 - x1``, 
   per-class via ``classes``, batched by ``vmap`` (:func:`~kdjax.detection.nms.batched_nms`).
 * :mod:`kdjax.detection.roi_align`: RoIAlign over NHWC features (torchvision / Detectron2 semantics,
   ``aligned=True`` by default, fixed ``sampling_ratio``), differentiable.
+* :mod:`kdjax.detection.matching`: Detectron2's ``Matcher`` (IoU thresholds, low-quality matches)
+  and balanced positive/negative sampling of a fixed count, jittable, deterministic given a key.
 """
