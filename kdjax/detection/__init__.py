@@ -12,4 +12,6 @@ Boxes are ``[..., 4]`` float ``(x1, y1, x2, y2)`` in pixels (width ``x2 - x1``, 
   ``aligned=True`` by default, fixed ``sampling_ratio``), differentiable.
 * :mod:`kdjax.detection.matching`: Detectron2's ``Matcher`` (IoU thresholds, low-quality matches)
   and balanced positive/negative sampling of a fixed count, jittable, deterministic given a key.
+* :mod:`kdjax.detection.evaluate`: COCO-style mAP@[.5:.95], mAP@0.5, mAP@0.75 and AP per class through
+  ``pycocotools`` (in memory, silent); imports pycocotools only when called.
 """
