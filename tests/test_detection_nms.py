@@ -109,3 +109,19 @@ def test_nothing_to_keep_and_errors():
         N.nms(boxes, np.zeros(4, np.int32), 0.5, 2)
     with pytest.raises(ValueError, match="classes"):
         N.nms(boxes, np.zeros(4, np.float32), 0.5, 2, classes=np.zeros(3, np.int32))
+
+
+def test_inside_a_differentiated_function():
+    # proposals picked by NMS from boxes that carry gradients (the indices themselves have none)
+    rng = np.random.default_rng(4)
+    boxes, scores = random_case(rng, 12)
+
+    def picked_sum(b):
+        idx, valid = N.nms(b, scores, 0.5, 4)
+        return (b[idx].sum(-1) * valid).sum()
+
+    g = np.asarray(jax.jit(jax.grad(picked_sum))(boxes))
+    idx, valid = N.nms(boxes, scores, 0.5, 4)
+    want = np.zeros_like(boxes)
+    want[np.asarray(idx)[np.asarray(valid)]] = 1.0
+    np.testing.assert_array_equal(g, want)
