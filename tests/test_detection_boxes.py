@@ -65,7 +65,8 @@ def encode_reference(g, a, w):
     gw, gh = g[:, 2] - g[:, 0], g[:, 3] - g[:, 1]
     ax, ay = a[:, 0] + aw / 2, a[:, 1] + ah / 2
     gx, gy = g[:, 0] + gw / 2, g[:, 1] + gh / 2
-    return np.stack([w[0] * (gx - ax) / aw, w[1] * (gy - ay) / ah, w[2] * np.log(gw / aw), w[3] * np.log(gh / ah)], -1)
+    return np.stack([w[0] * (gx - ax) / aw, w[1] * (gy - ay) / ah,
+                     w[2] * np.log(gw / aw), w[3] * np.log(gh / ah)], -1)
 
 
 @pytest.mark.parametrize("weights", [(1.0, 1.0, 1.0, 1.0), B.ROI_HEAD_WEIGHTS])
@@ -110,7 +111,8 @@ def test_clip_to_image():
     b = np.array([[-5.0, 2.0, 30.0, 50.0], [40.0, 40.0, 60.0, 70.0]], np.float32)
     out = np.asarray(B.clip_to_image(b, height=32, width=36))
     np.testing.assert_array_equal(out, [[0, 2, 30, 32], [36, 32, 36, 32]])
-    per_image = B.clip_to_image(np.stack([b, b]), height=np.array([[32.0], [100.0]]), width=np.array([[36.0], [100.0]]))
+    per_image = B.clip_to_image(np.stack([b, b]), height=np.array([[32.0], [100.0]]),
+                                width=np.array([[36.0], [100.0]]))
     np.testing.assert_array_equal(per_image[1], [[0, 2, 30, 50], [40, 40, 60, 70]])
 
 

@@ -27,7 +27,7 @@ def perfect():
 
 def test_perfect_detections_score_one(capsys):
     out = coco_map(GT, perfect(), num_classes=3)
-    assert out["map"] == pytest.approx(1.0) and out["map50"] == pytest.approx(1.0) and out["map75"] == pytest.approx(1.0)
+    assert (out["map"], out["map50"], out["map75"]) == pytest.approx((1.0, 1.0, 1.0))
     np.testing.assert_allclose(out["ap_per_class"][:2], 1.0)
     assert np.isnan(out["ap_per_class"][2]) and np.isnan(out["ap50_per_class"][2])  # class 2 has no ground truth
     assert capsys.readouterr().out == ""  # pycocotools' prints are silenced
@@ -81,7 +81,8 @@ def test_valid_masks_max_detections_and_empty():
     # all count: FP, TP, TP -> precision 2/3 at recall 1, interpolated back to recall 0
     np.testing.assert_allclose(coco_map(GT, d, num_classes=2)["ap_per_class"], [2 / 3, 1.0])
     # one per image and class: image 0's TP is dropped, its FP kept -> FP, TP: precision 1/2 up to recall 0.5
-    np.testing.assert_allclose(coco_map(GT, d, num_classes=2, max_detections=1)["ap_per_class"], [0.5 * 51 / 101, 1.0])
+    np.testing.assert_allclose(coco_map(GT, d, num_classes=2, max_detections=1)["ap_per_class"],
+                               [0.5 * 51 / 101, 1.0])
     # no detections at all: 0; no ground truth at all: NaN
     none = [dets(np.zeros((0, 4)), [], []) for _ in GT]
     assert coco_map(GT, none, num_classes=2)["map"] == 0.0

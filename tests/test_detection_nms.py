@@ -26,7 +26,8 @@ def greedy_reference(boxes, scores, thr, score_thr=-np.inf, where=None, classes=
     cands.sort(key=lambda i: (-float(scores[i]), i))
     kept = []
     for i in cands:
-        if all(iou64(boxes[i], boxes[j]) <= thr or (classes is not None and classes[i] != classes[j]) for j in kept):
+        if all(iou64(boxes[i], boxes[j]) <= thr or (classes is not None and classes[i] != classes[j])
+               for j in kept):
             kept.append(i)
     return kept
 
@@ -88,7 +89,8 @@ def test_batched_equals_per_image():
     boxes = np.stack([c[0] for c in cases])
     scores = np.stack([c[1] for c in cases])
     where = rng.uniform(size=(3, 25)) > 0.3
-    got, valid = jax.jit(functools.partial(N.batched_nms, iou_threshold=0.5, max_output=10))(boxes, scores, where=where)
+    batched = jax.jit(functools.partial(N.batched_nms, iou_threshold=0.5, max_output=10))
+    got, valid = batched(boxes, scores, where=where)
     assert got.shape == valid.shape == (3, 10)
     for i in range(3):
         check(got[i], valid[i], greedy_reference(boxes[i], scores[i], 0.5, where=where[i]), 10)

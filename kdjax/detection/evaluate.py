@@ -27,7 +27,8 @@ def _rows(item: Mapping, index: int, kind: str, keys: tuple[str, ...], num_class
     """One image's boxes [n, 4], labels [n] (and scores [n]) as NumPy, ``valid`` rows only, checked."""
     missing = [k for k in keys if k not in item]
     if missing:
-        raise ValueError(f"{kind}[{index}] lacks {missing}: each entry needs {list(keys)} (and optionally 'valid')")
+        raise ValueError(f"{kind}[{index}] lacks {missing}: each entry needs {list(keys)} "
+                         "(and optionally 'valid')")
     boxes = np.asarray(item["boxes"])
     if boxes.size == 0:  # [] or [0, 4]: no boxes
         boxes = np.zeros((0, 4), np.float64)
@@ -123,7 +124,7 @@ def coco_map(ground_truth: Sequence[Mapping], detections: Sequence[Mapping], num
 
     evaluator = COCOeval(_coco(images, categories, gt_anns), _coco(images, categories, dt_anns), "bbox")
     # pycocotools sorts maxDets and limits to the largest; stats[0:3] read maxDets[2]
-    evaluator.params.maxDets = [min(1, max_detections), min(10, max_detections), max_detections]
+    evaluator.params.maxDets = [1, min(10, max_detections), max_detections]
     with contextlib.redirect_stdout(io.StringIO()):
         evaluator.evaluate()
         evaluator.accumulate()
@@ -134,5 +135,6 @@ def coco_map(ground_truth: Sequence[Mapping], detections: Sequence[Mapping], num
     has_gt = (precision > -1).all(axis=(0, 1))
     ap = np.where(has_gt, precision.mean(axis=(0, 1)), np.nan)
     ap50 = np.where(has_gt, precision[0].mean(axis=0), np.nan)
-    return {"map": float(evaluator.stats[0]), "map50": float(evaluator.stats[1]), "map75": float(evaluator.stats[2]),
+    return {"map": float(evaluator.stats[0]), "map50": float(evaluator.stats[1]),
+            "map75": float(evaluator.stats[2]),
             "ap_per_class": ap.astype(np.float64), "ap50_per_class": ap50.astype(np.float64)}

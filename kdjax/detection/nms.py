@@ -99,7 +99,8 @@ def batched_nms(boxes: ArrayLike, scores: ArrayLike, iou_threshold: float, max_o
     if where is None and classes is None:
         return jax.vmap(lambda b, s: one(b, s))(boxes, scores)
     b = jnp.asarray(boxes)
-    where = jnp.ones(b.shape[:-1], bool) if where is None else jnp.broadcast_to(jnp.asarray(where, bool), b.shape[:-1])
+    where = (jnp.ones(b.shape[:-1], bool) if where is None
+             else jnp.broadcast_to(jnp.asarray(where, bool), b.shape[:-1]))
     if classes is None:
         return jax.vmap(lambda b, s, w: one(b, s, where=w))(boxes, scores, where)
     return jax.vmap(lambda b, s, w, c: one(b, s, where=w, classes=c))(boxes, scores, where, classes)
