@@ -10,6 +10,30 @@ import numpy as np
 
 from experiments.errors import ConfigError
 
+#: ``dataset.augment`` values: ``''`` (no augmentation, the default) or a named train transform of
+#: the small sets. ``'shift_noise'``: the demo notebook's MNIST-1D augmentation.
+AUGMENTATIONS = ("", "shift_noise")
+
+
+def shift_noise(record, rng, *, max_shift: int = 4, noise: float = 0.2):
+    """The demo notebook's MNIST-1D augmentation (``dataset.augment='shift_noise'``): the signal
+    ``[L, C]`` rolled along its length by a uniform integer shift in ``[-max_shift, max_shift]``,
+    plus ``N(0, noise^2)`` noise on every value; float32. ``rng`` is the example's generator
+    (:func:`kdjax.data.train_example`), so the view is fixed by ``(seed, epoch, id)``."""
+    image = np.roll(record["image"], rng.integers(-max_shift, max_shift + 1), axis=0)
+    image = image + noise * rng.standard_normal(image.shape)
+    return {**record, "image": image.astype(np.float32)}
+
+
+def train_transform(augment: str):
+    """The small sets' train transform for ``dataset.augment`` (None for ``''``)."""
+    if augment == "shift_noise":
+        return shift_noise
+    if augment:
+        raise ConfigError(f"config.dataset.augment={augment!r}; valid: "
+                          f"{', '.join(repr(a) for a in AUGMENTATIONS)}.")
+    return None
+
 
 @dataclasses.dataclass
 class Data:
@@ -92,10 +116,12 @@ def build_data(dataset: ml_collections.ConfigDict, seed: int) -> Data:
         if dataset.rgb:
             arrays = {s: {**a, "image": np.repeat(a["image"], 3, axis=-1)} for s, a in arrays.items()}
         sources = {s: data.ArraySource(arrays[s]) for s in dict.fromkeys(splits)}
-        train_tf = eval_tf = None
+        train_tf, eval_tf = train_transform(dataset.augment), None
         num_classes = int(max(a["label"].max() for a in arrays.values())) + 1
         sample = arrays[dataset.eval_split]["image"][:1]
         preprocessing = f"{dataset.name}-standardised" + ("-rgb" if dataset.rgb else "")
+        # The eval view (and a centre store) stays unaugmented; the train transform is in a view
+        # store's own spec (its fingerprint), so ``preprocessing`` names the eval view only.
     return Data(name=dataset.name, train_split=dataset.train_split, eval_split=dataset.eval_split,
                 sources=sources, num_classes=num_classes, batch_size=dataset.batch_size,
                 eval_batch_size=dataset.eval_batch_size, seed=seed, train_transform=train_tf,

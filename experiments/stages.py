@@ -123,8 +123,14 @@ def _record_config(config: ml_collections.ConfigDict, workdir: str) -> None:
         write_json(path, resolved)
         return
     before, now = flatten_record(read_json(path)), flatten_record(resolved)
+    # A key added to the schema after the run started (absent from its config.json) is no change
+    # while it holds its default: the run was started with the default's behaviour.
+    from experiments.configs.base import kd_config
+
+    defaults = flatten_record(json.loads(kd_config().to_json_best_effort()))
     changed = {k: [before.get(k), now.get(k)] for k in sorted(set(before) | set(now))
-               if before.get(k) != now.get(k)}
+               if before.get(k) != now.get(k)
+               and not (k not in before and k in defaults and now.get(k) == defaults[k])}
     if not changed:
         return
     shaping = [k for k in changed if not k.startswith(RESUMABLE_KEYS)]

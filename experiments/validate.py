@@ -15,6 +15,7 @@ from typing import Any, Sequence
 import ml_collections
 import numpy as np
 
+from experiments.datasets import AUGMENTATIONS
 from experiments.errors import ConfigError
 from experiments.recipes import LR_SCHEDULES, OPTIMIZERS
 from experiments.specs import build_model, parse_model_spec
@@ -107,6 +108,14 @@ def validate_config(config: ml_collections.ConfigDict, experiment: str | None = 
         if d.rgb and d.name == "imagenet2012":
             p.append("config.dataset.rgb=True applies to the grey small datasets only; ImageNet is "
                      "RGB already.")
+    if d.augment not in AUGMENTATIONS:
+        p.append(f"config.dataset.augment={d.augment!r}; valid: "
+                 f"{', '.join(repr(a) for a in AUGMENTATIONS)} ('' = no augmentation).")
+    elif d.augment and d.name != "mnist1d":
+        p.append(f"config.dataset.augment={d.augment!r} is MNIST-1D's augmentation (a shift along "
+                 f"the signal); dataset.name={d.name!r} "
+                 + ("has its own (random-resized crops and flips)." if d.name == "imagenet2012"
+                    else "has none; use ''."))
     sizes = all([_int_at_least(p, f"dataset.{key}", d[key], 1)
                  for key in ("batch_size", "eval_batch_size", "image_size", "resize_size")])
     if sizes and d.name == "imagenet2012" and d.resize_size < d.image_size:

@@ -23,7 +23,10 @@ Schema (``placeholder`` keys may be None):
   directory, ImageNet), ``train_split`` / ``eval_split``, ``num_samples`` (MNIST-1D size),
   ``image_size`` / ``resize_size`` (ImageNet crops), ``batch_size`` / ``eval_batch_size`` (global),
   ``num_threads`` / ``prefetch`` (grain reader threads and buffer), ``rgb`` (small datasets:
-  repeat the grey channel 3 times, so ImageNet-layout models such as a torchvision teacher apply).
+  repeat the grey channel 3 times, so ImageNet-layout models such as a torchvision teacher apply),
+  ``augment`` (small datasets' train transform: ``''`` none, the default; ``'shift_noise'`` the demo
+  notebook's MNIST-1D augmentation, a roll by a shift in [-4, 4] plus N(0, 0.2^2) noise,
+  :func:`experiments.datasets.shift_noise`; the eval view stays unaugmented).
 * ``optimizer``: ``name`` (``sgd`` | ``adam`` | ``adamw``), ``lr`` (peak learning rate at batch
   ``lr_batch``; the rate used is ``lr * batch_size / lr_batch``), ``momentum``, ``nesterov``,
   ``weight_decay``, ``schedule`` (``step`` | ``cosine`` | ``constant``), ``decay_epochs`` /
@@ -140,6 +143,7 @@ def kd_config() -> ml_collections.ConfigDict:
     c.dataset.num_threads = 0
     c.dataset.prefetch = 256
     c.dataset.rgb = False
+    c.dataset.augment = ""
 
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.name = "sgd"
