@@ -82,7 +82,10 @@ def _differences(baseline, arm) -> np.ndarray:
         raise ValueError(f"a paired comparison needs at least 2 seeds, got {a.size}.")
     if not (np.all(np.isfinite(a)) and np.all(np.isfinite(b))):
         raise ValueError("baseline and arm must be finite.")
-    return b - a
+    # Rounded to 12 significant digits of the data's scale: the subtraction's last bits are noise
+    # (64.2 - 60.0 != 64.3 - 60.1 in floating point) that would break ties and zeros.
+    scale = max(1.0, float(np.max(np.abs(a))), float(np.max(np.abs(b))))
+    return np.round(b - a, 12 - int(np.ceil(np.log10(scale))))
 
 
 def _constant(d: np.ndarray) -> bool:
@@ -95,7 +98,7 @@ def paired_t(baseline, arm) -> tuple[float, float]:
     d = _differences(baseline, arm)
     if _constant(d):
         return (0.0, 1.0) if d[0] == 0 else (float(np.sign(d[0]) * np.inf), 0.0)
-    r = stats.ttest_rel(np.asarray(arm, float), np.asarray(baseline, float))
+    r = stats.ttest_rel(d, np.zeros_like(d))  # = ttest_rel(arm, baseline) on the rounded d
     return float(r.statistic), float(r.pvalue)
 
 

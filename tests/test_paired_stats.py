@@ -168,6 +168,17 @@ def test_verdicts_and_family_holm():
     assert "| same - base |" in ps.markdown_table(fam)
 
 
+def test_float_noise_of_the_subtraction_is_not_a_difference():
+    """Accuracies in 0.1-point steps: 64.2 - 60.0 and 64.3 - 60.1 differ in their last bits, but
+    are the same difference (a constant shift: t-test p = 0, the single-value interval), and
+    74.8 - 74.8 style zeros stay zeros for Wilcoxon."""
+    a, b = [60.0, 60.1, 64.4], [64.2, 64.3, 68.6]
+    assert len({y - x for x, y in zip(a, b)}) > 1  # the floating-point differences do differ
+    c = ps.compare(a, b, margin=0.5)
+    assert c.sd_diff == 0 and c.p_t == 0 and c.ci_low == c.ci_high == pytest.approx(4.2)
+    assert ps.wilcoxon_p([0.1 + 0.2, 0.5], [0.3, 0.5]) == 1.0
+
+
 def test_input_errors():
     with pytest.raises(ValueError, match="same length"):
         ps.compare([1, 2, 3], [1, 2], margin=0.5)
