@@ -315,6 +315,46 @@ def test_teacher_bounded_l2_is_zero_only_when_student_beats_teacher_by_margin():
     np.testing.assert_allclose(losses.teacher_bounded_l2(s, t, y, margin=0.3), [0.01, 1.0, 0.25], rtol=1e-6)
 
 
+
+def ref_smooth_l1(p, y, beta):
+    """Loop reference in float64: Fast R-CNN's smooth-L1, summed over the last axis."""
+    p, y = np.asarray(p, np.float64), np.asarray(y, np.float64)
+    out = np.zeros(p.shape[:-1])
+    for index in np.ndindex(*p.shape[:-1]):
+        total = 0.0
+        for a, b in zip(p[index], y[index]):
+            x = abs(a - b)
+            total += 0.5 * x * x / beta if x < beta else x - 0.5 * beta
+        out[index] = total
+    return out
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@SETTINGS
+@given(seed=st.integers(0, 2**32 - 1), rows=st.integers(1, 6), beta=st.sampled_from([0.0, 1.0 / 9, 0.5, 1.0, 3.0]))
+def test_smooth_l1_matches_reference(dtype, seed, rows, beta):
+    rng = np.random.default_rng(seed)
+    p_j, p_r = rounded(rng.normal(size=(2, rows, 4)) * 2, dtype)
+    y_j, y_r = rounded(rng.normal(size=(2, rows, 4)) * 2, dtype)
+    got = losses.smooth_l1(p_j, y_j, beta)
+    assert got.shape == (2, rows) and got.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(got, np.float64), ref_smooth_l1(p_r, y_r, beta), rtol=1e-5, atol=1e-6)
+
+
+def test_smooth_l1_hand_values_mask_and_errors():
+    p = jnp.array([[0.5, 2.0, 0.0, 0.0], [jnp.nan, 0.0, 0.0, 0.0]])
+    got = losses.smooth_l1(p, jnp.zeros((2, 4)), where=jnp.array([True, False]))
+    np.testing.assert_allclose(got, [0.125 + 1.5, 0.0])  # the masked NaN row gives exactly 0
+    np.testing.assert_allclose(losses.smooth_l1(p[:1], jnp.zeros((1, 4)), beta=0.0), [2.5])  # L1
+    g = jax.grad(lambda x: losses.smooth_l1(x, jnp.zeros((2, 4)), where=jnp.array([True, False])).sum())(p)
+    np.testing.assert_allclose(g, [[0.5, 1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    with pytest.raises(ValueError, match=r"pred \(2, 4\) and target \(3, 4\) must have the same shape"):
+        losses.smooth_l1(jnp.zeros((2, 4)), jnp.zeros((3, 4)))
+    with pytest.raises(ValueError, match="beta must be a finite number >= 0"):
+        losses.smooth_l1(jnp.zeros((2, 4)), jnp.zeros((2, 4)), beta=-1.0)
+    with pytest.raises(TypeError, match="pred must be a floating-point array"):
+        losses.smooth_l1(jnp.zeros((2, 4), jnp.int32), jnp.zeros((2, 4)))
+
 @SETTINGS
 @given(seed=st.integers(0, 2**32 - 1), shape=st.sampled_from([(5,), (3, 4), (2, 1, 3)]))
 def test_masked_mean_matches_reference(seed, shape):
@@ -434,6 +474,7 @@ def _grad_cases():
             lambda x: losses.teacher_bounded_l2(x, box_t, y, 0.1),
             lambda x: ref_teacher_bounded(x, box_t, y, 0.1)[0],
         ),
+        "smooth_l1": (box_s, lambda x: losses.smooth_l1(x, box_t, 0.5), lambda x: ref_smooth_l1(x, box_t, 0.5)),
     }
 
 
@@ -591,6 +632,7 @@ def _all_losses(s, t, labels, fs, ft):
         "fitnet_hint": lambda T, w: losses.fitnet_hint(fs, fs * 0.5, where=w),
         "attention_transfer": lambda T, w: losses.attention_transfer(fs, ft, where=w),
         "teacher_bounded_l2": lambda T, w: losses.teacher_bounded_l2(s[..., :4], t[..., :4], s[..., :4] * 0.9, where=w),
+        "smooth_l1": lambda T, w: losses.smooth_l1(s[..., :4], t[..., :4], 0.5, where=w),
     }
 
 

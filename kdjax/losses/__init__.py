@@ -41,14 +41,14 @@ Losses, by submodule (all re-exported here; import them from ``kdjax.losses``)
                     :func:`logit_mse`, :func:`dkd`
     ``topk``        :func:`kd_kl_topk`, :func:`kd_kl_topk_bound` (teacher stored as its top-k logits)
     ``features``    :func:`fitnet_hint`, :func:`attention_transfer`, :func:`similarity_preserving`
-    ``boxes``       :func:`teacher_bounded_l2`
+    ``boxes``       :func:`smooth_l1`, :func:`teacher_bounded_l2`
     ``reductions``  :func:`masked_mean`
     ==============  ===========================================================================
 
 The private ``_validation`` (argument checks, ``where`` masking) and ``_log_space`` (KL and cross-entropy
 of log-probabilities) modules hold what the losses share.
 """
-from kdjax.losses.boxes import teacher_bounded_l2
+from kdjax.losses.boxes import smooth_l1, teacher_bounded_l2
 from kdjax.losses.features import attention_transfer, fitnet_hint, similarity_preserving
 from kdjax.losses.logits import (
     class_weighted_soft_cross_entropy,
@@ -75,6 +75,7 @@ __all__ = [
     "logit_mse",
     "masked_mean",
     "similarity_preserving",
+    "smooth_l1",
     "soft_cross_entropy",
     "teacher_bounded_l2",
 ]

@@ -1,4 +1,5 @@
-"""Box-regression losses on ``[..., D]`` boxes: :func:`teacher_bounded_l2` (Chen et al., 2017)."""
+"""Box-regression losses on ``[..., D]`` boxes: :func:`smooth_l1` (Girshick, 2015) and
+:func:`teacher_bounded_l2` (Chen et al., 2017)."""
 from __future__ import annotations
 
 import jax
@@ -67,4 +68,58 @@ def teacher_bounded_l2(
     d_s = jnp.sum((s - y) ** 2, axis=-1)
     d_t = jnp.sum((t - y) ** 2, axis=-1)
     loss = jnp.where(d_s + margin_arr.astype(dtype) > d_t, d_s, 0.0)
+    return _finish(loss, where)
+
+
+def smooth_l1(
+    pred: ArrayLike,
+    target: ArrayLike,
+    beta: float = 1.0,
+    where: ArrayLike | None = None,
+) -> jax.Array:
+    """Smooth-L1 (Huber-like) box-regression loss of Fast/Faster R-CNN, per box.
+
+    With ``x = pred - target`` elementwise, summed over the last axis::
+
+        l(x) = 0.5 x^2 / beta    if |x| < beta
+               |x| - 0.5 beta    otherwise
+
+    ``beta = 1`` is Girshick's (2015) Fast R-CNN loss; py-faster-rcnn's ``sigma`` is
+    ``beta = 1 / sigma^2`` (RPN ``sigma = 3``: ``beta = 1/9``); ``beta = 0`` is the plain L1 loss
+    (Detectron2's default). Equals ``torch.nn.functional.smooth_l1_loss(reduction='none')`` summed
+    over the last axis.
+
+    Args:
+      pred: ``[..., D]`` float, predicted deltas (``D = 4``).
+      target: ``[..., D]`` float, the regression targets, same shape.
+      beta: a finite number ``>= 0``, the switch point from quadratic to linear.
+      where: optional bool, broadcastable to ``[...]`` (one flag per box, e.g. positives only).
+
+    Returns:
+      ``[...]`` per-box loss.
+
+    Example (``x = 0.5``: ``0.125``; ``x = 2``: ``1.5``; summed):
+
+    >>> import jax.numpy as jnp
+    >>> from kdjax import losses
+    >>> float(losses.smooth_l1(jnp.array([0.5, 2.0, 0.0, 0.0]), jnp.zeros(4)))
+    1.625
+    """
+    p = _float_array(pred, "pred")
+    y = _float_array(target, "target")
+    if p.ndim < 1:
+        raise ValueError(f"boxes must have the coordinate axis last, shape [..., D]; got shape {p.shape}")
+    if p.shape != y.shape:
+        raise ValueError(f"pred {p.shape} and target {y.shape} must have the same shape [..., D] "
+                         "(one row per box); select the same boxes for both")
+    beta_arr, beta_value = _scalar(beta, "beta")
+    if beta_value is not None and not (np.isfinite(beta_value) and beta_value >= 0):
+        raise ValueError(f"beta must be a finite number >= 0 (0 gives the L1 loss), got {beta_value}")
+    where = _where(where, p.shape[:-1], f"boxes of shape {p.shape}, one value per box")
+    dtype = _compute_dtype(p, y)
+    p, y = (_keep_rows(a.astype(dtype), where) for a in (p, y))
+    beta_arr = beta_arr.astype(dtype)
+    x = jnp.abs(p - y)
+    quadratic = 0.5 * x * x / jnp.where(beta_arr > 0, beta_arr, 1.0)
+    loss = jnp.sum(jnp.where(x < beta_arr, quadratic, x - 0.5 * beta_arr), axis=-1)
     return _finish(loss, where)
