@@ -1,6 +1,8 @@
 """kdjax.detection.model (the Faster R-CNN-shaped detector) and kdjax.detection.targets (its training
 targets and loss): shapes, jit, gradients, a tiny overfit, a teacher scoring a student's RoIs,
 sharded == single-device, post-processing on hand-made cases, and errors. Sizes are tiny."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,7 +19,7 @@ K = 3  # foreground classes
 SMALL = dict(num_proposals=16, pre_nms_topk=64)  # keeps NMS loops and compiles short
 
 
-def canvases(batch=2, height=64, width=64):
+def canvases(batch=2, height=64, width=72):
     """Images with filled rectangles where the ground truth is (colour channel = class)."""
     gt_boxes = np.zeros((batch, 2, 4), np.float32)
     gt_labels = np.zeros((batch, 2), np.int32)
@@ -32,32 +34,51 @@ def canvases(batch=2, height=64, width=64):
     return jnp.asarray(images), gt_boxes, gt_labels, gt_valid
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _init(model, key):
+    return model.init(key, jnp.zeros((1, 16, 16, 3)))
+
+
+def init(model, key):
+    """Variables of ``model``: they do not depend on the image size, so a small image keeps the
+    init's compile short (init runs the whole forward, NMS included; jitted, one compile a config)."""
+    return _init(model, key)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def forward(model, variables, x):
+    """``model.apply`` jitted once per config and shape, shared by the tests."""
+    return model.apply(variables, x)
+
+
 @pytest.mark.parametrize("size", ["tiny", "small"])
 def test_output_shapes_and_dtypes(size):
     model = M.create(size, K, **SMALL)
-    x = jax.random.uniform(jax.random.key(0), (2, 64, 48, 3))  # H != W
-    variables = jax.jit(model.init)(jax.random.key(1), x)
-    out = jax.jit(model.apply)(variables, x)
+    x = jax.random.uniform(jax.random.key(0), (2, 64, 72, 3))  # H != W
+    variables = init(model, jax.random.key(1))
+    out = forward(model, variables, x)
     width = M.SIZES[size]["width"]
-    n = 8 * 6 * 9  # cells at stride 8 x anchors
-    assert out["tap"].shape == (2, 8, 6, 4 * width) and out["features"]["stage3"] is not None
-    assert [out["features"][f"stage{i}"].shape[1:3] for i in (1, 2, 3)] == [(32, 24), (16, 12), (8, 6)]
+    n = 8 * 9 * 9  # cells at stride 8 x anchors
+    assert out["tap"].shape == (2, 8, 9, 4 * width)
+    assert [out["features"][f"stage{i}"].shape[1:3] for i in (1, 2, 3)] == [(32, 36), (16, 18), (8, 9)]
     expect = {"rpn_logits": (2, n), "rpn_deltas": (2, n, 4), "anchors": (n, 4), "rois": (2, 16, 4),
               "roi_valid": (2, 16), "roi_scores": (2, 16), "roi_logits": (2, 16, K + 1),
               "roi_deltas": (2, 16, K + 1, 4)}
     for key, shape in expect.items():
         assert out[key].shape == shape, key
         assert out[key].dtype == (jnp.bool_ if key == "roi_valid" else jnp.float32), key
-    np.testing.assert_array_equal(out["anchors"], model.anchors((64, 48)))
+    np.testing.assert_array_equal(out["anchors"], model.anchors((64, 72)))
     valid = np.asarray(out["roi_valid"])
     rois = np.asarray(out["rois"])[valid]
     assert valid.sum() > 0
-    B.validate_boxes(rois, "rois", image_size=(64, 48))  # inside the image, x1 <= x2
+    B.validate_boxes(rois, "rois", image_size=(64, 72))  # inside the image, x1 <= x2
     assert np.all(rois[:, 2] > rois[:, 0]) and np.all(rois[:, 3] > rois[:, 1])
     scores = np.asarray(out["roi_scores"])
     for b in range(2):  # NMS keeps by decreasing objectness, valid slots first
         assert np.all(np.diff(scores[b][valid[b]]) <= 0)
         np.testing.assert_array_equal(valid[b], np.arange(16) < valid[b].sum())
+    if size != "tiny":
+        return
     # proposals carry no gradient (stop_gradient, as in Faster R-CNN)
     grads = jax.jit(jax.grad(lambda v: model.apply(v, x)["rois"].sum()))(variables)
     assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree.leaves(grads))
@@ -69,7 +90,7 @@ def trained():
     model = M.create("tiny", K, **SMALL)
     images, gt_boxes, gt_labels, gt_valid = canvases()
     T.check_ground_truth(gt_boxes, gt_labels, gt_valid, K, images.shape[1:3])
-    variables = jax.jit(model.init)(jax.random.key(0), images)
+    variables = init(model, jax.random.key(0))
     tx = optax.adam(3e-3)
     opt = jax.jit(tx.init)(variables)
 
@@ -108,9 +129,9 @@ def test_tiny_overfit_drives_the_loss_down(trained):
     assert mean(history[-5:], "rpn_cls") < 0.3 * mean(history[:5], "rpn_cls")
     assert mean(history[-5:], "roi_cls") < 0.5 * mean(history[:5], "roi_cls")
     # and the detector finds the boxes: each ground truth's class has a detection with IoU > 0.5
-    out = jax.jit(model.apply)(variables, images)
+    out = forward(model, variables, images)
     det = jax.jit(M.postprocess, static_argnums=4)(out["roi_logits"], out["roi_deltas"], out["rois"],
-                                                   out["roi_valid"], (64, 64))
+                                                   out["roi_valid"], (64, 72))
     found = 0
     for b in range(2):
         for g in np.flatnonzero(gt_valid[b]):
@@ -122,17 +143,17 @@ def test_tiny_overfit_drives_the_loss_down(trained):
 
 def test_teacher_scores_the_students_rois():
     student, teacher = M.create("tiny", K, **SMALL), M.create("small", K, **SMALL)
-    x = jax.random.uniform(jax.random.key(0), (2, 64, 64, 3))
-    s_vars, t_vars = jax.jit(student.init)(jax.random.key(1), x), jax.jit(teacher.init)(jax.random.key(2), x)
+    x = jax.random.uniform(jax.random.key(0), (2, 64, 72, 3))
+    s_vars, t_vars = init(student, jax.random.key(1)), init(teacher, jax.random.key(2))
+    s_out = forward(student, s_vars, x)
 
     @jax.jit
-    def run(s_vars, t_vars, x):
-        s_out = student.apply(s_vars, x)
-        t_out = M.teacher_on_rois(teacher, t_vars, x, s_out["rois"], K, roi_valid=s_out["roi_valid"])
-        direct = teacher.apply(t_vars, t_out["tap"], s_out["rois"], method="score_rois")
-        return s_out, t_out, direct
+    def run(t_vars, x, rois, valid):
+        t_out = M.teacher_on_rois(teacher, t_vars, x, rois, K, roi_valid=valid)
+        direct = teacher.apply(t_vars, t_out["tap"], rois, method="score_rois")
+        return t_out, direct
 
-    s_out, t_out, direct = run(s_vars, t_vars, x)
+    t_out, direct = run(t_vars, x, s_out["rois"], s_out["roi_valid"])
     assert t_out["roi_logits"].shape == (2, 16, K + 1) and t_out["roi_deltas"].shape == (2, 16, K + 1, 4)
     np.testing.assert_array_equal(t_out["rois"], s_out["rois"])
     np.testing.assert_array_equal(t_out["roi_valid"], s_out["roi_valid"])
@@ -142,17 +163,20 @@ def test_teacher_scores_the_students_rois():
     assert t_out["rpn_logits"].shape == s_out["rpn_logits"].shape
     # a teacher with another class count
     other = M.create("small", K + 2, **SMALL)
+    other_vars = {"params": {"roi_head": {"cls_score": {"kernel": np.zeros((128, K + 3), np.float32)}}}}
     with pytest.raises(ValueError, match=r"teacher has \[5\] foreground classes but the student has 3"):
-        M.teacher_on_rois(other, jax.jit(other.init)(jax.random.key(3), x), x, s_out["rois"], K)
+        M.teacher_on_rois(other, other_vars, x, s_out["rois"], K)
     with pytest.raises(ValueError, match=r"teacher has \[3, 5\] foreground classes"):  # module and params disagree
-        M.teacher_on_rois(teacher, jax.jit(other.init)(jax.random.key(3), x), x, s_out["rois"], K)
+        M.teacher_on_rois(teacher, other_vars, x, s_out["rois"], K)
 
 
 def test_sharded_forward_equals_single_device():
     model = M.create("tiny", K, **SMALL)
-    x = jax.random.uniform(jax.random.key(0), (8, 64, 64, 3))
-    variables = jax.jit(model.init)(jax.random.key(1), x[:1])
-    single = jax.jit(model.apply)(variables, x)
+    x = jax.random.uniform(jax.random.key(0), (8, 64, 72, 3))
+    variables = init(model, jax.random.key(1))
+    # single device, two images at a time (each image's forward is independent of the others)
+    chunks = [forward(model, variables, x[i:i + 2]) for i in range(0, 8, 2)]
+    single = jax.tree.map(lambda *a: np.concatenate(a) if a[0].ndim and a[0].shape[0] == 2 else a[0], *chunks)
     mesh = sharding.make_mesh(data=-1, fsdp=1)
     assert mesh.devices.size == 8
     batch = sharding.batch_sharding(mesh)
@@ -206,9 +230,10 @@ def test_targets_rpn_and_roi():
     # proposals: a far-away valid one, and invalid copies of the gt (never sampled)
     proposals = jnp.array([[[50, 0, 60, 8], [4, 4, 30, 30], [30, 30, 60, 62]]] * 2, jnp.float32)
     valid = jnp.array([[True, False, False]] * 2)
+    targets = jax.jit(T.roi_targets, static_argnames=("batch_size_per_image", "add_ground_truth"))
     for add_gt in (False, True):
-        roi = T.roi_targets(jax.random.key(1), proposals, valid, gt_boxes, gt_labels, gt_valid,
-                            batch_size_per_image=8, add_ground_truth=add_gt)
+        roi = targets(jax.random.key(1), proposals, valid, gt_boxes, gt_labels, gt_valid,
+                      batch_size_per_image=8, add_ground_truth=add_gt)
         assert roi.rois.shape == (2, 8, 4) and roi.classes.shape == (2, 8)
         positive = np.asarray(roi.positive)
         if not add_gt:
@@ -219,17 +244,22 @@ def test_targets_rpn_and_roi():
         assert sorted(classes) == [1, 3]  # labels 0 and 2, plus one for background
         np.testing.assert_allclose(roi.deltas[0][positive[0]], 0.0, atol=1e-6)  # the gt boxes themselves
         assert np.all(np.asarray(roi.classes)[~positive] == 0)
-    images = jnp.zeros((2, 64, 64, 3))
-    variables = jax.jit(model.init)(jax.random.key(0), images)
-    total, aux = T.detector_loss(model, variables, images, gt_boxes, gt_labels, gt_valid, jax.random.key(2),
-                                 rpn_batch_size=64, roi_batch_size=8)
-    assert np.isfinite(float(total)) and float(aux["terms"]["rpn_box"]) >= 0
+    # the loss on these targets (random model outputs): finite with the empty image and NaN padding
+    rng = np.random.default_rng(0)
+    terms = jax.jit(T.faster_rcnn_loss, static_argnames="rpn_batch_size")(
+        jnp.asarray(rng.normal(size=rpn.objectness.shape), jnp.float32),
+        jnp.asarray(rng.normal(size=rpn.deltas.shape), jnp.float32), rpn,
+        jnp.asarray(rng.normal(size=(2, 8, K + 1)), jnp.float32),
+        jnp.asarray(rng.normal(size=(2, 8, K + 1, 4)), jnp.float32), roi, rpn_batch_size=64)
+    assert all(np.isfinite(float(v)) and float(v) > 0 for v in terms.values()), terms
+    np.testing.assert_allclose(float(terms["total"]), sum(float(terms[k]) for k in
+                                                          ("rpn_cls", "rpn_box", "roi_cls", "roi_box")), rtol=1e-6)
 
 
 def test_errors():
     model = M.create("tiny", K, **SMALL)
     x = jnp.zeros((1, 64, 64, 3))
-    variables = jax.jit(model.init)(jax.random.key(0), x)
+    variables = jax.eval_shape(model.init, jax.random.key(0), x)  # the errors come before any compute
     with pytest.raises(ValueError, match=r"images of shape \[B, H, W, 3\]"):
         model.apply(variables, jnp.zeros((1, 64, 64)))
     with pytest.raises(TypeError, match="floating-point images"):

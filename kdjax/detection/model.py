@@ -249,14 +249,15 @@ class FasterRCNN(nn.Module):
           ``roi_deltas`` ``[B, R, K+1, 4]``. All float32 except the features (compute dtype).
         """
         del train
-        out = self.features_and_rpn(x)
-        if rois is None:
-            rois, scores, valid = self.propose(out["rpn_logits"], out["rpn_deltas"], out["anchors"], x.shape[1:3])
-        else:
+        if rois is not None:
             rois = boxes_lib._float_boxes(rois, "rois")
             if rois.ndim != 3 or rois.shape[0] != x.shape[0]:
                 raise ValueError(f"rois must be [B, R, 4] with B = {x.shape[0]} (the images' batch); "
                                  f"got {rois.shape}")
+        out = self.features_and_rpn(x)
+        if rois is None:
+            rois, scores, valid = self.propose(out["rpn_logits"], out["rpn_deltas"], out["anchors"], x.shape[1:3])
+        else:
             valid = (jnp.ones(rois.shape[:2], bool) if roi_valid is None
                      else jnp.broadcast_to(jnp.asarray(roi_valid, bool), rois.shape[:2]))
             scores = jnp.zeros(rois.shape[:2], jnp.float32)
