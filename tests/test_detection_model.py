@@ -118,7 +118,7 @@ def test_gradients_flow_and_are_finite(trained):
         assert np.isfinite(np.asarray(g)).all(), path
     # every layer of the backbone, the RPN and the RoI head gets a gradient
     for part in ("backbone", "rpn", "roi_head"):
-        kernels = [g for path, g in flat if part in jax.tree_util.keystr(path) and "kernel" in jax.tree_util.keystr(path)]
+        kernels = [g for path, g in flat if part in (name := jax.tree_util.keystr(path)) and "kernel" in name]
         assert kernels and all(float(jnp.abs(g).max()) > 0 for g in kernels), part
 
 

@@ -1,4 +1,4 @@
-"""Building blocks of two-stage (Faster R-CNN-shaped) detectors, in JAX (issue 18).
+"""Two-stage (Faster R-CNN-shaped) detectors in JAX (issue 18): building blocks and the model.
 
 Boxes are ``[..., 4]`` float ``(x1, y1, x2, y2)`` in pixels (width ``x2 - x1``, no ``+ 1``).
 
@@ -12,6 +12,12 @@ Boxes are ``[..., 4]`` float ``(x1, y1, x2, y2)`` in pixels (width ``x2 - x1``, 
   ``aligned=True`` by default, fixed ``sampling_ratio``), differentiable.
 * :mod:`kdjax.detection.matching`: Detectron2's ``Matcher`` (IoU thresholds, low-quality matches)
   and balanced positive/negative sampling of a fixed count, jittable, deterministic given a key.
+* :mod:`kdjax.detection.model`: the Faster R-CNN-shaped detector (:class:`~kdjax.detection.model.FasterRCNN`,
+  sizes ``tiny`` .. ``large`` from one definition): backbone tap, RPN, proposals (top-k + NMS inside
+  ``jit``), RoIAlign box head with class-specific deltas; a teacher scores given RoIs
+  (``apply(..., rois=...)``, :func:`~kdjax.detection.model.teacher_on_rois`); post-processing.
+* :mod:`kdjax.detection.targets`: RPN and RoI-head target assignment (matching + sampling + encoding)
+  and the plain Faster R-CNN loss, pure functions over padded ground truth.
 * :mod:`kdjax.detection.evaluate`: COCO-style mAP@[.5:.95], mAP@0.5, mAP@0.75 and AP per class through
   ``pycocotools`` (in memory, silent); imports pycocotools only when called.
 """
