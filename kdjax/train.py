@@ -190,6 +190,29 @@ def _jit_step(fn, mesh: Mesh, state_shardings, teacher_shardings, **jit_kwargs):
                                      sharding.batch_sharding(mesh)), **jit_kwargs)
 
 
+def apply_gradients(state: TrainState, grads: Any, loss: jax.Array,
+                    tx: optax.GradientTransformation, batch_stats: Any, guard_nonfinite: bool,
+                    ) -> tuple[TrainState, jax.Array, jax.Array]:
+    """One optimizer update of ``state`` (inside a jitted step): ``(new_state, grad_norm, finite)``.
+
+    ``finite`` is whether the loss, the gradient norm and the update norm are all finite; with
+    ``guard_nonfinite`` a non-finite update is skipped (params, statistics and optimizer state kept,
+    ``step`` advanced, ``skipped`` counted). ``batch_stats`` are the forward's new statistics.
+    """
+    updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
+    grad_norm = optax.global_norm(grads)
+    # The updates too: an optimizer can turn finite gradients into NaN (eps=0, a bad schedule).
+    finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+              & jnp.isfinite(optax.global_norm(updates)))
+    new_state = state.replace(step=state.step + 1,
+                              params=optax.apply_updates(state.params, updates),
+                              batch_stats=batch_stats, opt_state=new_opt_state)
+    if guard_nonfinite:
+        kept = state.replace(step=state.step + 1, skipped=state.skipped + 1)
+        new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, kept)
+    return new_state, grad_norm, finite
+
+
 def make_train_step(student_apply: StudentApply, tx: optax.GradientTransformation,
                     recipe: Sequence[Term], teacher: Teacher | None = None, *, mesh: Mesh,
                     state_shardings: Any, teacher_shardings: Any = None,
@@ -222,18 +245,8 @@ def make_train_step(student_apply: StudentApply, tx: optax.GradientTransformatio
 
         (loss, (metrics, new_stats, logits)), grads = jax.value_and_grad(
             loss_fn, has_aux=True)(state.params)
-        updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
-        grad_norm = optax.global_norm(grads)
-        # The updates too: an optimizer can turn finite gradients into NaN (eps=0, a bad schedule).
-        finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-                  & jnp.isfinite(optax.global_norm(updates)))
-        new_state = state.replace(step=state.step + 1,
-                                  params=optax.apply_updates(state.params, updates),
-                                  batch_stats=new_stats, opt_state=new_opt_state)
-        if guard_nonfinite:
-            kept = state.replace(step=state.step + 1, skipped=state.skipped + 1)
-            new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
-                                     new_state, kept)
+        new_state, grad_norm, finite = apply_gradients(state, grads, loss, tx, new_stats,
+                                                       guard_nonfinite)
         metrics.update(accuracy=_accuracy(logits, batch["label"], mask), grad_norm=grad_norm,
                        finite=finite, skipped=new_state.skipped)
         if teacher_out is not None and teacher_out.logits is not None:
