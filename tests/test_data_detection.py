@@ -83,6 +83,40 @@ def test_determinism_by_seed():
     assert not np.array_equal(first["train"]["image"], other["train"]["image"])
 
 
+def test_through_the_grain_pipeline():
+    arrays = small_set()
+    train = data.make_train_iterator(data.ArraySource(arrays["train"]), global_batch_size=8, seed=0,
+                                     transform=DD.keep_record)
+    batch = next(train)
+    assert batch["boxes"].shape == (8, 4, 4) and batch["valid"].shape == (8, 4) and batch["image"].shape[0] == 8
+    for row, i in enumerate(batch["id"]):
+        for key in ("image", "boxes", "labels", "valid"):
+            np.testing.assert_array_equal(batch[key][row], arrays["train"][key][i])
+    evals = list(data.make_eval_iterator(data.ArraySource(arrays["test"]), global_batch_size=4,
+                                         transform=DD.keep_record))
+    assert len(evals) == 3 and list(evals[-1]["mask"]) == [True, True, False, False]
+    assert evals[-1]["boxes"].shape == (4, 4, 4)
+
+
+def test_random_horizontal_flip():
+    rec = {key: value[0] for key, value in small_set(**CLEAN)["train"].items()}
+    assert DD.random_horizontal_flip(rec, None)["image"] is rec["image"]  # eval: unchanged
+    flips = [DD.random_horizontal_flip(rec, np.random.default_rng(s)) for s in range(8)]
+    flipped = [f for f in flips if not np.array_equal(f["image"], rec["image"])]
+    assert 0 < len(flipped) < 8
+    f = flipped[0]
+    np.testing.assert_array_equal(f["image"], rec["image"][:, ::-1])
+    ink = f["image"][..., 0] > 0
+    inside = np.zeros_like(ink)
+    for x1, y1, x2, y2 in f["boxes"][f["valid"]].astype(int):
+        inside[y1:y2, x1:x2] = True
+    assert not (ink & ~inside).any() and not f["boxes"][~f["valid"]].any()
+    twice = DD.random_horizontal_flip(f, np.random.default_rng(int(np.flatnonzero(
+        [not np.array_equal(g["image"], rec["image"]) for g in flips])[0])))
+    np.testing.assert_array_equal(twice["boxes"], rec["boxes"])
+    np.testing.assert_array_equal(twice["labels"], rec["labels"])
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(num_train=0), "num_train must be an integer >= 1"),
     (dict(canvas_size=24), r"canvas_size=24 cannot hold a glyph at scale 4 \(32 px\)"),

@@ -21,6 +21,11 @@ A record (and, stacked, a batch) is::
   ``kdjax.data.ArraySource(arrays['train'])`` runs them through the grain pipeline.
 * :func:`tfds_detection_source`: a random-access source over a prepared TFDS detection dataset
   whose records are mapped by :func:`tfds_record` (for a pod run of the same experiment).
+
+Through kdjax's grain pipeline (:func:`kdjax.data.make_train_iterator` / ``make_eval_iterator``)
+pass ``transform=keep_record`` (or :func:`random_horizontal_flip` for VOC/COCO training; not for
+digits, whose mirror images are not digits): without a transform the pipeline keeps only ``image``
+and ``label``. Eval padding rows come with ``mask=False`` (their boxes are a real record's).
 """
 from __future__ import annotations
 
@@ -158,6 +163,27 @@ def digits_detection_arrays(num_train: int = 2000, num_test: int = 500, *, canva
         raise ValueError(f"noise is a standard deviation and must be finite and >= 0; got {noise!r}")
     return _digits_detection(num_train, num_test, canvas_size, max_objects, scales, float(max_overlap), clutter,
                              float(noise), seed)
+
+
+def keep_record(record: Mapping[str, Any], rng: np.random.Generator | None) -> dict[str, Any]:
+    """The pipeline transform that keeps every key of a record (``rng`` unused)."""
+    del rng
+    return dict(record)
+
+
+def random_horizontal_flip(record: Mapping[str, Any], rng: np.random.Generator | None) -> dict[str, Any]:
+    """Faster R-CNN's training augmentation as a pipeline transform: with probability 1/2 (drawn from
+    the example's ``rng``; ``None``, i.e. eval: never) mirror the canvas left-right and map each valid
+    box to ``(S - x2, y1, S - x1, y2)`` (``S`` the canvas width); padding rows stay zero."""
+    out = dict(record)
+    if rng is None or rng.random() >= 0.5:
+        return out
+    width = record["image"].shape[1]
+    boxes = np.asarray(record["boxes"])
+    flipped = np.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], axis=-1)
+    out["image"] = np.ascontiguousarray(record["image"][:, ::-1])
+    out["boxes"] = np.where(np.asarray(record["valid"])[:, None], flipped, 0.0).astype(boxes.dtype)
+    return out
 
 
 def tfds_record(record: Mapping[str, Any], *, canvas_size: int, max_objects: int,
