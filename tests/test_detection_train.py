@@ -155,3 +155,4 @@ def test_setup_errors(single):
         jax.eval_shape(step, state, t_vars, {k: v for k, v in batch.items() if k != "valid"})
     with pytest.raises(ValueError, match="unknown hint layer 'stage9'"):
         DT.hint_features({"tap": None, "features": {"stage1": None}}, "stage9")
+

@@ -22,9 +22,14 @@ update and its non-finite guard are :func:`kdjax.train.apply_gradients`.
 
 metrics (replicated): ``loss/<term>`` (``faster_rcnn_loss``'s or ``chen_loss``'s terms, ``loss/total``),
 ``grad_norm``, ``finite``, ``skipped``.
+
+Evaluation: :func:`make_detection_eval_step` (jitted forward + :func:`~kdjax.detection.model.postprocess`,
+batch split over the mesh; any detector's variables, the student's ``{'params': state.params['detector']}``
+or a teacher's) and :func:`detection_map` (COCO mAP over eval batches through pycocotools, on the host).
 """
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import jax
@@ -35,7 +40,8 @@ from jax.sharding import Mesh
 from kdjax import sharding
 from kdjax import train as train_lib
 from kdjax.detection import distill
-from kdjax.detection.model import FasterRCNN, teacher_on_rois
+from kdjax.detection.evaluate import coco_map
+from kdjax.detection.model import Detections, FasterRCNN, postprocess, teacher_on_rois
 from kdjax.detection.targets import detector_loss
 from kdjax.models import Regressor
 from kdjax.train import TrainState
@@ -146,3 +152,40 @@ def make_detection_train_step(student: FasterRCNN, tx: optax.GradientTransformat
     return train_lib._jit_step(step_fn, mesh, state_shardings, teacher_shardings,
                                out_shardings=(state_shardings, sharding.replicated(mesh)),
                                donate_argnums=(0,) if donate else ())
+
+
+def make_detection_eval_step(model: FasterRCNN, *, mesh: Mesh, variables_shardings: Any = None,
+                             score_threshold: float = 0.05, nms_threshold: float = 0.5, max_detections: int = 100):
+    """``eval_step(variables, images [B, H, W, 3]) -> Detections`` (``[B, D, ...]``, split over the
+    mesh like the images): ``model``'s forward (its own proposals) and
+    :func:`~kdjax.detection.model.postprocess` with Detectron2's test settings (score > 0.05, NMS 0.5,
+    100 per image), one ``jax.jit``. ``variables_shardings``: replicated when not given."""
+    shardings = sharding.replicated(mesh) if variables_shardings is None else variables_shardings
+
+    def eval_fn(variables, images):
+        out = model.apply(variables, images)
+        return postprocess(out["roi_logits"], out["roi_deltas"], out["rois"], out["roi_valid"], images.shape[1:3],
+                           score_threshold=score_threshold, nms_threshold=nms_threshold,
+                           max_detections=max_detections)
+
+    batch = sharding.batch_sharding(mesh)
+    return jax.jit(eval_fn, in_shardings=(shardings, batch), out_shardings=batch)
+
+
+def detection_map(eval_step, variables: Any, batches: Iterable[Mapping[str, Any]], num_classes: int,
+                  mesh: Mesh) -> dict:
+    """COCO mAP (:func:`~kdjax.detection.evaluate.coco_map`) of ``eval_step``'s detections over
+    ``batches`` (host-local dicts with ``image``, ``boxes``, ``labels``, ``valid`` and optionally the
+    eval pipeline's ``mask``: rows with ``mask=False`` are padding and left out)."""
+    ground_truth, detections = [], []
+    for batch in batches:
+        det: Detections = jax.device_get(eval_step(variables, sharding.global_batch({"image": batch["image"]},
+                                                                                     mesh)["image"]))
+        mask = batch.get("mask")
+        for i in range(len(batch["image"])):
+            if mask is not None and not mask[i]:
+                continue
+            ground_truth.append({"boxes": batch["boxes"][i], "labels": batch["labels"][i], "valid": batch["valid"][i]})
+            detections.append({"boxes": det.boxes[i], "scores": det.scores[i], "labels": det.classes[i],
+                               "valid": det.valid[i]})
+    return coco_map(ground_truth, detections, num_classes)
