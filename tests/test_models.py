@@ -624,3 +624,22 @@ def test_resnet_cifar_stem_keeps_resolution_and_rejects_unknown_stem():
     assert variables["params"]["conv1"]["kernel"].shape == (3, 3, 3, 64)
     with pytest.raises(ValueError, match="stem must be 'imagenet'.*or 'cifar'.*got stem='tiny'"):
         models.create("resnet18", 10, stem="tiny").init(jax.random.PRNGKey(0), x)
+
+
+def test_cnn1d_norm_adds_batchnorm_before_each_relu():
+    plain = models.create("cnn1d", 10, width=4)
+    model = models.create("cnn1d", 10, width=4, norm=True)
+    x = np.random.default_rng(2).standard_normal((6, 40)).astype(np.float32)
+    v = model.init(jax.random.PRNGKey(0), x)
+    assert sorted(v) == ["batch_stats", "params"] and sorted(v["batch_stats"]) == ["bn1", "bn2", "bn3"]
+    assert "bias" not in v["params"]["conv1"] and "bias" in plain.init(jax.random.PRNGKey(0), x)["params"]["conv1"]
+    # Train mode normalises with the batch statistics and updates the running ones (momentum 0.9).
+    (_, feats), updates = model.apply(v, x, train=True, mutable=["batch_stats"])
+    h = jax.lax.conv_general_dilated(x[..., None], v["params"]["conv1"]["kernel"], (2,), [(1, 1)],
+                                     dimension_numbers=("NWC", "WIO", "NWC"))
+    np.testing.assert_allclose(updates["batch_stats"]["bn1"]["mean"], 0.1 * h.mean(axis=(0, 1)),
+                               rtol=1e-5, atol=1e-6)
+    assert float(feats["stage1"].min()) >= 0.0
+    # Eval mode uses the running statistics and leaves them alone.
+    logits, _ = model.apply(v, x)
+    assert logits.shape == (6, 10) and np.all(np.isfinite(logits))

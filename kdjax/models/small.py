@@ -2,11 +2,12 @@
 
 All return ``(logits [B, num_classes] float32, features)``; the features are ``stage1`` ..
 ``stage{S}`` (the output of each hidden layer for :class:`MLP`, of each stage for the CNNs) and
-``pre_logits`` (the float32 vector the ``head`` Dense layer reads). There is no BatchNorm, so the
-variables are ``{'params'}`` only. Hidden layers use He-normal (fan-in) init and zero biases;
-``head`` uses PyTorch's ``nn.Linear`` weight init. Widths and depths are attributes, so one class
-gives teachers of several sizes and thin-and-deep FitNet students (same stage taps, same strides,
-so a student's ``stage2`` lines up with a teacher's ``stage2`` in length / spatial size).
+``pre_logits`` (the float32 vector the ``head`` Dense layer reads). There is no BatchNorm (except
+in a :class:`CNN1D` with ``norm=True``), so the variables are ``{'params'}`` only. Hidden layers
+use He-normal (fan-in) init and zero biases; ``head`` uses PyTorch's ``nn.Linear`` weight init.
+Widths and depths are attributes, so one class gives teachers of several sizes and thin-and-deep
+FitNet students (same stage taps, same strides, so a student's ``stage2`` lines up with a
+teacher's ``stage2`` in length / spatial size).
 
 * :class:`MLP`: flattens any ``[B, ...]`` input, ``depth`` hidden Dense + ReLU layers of ``width``
   (``dense1`` ..), taps ``stage{i}`` after hidden layer ``i``. Defaults (100 x 2) are the MNIST-1D
@@ -17,6 +18,9 @@ so a student's ``stage2`` lines up with a teacher's ``stage2`` in length / spati
   others kernel 3, padding 1), so L = 40 gives lengths 19, 10, 5. Then flatten (``pre_logits``
   ``[B, 5 * width]``) and ``head``. Defaults (width 25, depth 3) are the MNIST-1D paper's CNN
   (~94% test accuracy reported there).
+  ``norm=True`` puts a BatchNorm (``bn1`` .., :func:`kdjax.models.resnet.batch_norm`: momentum
+  0.9, eps 1e-5) between each conv and its ReLU, the convs then without bias, and the variables
+  gain ``batch_stats``; the default ``norm=False`` is the BatchNorm-free CNN above.
 * :class:`CNN2D`: input ``[B, H, W]`` or ``[B, H, W, C]`` (digits: ``[B, 8, 8, 1]``). Two stages of
   ``depth / 2`` 3x3 conv + ReLU layers (padding 1): stage 1 with ``width`` channels at stride 1,
   stage 2 with ``2 * width`` channels whose first conv has stride 2; global average pool
@@ -29,7 +33,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from kdjax.models.resnet import Dtype, check_input, dense_init
+from kdjax.models.resnet import Dtype, batch_norm, check_input, dense_init
 
 #: He-normal for ReLU layers: N(0, 2 / fan_in).
 he_init = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
@@ -91,32 +95,39 @@ def _channels_last(x: jax.Array, spatial: int, layout: str, model: str) -> jax.A
 
 def conv_stages(x: jax.Array, widths: tuple[int, ...], strides: tuple[int, ...], per_stage: int,
                 first_kernel: int, dtype: Dtype, param_dtype: Dtype,
-                features: dict[str, jax.Array]) -> jax.Array:
+                features: dict[str, jax.Array], norm: bool = False, train: bool = False) -> jax.Array:
     """Stages of conv + ReLU layers ``conv1`` .. over the ``x.ndim - 2`` spatial axes of ``x [B, *S, C]``.
 
     Stage ``s`` has ``per_stage`` convs of ``widths[s]`` channels, the first with stride
     ``strides[s]`` on every spatial axis, the others stride 1. Kernels are 3 wide on every axis
     (``first_kernel`` for the very first conv), padding 1 on each side, so a stride-``t`` conv of
-    kernel ``k`` maps a size ``n`` to ``floor((n + 2 - k) / t) + 1``. Writes ``features[f'stage{s+1}']``.
-    Must be called from inside a compact ``__call__`` (the convs are auto-parented there).
+    kernel ``k`` maps a size ``n`` to ``floor((n + 2 - k) / t) + 1``. With ``norm``, a BatchNorm
+    ``bn{i}`` (batch statistics iff ``train``) sits between conv ``i`` (then without bias) and its
+    ReLU. Writes ``features[f'stage{s+1}']``. Must be called from inside a compact ``__call__``
+    (the layers are auto-parented there).
     """
     spatial = x.ndim - 2
     for s, (width, stride) in enumerate(zip(widths, strides)):
         for j in range(per_stage):
             index = s * per_stage + j
             kernel = first_kernel if index == 0 else 3
-            x = nn.relu(nn.Conv(width, (kernel,) * spatial, strides=(stride if j == 0 else 1,) * spatial,
-                                padding=((1, 1),) * spatial, kernel_init=he_init, dtype=dtype,
-                                param_dtype=param_dtype, name=f"conv{index + 1}")(x))
+            x = nn.Conv(width, (kernel,) * spatial, strides=(stride if j == 0 else 1,) * spatial,
+                        padding=((1, 1),) * spatial, use_bias=not norm, kernel_init=he_init,
+                        dtype=dtype, param_dtype=param_dtype, name=f"conv{index + 1}")(x)
+            if norm:
+                x = batch_norm(train, dtype, param_dtype, f"bn{index + 1}")(x)
+            x = nn.relu(x)
         features[f"stage{s + 1}"] = x
     return x
 
 
 class CNN1D(nn.Module):
-    """Three-stage 1-D CNN, ``depth`` conv layers of ``width`` channels (see module docstring)."""
+    """Three-stage 1-D CNN, ``depth`` conv layers of ``width`` channels, BatchNorm iff ``norm``
+    (see module docstring)."""
     num_classes: int = 10
     width: int = 25
     depth: int = 3
+    norm: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -130,7 +141,7 @@ class CNN1D(nn.Module):
         x = _channels_last(x, 1, "[B, L] or [B, L, C]", "CNN1D")
         features: dict[str, jax.Array] = {}
         x = conv_stages(x, (self.width,) * 3, (2, 2, 2), self.depth // 3, 5, self.dtype,
-                        self.param_dtype, features)
+                        self.param_dtype, features, norm=self.norm, train=train)
         x = x.reshape(x.shape[0], -1).astype(jnp.float32)
         features["pre_logits"] = x
         return _head(x, self.num_classes, self.param_dtype), features
