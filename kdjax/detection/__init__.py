@@ -18,6 +18,11 @@ Boxes are ``[..., 4]`` float ``(x1, y1, x2, y2)`` in pixels (width ``x2 - x1``, 
   (``apply(..., rois=...)``, :func:`~kdjax.detection.model.teacher_on_rois`); post-processing.
 * :mod:`kdjax.detection.targets`: RPN and RoI-head target assignment (matching + sampling + encoding)
   and the plain Faster R-CNN loss, pure functions over padded ground truth.
+* :mod:`kdjax.detection.distill`: Chen et al. (2017)'s distillation recipe as pure functions over
+  the loss's aux and a teacher's outputs on the student's RoIs (RPN + RoI class-weighted soft
+  targets, teacher-bounded regression, adapted hint), :class:`~kdjax.detection.distill.ChenConfig`.
+* :mod:`kdjax.detection.train`: the jitted, sharded detector train step (scratch or KD with a live
+  teacher), the eval step and :func:`~kdjax.detection.train.detection_map`.
 * :mod:`kdjax.detection.evaluate`: COCO-style mAP@[.5:.95], mAP@0.5, mAP@0.75 and AP per class through
   ``pycocotools`` (in memory, silent); imports pycocotools only when called.
 """
