@@ -156,3 +156,12 @@ def test_setup_errors(single):
     with pytest.raises(ValueError, match="unknown hint layer 'stage9'"):
         DT.hint_features({"tap": None, "features": {"stage1": None}}, "stage9")
 
+
+
+def test_init_state_has_the_models_own_initial_parameters():
+    """init_detection_state initialises by scoring one given RoI (no proposal NMS to compile): the
+    detector's parameters are exactly ``model.init``'s (whole forward) with the same key."""
+    state, _ = DT.init_detection_state(STUDENT, TX, seed=3, mesh=sharding.make_mesh(devices=jax.devices()[:1]))
+    det_key = jax.random.split(jax.random.PRNGKey(3), 3)[0]
+    expected = _init(STUDENT, det_key)["params"]
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params["detector"]), jax.device_get(expected))
