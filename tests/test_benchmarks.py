@@ -77,8 +77,17 @@ def test_measured_matmul_peak(bench):
     assert 1e8 < flops < 1e13  # this CPU: ~1e11
 
 
+def test_cpu_description_names_the_model_and_vector_isa(bench):
+    cpu = bench.cpu_description()
+    flags = set(open("/proc/cpuinfo").read().split())
+    assert cpu["model"] and cpu["isa"] == sorted(cpu["isa"])
+    assert ("avx2" in cpu["isa"]) == ("avx2" in flags)
+    assert ("avx512f" in cpu["isa"]) == ("avx512f" in flags)
+    assert not set(cpu["isa"]) - {f for f in flags if f in ("avx2", "fma") or f.startswith(("avx512", "amx"))}
+
+
 @pytest.mark.slow
-def test_script_end_to_end(tmp_path):
+def test_script_end_to_end(tmp_path, bench):
     """The script as a user runs it, shrunk (batch 8, width 8, 2 rounds); it gives itself a second
     CPU device for the teacher-device variant."""
     out = tmp_path / "r.json"
@@ -94,6 +103,7 @@ def test_script_end_to_end(tmp_path):
     assert variants - {"kd_live_teacher_device", "plain_jax_kd_live"} <= set(r["fraction_of_peak"])
     assert {"vs_plain_jax", "plain_jax_live_overhead"} <= set(r["ratio_range_over_rounds"])
     assert r["peak_measured"] and r["peak_gflops"] > 0.1 and r["ld_preload"] == ""
+    assert r["cpu"] == bench.cpu_description()
     assert r["devices"] == 2 and "--xla_force_host_platform_device_count=2" in r["xla_flags"]
     for key in ("precomputed_overhead", "live_overhead", "live_teacher_device_overhead"):
         lo, hi = r["ratio_range_over_rounds"][key]

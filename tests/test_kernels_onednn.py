@@ -251,40 +251,58 @@ def test_bfloat16_runs_on_onednn_where_the_cpu_has_bfloat16_instructions():
         onednn.implementation(p, *geometry, jnp.bfloat16) for p in onednn.TARGETS]
 
 
-def run_with_isa(isa: str, script: str) -> list[str]:
+def run_with_isa(isa: str, script: str, lines: bool = False) -> list[str]:
     """Runs ``script`` in a fresh Python with oneDNN capped to instruction set ``isa`` (as on an
     older CPU) and glibc's heap checks on (``MALLOC_CHECK_=3``: a stray write aborts); returns the
-    words it printed. It must exit cleanly."""
+    words it printed (``lines=True``: its lines). It must exit cleanly."""
     env = dict(os.environ, ONEDNN_MAX_CPU_ISA=isa, MALLOC_CHECK_="3", JAX_PLATFORMS="cpu")
     env.pop("LD_PRELOAD", None)
     proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    return proc.stdout.split()
+    return proc.stdout.splitlines() if lines else proc.stdout.split()
 
 
 @needs_onednn
-@needs_isa("AVX512_CORE", "oneDNN's emulated bfloat16 kernel runs on AVX-512 CPUs only")
-def test_emulated_bfloat16_falls_back_to_xla():
-    """Capped below AVX512-BF16 (as on Skylake or Ice Lake), oneDNN offers only its emulated
-    bfloat16 kernel, slower than XLA's: bfloat16 goes to XLA, float32 stays on oneDNN."""
+@pytest.mark.parametrize("isa", [
+    pytest.param("AVX2", marks=needs_isa("AVX2", "capping oneDNN to an ISA the CPU has")),
+    pytest.param("AVX512_CORE", marks=needs_isa(
+        "AVX512_CORE", "oneDNN's emulated bfloat16 kernel runs on AVX-512 CPUs only"))])
+def test_bfloat16_without_bfloat16_instructions_falls_back_to_xla(isa):
+    """Capped below AVX512-BF16, oneDNN offers an emulated bfloat16 kernel, slower than XLA's
+    (AVX-512: Skylake, Ice Lake) or none at all (AVX2): bfloat16 goes to XLA's convolution, float32
+    stays on oneDNN; the direct kernel call ``conv_nhwc`` runs the emulated kernel where it exists
+    and raises a clear error where none does."""
     script = """
 import jax, jax.numpy as jnp
 from kdjax.kernels import onednn
 g = ((2, 8, 8, 16), (3, 3, 16, 16), (1, 1), ((1, 1), (1, 1)))
-print(onednn.implementation("fwd", *g, jnp.bfloat16), onednn.native_bf16(*g))
+print(onednn.implementation("fwd", *g, jnp.bfloat16))
+print(onednn.native_bf16(*g))
 for dt in (jnp.bfloat16, jnp.float32):
     x, w = jnp.ones(g[0], dt), jnp.ones(g[1], dt)
     f = lambda x, w: onednn.conv_general_dilated(x, w, (1, 1), g[3],
                                                  dimension_numbers=("NHWC", "HWIO", "NHWC"))
     print("kdjax_onednn_conv_fwd" in jax.jit(f).lower(x, w).as_text(), float(f(x, w).max()))
+x, w = jnp.ones(g[0], jnp.bfloat16), jnp.ones(g[1], jnp.bfloat16)
+try:
+    print(float(onednn.conv_nhwc(x, w, (1, 1), (1, 1, 1, 1)).max()))
+except ValueError as e:
+    print("ValueError", "no bfloat16 kernel" in str(e) and "conv_general_dilated" in str(e))
 """
-    out = run_with_isa("AVX512_CORE", script)
-    assert "bf16" not in out[0].partition(":")[2] and out[1] == "False"  # e.g. jit_bf16:avx512_core
-    assert out[2:] == ["False", "144.0", "True", "144.0"]  # bf16 on XLA; f32 on oneDNN; 16 * 9
+    name, native, bf16, f32, direct = run_with_isa(isa, script, lines=True)
+    if isa == "AVX2":
+        assert name.startswith("error")
+        assert direct == "ValueError True"
+    else:
+        assert "bf16" not in name.partition(":")[2]  # e.g. jit_bf16:avx512_core (emulated)
+        assert direct == "144.0"
+    assert native == "False"
+    assert (bf16, f32) == ("False 144.0", "True 144.0")  # bf16 on XLA; f32 on oneDNN; 16 * 9
 
 
 @needs_onednn
+@needs_isa("AVX2", "capping oneDNN to an ISA the CPU has")
 def test_avx2_kernels_keep_the_heap_intact():
     """On AVX2 (a laptop; here oneDNN capped to it), oneDNN's strided 1x1 kernels write past the
     scratchpad they ask for when channels are padded (4 -> 8): the heap checks must stay quiet and
@@ -896,9 +914,18 @@ def fake_compiler(monkeypatch, tmp_path):
     monkeypatch.setenv("CXX", str(cxx))
     monkeypatch.setenv("FAKE_CXX_LOG", str(log))
     monkeypatch.setenv("KDJAX_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setenv("DNNL_ROOT", "/usr")  # any oneDNN: the fake compiler reads nothing
-    monkeypatch.setattr(build, "_version", lambda include: "0.0.0")
+    fake_onednn(monkeypatch, tmp_path)
     return log
+
+
+def fake_onednn(monkeypatch, tmp_path):
+    """DNNL_ROOT is a fake oneDNN prefix holding only its version header (the fake or failing
+    compilers read nothing; child processes see it too; no system oneDNN needed)."""
+    header = tmp_path / "onednn" / "include" / "oneapi" / "dnnl" / "dnnl_version.h"
+    header.parent.mkdir(parents=True)
+    header.write_text("#define DNNL_VERSION_MAJOR 0\n#define DNNL_VERSION_MINOR 0\n"
+                      "#define DNNL_VERSION_PATCH 0\n")
+    monkeypatch.setenv("DNNL_ROOT", str(tmp_path / "onednn"))
 
 
 def runs(log):
@@ -930,8 +957,7 @@ def test_parallel_builds_compile_once(fake_compiler):
 def test_failed_build_raises_and_leaves_nothing(monkeypatch, tmp_path, capsys):
     monkeypatch.setenv("KDJAX_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("CXX", "false")
-    monkeypatch.setenv("DNNL_ROOT", "/usr")
-    monkeypatch.setattr(build, "_version", lambda include: "0.0.0")
+    fake_onednn(monkeypatch, tmp_path)
     with pytest.raises(build.BuildError, match=r"(?s)building kdjax's oneDNN convolution failed:\n  false .*"
                                                r"-ldnnl\n.*cpu extra"):
         build.build()
@@ -944,11 +970,10 @@ def test_failed_build_raises_and_leaves_nothing(monkeypatch, tmp_path, capsys):
     ({"CXX": "g++-missing"}, r"no C\+\+ compiler: 'g\+\+-missing' \(from \$CXX, default g\+\+\) is not on PATH"),
     ({"KDJAX_CACHE_DIR": "/proc/kdjax-cache"}, r"cannot write kdjax's kernel cache /proc/kdjax-cache .*KDJAX_CACHE_DIR"),
 ])
-def test_a_missing_compiler_or_cache_is_one_clear_error(monkeypatch, env, message):
+def test_a_missing_compiler_or_cache_is_one_clear_error(monkeypatch, tmp_path, env, message):
     for key, value in env.items():
         monkeypatch.setenv(key, value)
-    monkeypatch.setenv("DNNL_ROOT", "/usr")
-    monkeypatch.setattr(build, "_version", lambda include: "0.0.0")
+    fake_onednn(monkeypatch, tmp_path)
     with pytest.raises(build.BuildError, match=message):
         build.build()
 
