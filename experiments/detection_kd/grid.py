@@ -36,8 +36,9 @@ def teacher_runs(config) -> list[Run]:
 
 
 def student_runs(config, seeds: Sequence[int]) -> list[Run]:
-    """Every student run, grouped by cell (a cell's seeds in a row, so a worker reuses its
-    compiled steps)."""
+    """Every student run, seed by seed (all cells of seed 0, then of seed 1, ..): parallel workers
+    start on different cells, so each cell is compiled once and JAX's persistent compilation cache
+    serves it to the other worker."""
     from kdjax.detection.distill import PARTS
 
     g = config.grid
@@ -46,7 +47,7 @@ def student_runs(config, seeds: Sequence[int]) -> list[Run]:
         cells.append((s, None, ()))
         cells += [(s, t, PARTS) for t in g.teachers if larger(t, s)]
     cells += [(g.ablation_student, g.ablation_teacher, (part,)) for part in g.ablation_parts]
-    return [Run("student", s, int(seed), t, tuple(parts)) for s, t, parts in cells for seed in seeds]
+    return [Run("student", s, int(seed), t, tuple(parts)) for seed in seeds for s, t, parts in cells]
 
 
 def check_config(config) -> None:
@@ -88,6 +89,9 @@ def check_config(config) -> None:
         problems.append(f"config.stats.metric={config.stats.metric!r}; valid: {', '.join(METRICS)}.")
     if not config.stats.margin > 0:
         problems.append(f"config.stats.margin={config.stats.margin!r} must be > 0 (mAP points).")
+    if config.run.prng_impl not in ("threefry2x32", "rbg", "unsafe_rbg"):
+        problems.append(f"config.run.prng_impl={config.run.prng_impl!r}; valid: 'threefry2x32', 'rbg', "
+                        "'unsafe_rbg'.")
     if not problems:
         problems += _check_data(config)
     if problems:

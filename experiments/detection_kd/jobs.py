@@ -22,14 +22,34 @@ from typing import Callable, Sequence
 from experiments.detection_kd.runs import STOP_FILE, Run, run_one
 
 
-def _worker_init(parent: int, cache_dir: str) -> None:
+def _worker_init(parent: int, cache_dir: str, prng_impl: str) -> None:
     """Worker set-up: SIGTERM ignored between runs (a run's watcher handles it), the compilation
-    cache on, and an exit when the driver ``parent`` is gone."""
+    cache and the PRNG on, and an exit when the driver ``parent`` is gone."""
+    import jax
+
     from experiments.reproduce_cpu.runner import _exit_when_orphaned
 
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     enable_cache(cache_dir)
+    jax.config.update("jax_default_prng_impl", prng_impl)
     _exit_when_orphaned(parent)
+
+
+@contextlib.contextmanager
+def prng(impl: str):
+    """JAX's default PRNG implementation set to ``impl`` in this process, restored afterwards.
+
+    The grid uses ``'rbg'`` (XLA's RngBitGenerator; kdjax's choice): threefry's unrolled rounds
+    cost about 2 s of XLA compile per random call site on a 2-core CPU, and a detector's init and
+    its RPN / RoI sampling have many, so threefry would make compiling most of a smoke run."""
+    import jax
+
+    before = jax.config.jax_default_prng_impl
+    jax.config.update("jax_default_prng_impl", impl)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_default_prng_impl", before)
 
 
 def enable_cache(directory: str) -> None:
@@ -55,7 +75,7 @@ def _forward_sigterm(workdir: str):
         signal.signal(signal.SIGTERM, previous)
 
 
-def run_all(config_json: str, runs: Sequence[Run], workdir: str, jobs: int,
+def run_all(config_json: str, runs: Sequence[Run], workdir: str, jobs: int, prng_impl: str,
             done: Callable[[int, dict], None]) -> list[dict]:
     """Runs every run (``done(i, record)`` after each, in completion order); returns the records.
     A preempted run's record has ``preempted=True``; after one, no further run is started."""
@@ -71,15 +91,16 @@ def run_all(config_json: str, runs: Sequence[Run], workdir: str, jobs: int,
 
     if jobs <= 1:
         enable_cache(cache)
-        for run in runs:
-            finish(run_one(config_json, run, workdir))
-            if records[-1].get("preempted"):
-                break
+        with prng(prng_impl):
+            for run in runs:
+                finish(run_one(config_json, run, workdir))
+                if records[-1].get("preempted"):
+                    break
         return records
     context = multiprocessing.get_context("spawn")
     with _forward_sigterm(workdir), concurrent.futures.ProcessPoolExecutor(
             jobs, mp_context=context, initializer=_worker_init,
-            initargs=(os.getpid(), cache)) as pool:
+            initargs=(os.getpid(), cache, prng_impl)) as pool:
         futures = [pool.submit(run_one, config_json, run, workdir) for run in runs]
         for future in concurrent.futures.as_completed(futures):
             finish(future.result())
