@@ -65,6 +65,12 @@ def test_restart_reuses_finished_runs_and_resumes_from_checkpoints(quick, capsys
     assert printed.count(", reused)") == 4 and os.path.exists(os.path.join(directory, runs.RECORD_FILE))
     history = json.load(open(os.path.join(work, "invocations.json")))
     assert [(h["ran"], h["reused"]) for h in history] == [(5, 0), (1, 4)]
+    # --report_only rewrites the report from the records; the command shown stays the training one
+    assert detection_kd.main(["--quick", f"--workdir={work}", f"--out={out}", "--report_only"]) == 0
+    r = json.load(open(os.path.join(out, "results.json")))
+    assert r["command"] == f"python -m experiments.detection_kd --quick --workdir={work} --out={out}"
+    assert "--report_only" in r["report_command"] and "rewritten" in open(os.path.join(out, "README.md")).read()
+    assert len(json.load(open(os.path.join(work, "invocations.json")))) == 2
     assert time.perf_counter() - start < 60
 
 

@@ -1,7 +1,7 @@
 r"""Detection distillation end to end (issue 18): Chen et al. (NeurIPS 2017) measured at CPU scale.
 
     python -m experiments.detection_kd --config=experiments/configs/detection_digits.py \
-        --workdir=/tmp/kdjax_detection --out=results/detection [--seeds=8] [--jobs=2]
+        --workdir=/tmp/kdjax_detection --out=results/detection [--seeds=6] [--jobs=2]
     python -m experiments.detection_kd --quick        # the smoke grid (tests), under a minute
 
 Trains the grid of :mod:`experiments.detection_kd.grid` (teachers once per size, then every student
@@ -20,11 +20,9 @@ the finished runs' records (no training). A bad config key or value exits 2 with
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import shlex
-import sys
 import time
 from typing import Sequence
 
@@ -32,7 +30,7 @@ PROG = "python -m experiments.detection_kd"
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                               "configs", "detection_digits.py")
 FLAGS = (("out", "", "report directory (default results/detection; <workdir>/out with --quick)"),
-         ("seeds", 0, "student seeds per cell (0 .. N-1), at least 2 (default 8; 2 with --quick)"),
+         ("seeds", 0, "student seeds per cell (0 .. N-1), at least 2 (default 6; 2 with --quick)"),
          ("jobs", 1, "worker processes (runs in parallel)"),
          ("quick", False, "the smoke grid (config arg 'quick'), for the test suite"),
          ("report_only", False, "rewrite the report from the finished runs (no training)"))
@@ -55,10 +53,10 @@ def _environment() -> dict:
 
 
 def main(argv: Sequence[str]) -> int:
-    from experiments import cli, stages
-    from experiments.detection_kd import grid, jobs, report, runs, stats
+    from experiments import cli, rundir, stages
+    from experiments.detection_kd import grid, report, runs, stats
     from experiments.errors import ConfigError
-    from experiments.reproduce_cpu.runner import record_invocation, write_json
+    from experiments.reproduce_cpu.runner import INVOCATIONS_FILE, record_invocation, write_json
 
     argv = list(argv)
     args = cli.parse_command_line(_with_default_config(argv), prog=PROG, doc=__doc__,
@@ -68,7 +66,7 @@ def main(argv: Sequence[str]) -> int:
         raise ConfigError(f"{PROG}: --quick selects the config argument 'quick'; leave --config out "
                           f"or pass --config=...detection_digits.py:quick.")
     quick = config.name.endswith("quick")
-    flags["seeds"] = flags["seeds"] or (2 if quick else 8)
+    flags["seeds"] = flags["seeds"] or (2 if quick else 6)
     if flags["seeds"] < 2:
         raise ConfigError(f"{PROG}: --seeds={flags['seeds']}: paired statistics need at least 2 seeds.")
     if flags["jobs"] < 1:
@@ -80,43 +78,70 @@ def main(argv: Sequence[str]) -> int:
     command = " ".join([PROG] + [shlex.quote(a) for a in argv])
     os.makedirs(workdir, exist_ok=True)
     stages._record_config(config, workdir)
-    config_json = config.to_json()
     start, started = time.perf_counter(), time.strftime("%Y-%m-%d %H:%M:%S %Z")
-    phases = (("teachers", grid.teacher_runs(config)), ("students", grid.student_runs(config, seeds)))
-    records: list[dict] = []
-    for phase, todo in phases:
-        if flags["report_only"]:
-            missing = [r.key for r in todo if not os.path.exists(os.path.join(
-                r.directory(workdir), runs.RECORD_FILE))]
-            if missing:
-                raise ConfigError(f"{PROG}: --report_only: runs {sorted(set(missing))} of {workdir} "
-                                  f"have not finished; run the command without --report_only.")
-        print(f"== {phase}: {len(todo)} runs", flush=True)
-        done = jobs.run_all(config_json, todo, workdir, flags["jobs"], config.run.prng_impl,
-                            _progress(phase, len(todo)))
-        if any(r.get("preempted") for r in done):
+    todo = grid.teacher_runs(config) + grid.student_runs(config, seeds)
+    if flags["report_only"]:
+        records, history = _finished(todo, workdir), rundir.read_json(
+            os.path.join(workdir, INVOCATIONS_FILE))
+        report_command, command = command, " ".join([PROG] + [shlex.quote(a) for a in history[-1]["argv"]])
+    else:
+        records, report_command = _train(config, todo, workdir, flags["jobs"]), None
+        finished = [r for r in records if not r.get("preempted")]
+        reused = sum(1 for r in finished if r.get("reused"))
+        history = record_invocation(workdir, {
+            "started": started, "wall_s": time.perf_counter() - start, "jobs": flags["jobs"],
+            "ran": len(finished) - reused, "reused": reused, "argv": argv,
+            "preempted": len(finished) < len(records)})
+        if len(finished) < len(records):
             print(f"preempted: finished runs and checkpoints are kept in {workdir}; run the same "
                   f"command again to resume.", flush=True)
             return 0
-        records += done
-    reused = sum(1 for r in records if r.get("reused"))
-    history = record_invocation(workdir, {
-        "started": started, "wall_s": time.perf_counter() - start, "jobs": flags["jobs"],
-        "ran": len(records) - reused, "reused": reused, "argv": argv})
     comps = stats.comparisons(config, records, seeds)
     timing = {"invocations": history, "runs_s": float(sum(r["wall_s"] for r in records))}
     environment = _environment()
     path = report.write(out, config=config, records=records, seeds=seeds, comps=comps,
                         test=runs.dataset(config)["test"], timing=timing, command=command,
-                        environment=environment)
+                        environment=environment, report_command=report_command)
     write_json(os.path.join(out, report.RESULTS_FILE), {
-        "command": command, "config": json.loads(config_json), "seeds": seeds,
+        "command": command, "report_command": report_command, "config": config.to_dict(), "seeds": seeds,
         "records": [{k: v for k, v in r.items() if k != "reused"} for r in records],
         "comparisons": comps, "timing": timing, "environment": environment})
     for fam, title in stats.FAMILIES.items():
         print(f"{title}: {stats.overall([c['answer'] for c in comps[fam]])}", flush=True)
     print(f"report: {path} ({(time.perf_counter() - start) / 60:.1f} min)", flush=True)
     return 0
+
+
+def _train(config, todo, workdir: str, num_jobs: int) -> list[dict]:
+    """Runs the teachers, then the students (:func:`experiments.detection_kd.jobs.run_all`);
+    returns the records (after a preemption, those of the runs so far, the preempted ones
+    marked ``preempted``)."""
+    from experiments.detection_kd import jobs
+
+    records: list[dict] = []
+    for phase in ("teacher", "student"):
+        runs_of_phase = [r for r in todo if r.role == phase]
+        print(f"== {phase}s: {len(runs_of_phase)} runs", flush=True)
+        records += jobs.run_all(config.to_json(), runs_of_phase, workdir, num_jobs,
+                                config.run.prng_impl, _progress(f"{phase}s", len(runs_of_phase)))
+        if any(r.get("preempted") for r in records):
+            break
+    return records
+
+
+def _finished(todo, workdir: str) -> list[dict]:
+    """The records of ``todo`` (``--report_only``); ConfigError naming the unfinished runs."""
+    from experiments import rundir
+    from experiments.detection_kd.runs import RECORD_FILE
+    from experiments.errors import ConfigError
+
+    paths = {r: os.path.join(r.directory(workdir), RECORD_FILE) for r in todo}
+    missing = sorted({f"{r.key} seed {r.seed}" for r, p in paths.items() if not os.path.exists(p)})
+    if missing or not os.path.exists(os.path.join(workdir, "invocations.json")):
+        raise ConfigError(f"{PROG}: --report_only: {len(missing)} runs of {workdir} have not finished "
+                          f"({', '.join(missing[:4])}{', ..' if len(missing) > 4 else ''}); run the "
+                          f"command without --report_only.")
+    return [rundir.read_json(p) for p in paths.values()]
 
 
 def _progress(phase: str, total: int):

@@ -16,7 +16,7 @@ import numpy as np
 
 from experiments import paired_stats
 from experiments.detection_kd import stats
-from experiments.detection_kd.grid import larger, pairs
+from experiments.detection_kd.grid import larger
 from experiments.report import figure, markdown_grid
 
 REPORT_FILE = "README.md"
@@ -75,7 +75,7 @@ def plot_pairs(config, table, seeds: Sequence[int], path: str, ylabel: str) -> N
             (v,) = table[(t, "teacher")].values()
             ax.axhline(v, color=f"C{i + 3}", ls="--", lw=0.9, label=f"{t} teacher")
         ax.set_title(f"student {s}")
-        ax.legend(fontsize=7, loc="lower right")
+        ax.legend(fontsize=7, loc="best")
     fig.savefig(path, dpi=90)
 
 
@@ -151,9 +151,8 @@ def _family_section(fam: str, comps: list[dict]) -> list[str]:
     if not comps:
         return []
     table = paired_stats.markdown_table([paired_stats.Comparison.from_dict(c) for c in comps])
-    answers = markdown_grid(["comparison", "verdict", "claim"],
-                            [[c["name"], c["verdict"], c["answer"]] for c in comps])
-    return [f"### {stats.FAMILIES[fam]}", "", table, "", answers, ""]
+    answers = "; ".join(f"{c['name']}: **{c['answer']}**" for c in comps)
+    return [f"### {stats.FAMILIES[fam]}", "", table, "", f"Against the claim: {answers}.", ""]
 
 
 def _measured_table(config, table, seeds) -> str:
@@ -192,8 +191,9 @@ def _paper_table(config, table, seeds, largest: str) -> str:
 
 def write(out: str, *, config, records: Sequence[Mapping], seeds: Sequence[int],
           comps: Mapping[str, list[dict]], test: Mapping[str, np.ndarray], timing: Mapping[str, Any],
-          command: str, environment: Mapping[str, Any]) -> str:
-    """Writes the plots and ``README.md`` into ``out``; returns the README's path."""
+          command: str, environment: Mapping[str, Any], report_command: str | None = None) -> str:
+    """Writes the plots and ``README.md`` into ``out``; returns the README's path.
+    ``report_command``: the ``--report_only`` command that rewrote the report, if one did."""
     from kdjax.atomic import write_text_atomic
     from kdjax.detection.model import SIZES
 
@@ -214,8 +214,9 @@ def write(out: str, *, config, records: Sequence[Mapping], seeds: Sequence[int],
                               for k in seeds])]]
     students = [r for r in records if r["role"] == "student"]
     invocations = timing["invocations"]
+    smoke = " (quick smoke grid)" if c.name.endswith("quick") else ""
     lines = [
-        f"# Detection distillation (Chen et al., NeurIPS 2017) at CPU scale{' (quick smoke grid)' if c.name.endswith('quick') else ''}",
+        f"# Detection distillation (Chen et al., NeurIPS 2017) at CPU scale{smoke}",
         "",
         "Faster R-CNN-shaped detectors (`kdjax.detection`) on the digits detection set "
         "(`kdjax.data.detection_digits`), students trained from scratch and distilled with Chen et "
@@ -227,13 +228,15 @@ def write(out: str, *, config, records: Sequence[Mapping], seeds: Sequence[int],
         command,
         "```",
         "",
-        f"Measured wall time: **{invocations[-1]['wall_s'] / 60:.1f} min** for the last invocation "
-        f"({invocations[-1]['ran']} runs trained, {invocations[-1]['reused']} reused; "
-        f"{invocations[-1]['jobs']} worker process(es)), on {environment['cpu_count']} CPU cores, "
-        f"jax {environment['jax']}, {environment['date']}."
-        + (" Earlier invocations of the same workdir: " + "; ".join(
-            f"{i['started']}: {i['wall_s'] / 60:.1f} min, {i['ran']} trained, {i['reused']} reused"
-            for i in invocations[:-1]) + "." if len(invocations) > 1 else ""),
+        *([f"This report was rewritten from the runs' records (no training) by `{report_command}`.", ""]
+          if report_command else []),
+        f"Measured wall time: **{sum(i['wall_s'] for i in invocations) / 60:.1f} min** for the whole "
+        f"grid, the sum of the invocations of this workdir ("
+        + "; ".join(f"{i['started']}: {i['wall_s'] / 60:.1f} min, {i['ran']} runs trained, {i['reused']} "
+                    f"reused, {i['jobs']} worker process(es){', preempted' if i.get('preempted') else ''}"
+                    for i in invocations)
+        + f"), on {environment['cpu_count']} CPU cores, jax {environment['jax']}; report written "
+        f"{environment['date']}.",
         "",
         "## Claims",
         "",
@@ -276,6 +279,8 @@ def write(out: str, *, config, records: Sequence[Mapping], seeds: Sequence[int],
         "Holm is applied within each claim's family. The `largest` family compares the students' "
         "seeds with the one teacher run (a one-sample test against its fixed mAP).",
         "",
+        _wilcoxon_floor(len(seeds), comps),
+        "",
     ]
     for fam in stats.FAMILIES:
         lines += _family_section(fam, comps[fam])
@@ -283,6 +288,20 @@ def write(out: str, *, config, records: Sequence[Mapping], seeds: Sequence[int],
     path = os.path.join(out, REPORT_FILE)
     write_text_atomic(path, "\n".join(lines) + "\n")
     return path
+
+
+def _wilcoxon_floor(n: int, comps: Mapping[str, list[dict]]) -> str:
+    """What ``n`` seeds can show: the exact Wilcoxon test's smallest two-sided p-value, times a
+    family's size after Holm, against alpha."""
+    floor = 2.0 / 2 ** n
+    largest = int(0.05 // floor)  # the largest family whose smallest Holm p can be < 0.05
+    sizes = sorted({len(v) for v in comps.values() if v})
+    reach = f"families of at most {largest} comparison(s)" if largest else "no family"
+    return (f"With n = {n} seeds the exact two-sided Wilcoxon signed-rank test cannot give a p-value "
+            f"below 2/2^{n} = {floor:.4f}, and Holm multiplies the smallest p of a family of m "
+            f"comparisons by m: a better / worse verdict (both tests reject at 0.05) is possible only in "
+            f"{reach} (the families here have {sizes} comparisons). Where it is not, the paired "
+            "t-test's p-value, the bootstrap CI, the TOST and the MDE are the evidence to read.")
 
 
 def _design(c, seeds) -> list[str]:
