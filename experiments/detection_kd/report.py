@@ -242,6 +242,8 @@ def write(out: str, *, config, records: Sequence[Mapping], seeds: Sequence[int],
         "",
         _claims_table(comps),
         "",
+        _teacher_note(c, table, name[metric]),
+        "",
         "## The paper's table beside the measured one",
         "",
         f"The paper (PASCAL VOC 2007 mAP, %; the pairs in the project's reference notes; overall "
@@ -288,6 +290,21 @@ def write(out: str, *, config, records: Sequence[Mapping], seeds: Sequence[int],
     path = os.path.join(out, REPORT_FILE)
     write_text_atomic(path, "\n".join(lines) + "\n")
     return path
+
+
+def _teacher_note(c, table, metric_name: str) -> str:
+    """The teachers' mAPs in size order, and whether the largest is the most accurate of them."""
+    from kdjax.detection.model import SIZES
+
+    order = sorted(c.grid.teachers, key=list(SIZES).index)
+    values = {t: next(iter(table[(t, "teacher")].values())) for t in order}
+    best = max(values, key=values.get)
+    listing = ", ".join(f"{t} {v:.1f}" for t, v in values.items())
+    verdict = ("the largest is also the most accurate teacher" if best == order[-1] else
+               f"the largest is not the most accurate teacher ({best} is), so the teacher-size claims "
+               "compare teachers whose accuracy does not grow with their size")
+    return (f"Teachers' test {metric_name} (one run each, {c.train.teacher_steps} steps): {listing}; "
+            f"{verdict}.")
 
 
 def _wilcoxon_floor(n: int, comps: Mapping[str, list[dict]]) -> str:
