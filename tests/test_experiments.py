@@ -263,7 +263,8 @@ def test_precomputed_store_matches_the_teacher_and_gives_the_live_losses(tmp_pat
     got = logit_store.LogitStore.open(os.path.join(topk, "test")).lookup(np.arange(len(order)))
     np.testing.assert_array_equal(got["teacher_topk_indices"], order)
     np.testing.assert_allclose(got["teacher_topk_values"],
-                               np.take_along_axis(np.asarray(logits), order, -1), rtol=1e-5)
+                               np.take_along_axis(np.asarray(logits), order, -1), rtol=1e-5,
+                               atol=1e-6)  # batched vs whole-split forward: float32 reassociation
     for split in ("train", "test"):
         opened = logit_store.LogitStore.open(os.path.join(store, split))
         n = len(digits[split]["label"])
