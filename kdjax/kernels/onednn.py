@@ -153,12 +153,18 @@ def native_bf16(x_shape: Sequence[int], w_shape: Sequence[int], strides: Sequenc
 
 
 @functools.cache
+def _bf16_implementations(x_shape, w_shape, strides, padding) -> tuple[str, ...]:
+    """:func:`implementation` of each pass (``TARGETS`` order) in bfloat16, asked of oneDNN once
+    per geometry."""
+    return tuple(implementation(p, x_shape, w_shape, strides, padding, jnp.bfloat16)
+                 for p in TARGETS)
+
+
 def _native_bf16(x_shape, w_shape, strides, padding) -> bool:
     def native(name):
         kernel, _, isa = name.partition(":")
         return not kernel.startswith(("error", "ref")) and ("bf16" in isa or "amx" in isa)
-    return all(native(implementation(p, x_shape, w_shape, strides, padding, jnp.bfloat16))
-               for p in TARGETS)
+    return all(native(name) for name in _bf16_implementations(x_shape, w_shape, strides, padding))
 
 
 #: Each pass's operands and result as factors (``n`` the batch; ``h w``/``oh ow`` the input's and the
@@ -270,20 +276,15 @@ def conv_nhwc(x: jax.Array, w: jax.Array, strides: tuple[int, int],
     Inside ``shard_map`` both operands are first made to vary over the same manual axes, as lax's
     convolution does (a replicated kernel's gradient is then summed over them).
     """
-    if x.dtype == jnp.bfloat16 and not _has_bf16_kernels(
-            x.shape, w.shape, tuple(strides), ((padding[0], padding[1]), (padding[2], padding[3]))):
+    if x.dtype == jnp.bfloat16 and any(name.startswith("error") for name in _bf16_implementations(
+            tuple(x.shape), tuple(w.shape), tuple(strides),
+            ((padding[0], padding[1]), (padding[2], padding[3])))):
         raise ValueError(
             f"conv_nhwc: oneDNN has no bfloat16 kernel for this convolution on this CPU (x "
             f"{tuple(x.shape)}, w {tuple(w.shape)}; an AVX2-only CPU has none): use "
             f"conv_general_dilated, which runs it on XLA's convolution, or float32 inputs.")
     axes = _varying(x, w)
     return _conv_nhwc(_vary_over(x, axes), _vary_over(w, axes), strides, padding)
-
-
-@functools.cache
-def _has_bf16_kernels(x_shape, w_shape, strides, padding) -> bool:
-    return not any(implementation(p, x_shape, w_shape, strides, padding, jnp.bfloat16)
-                   .startswith("error") for p in TARGETS)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
