@@ -24,8 +24,8 @@ mask     bool     [B]        True for real rows; False for eval padding rows
 epoch    int32    [B]        train batches only: the epoch the row was drawn in
 ======== ======== ========== ==========================================================
 
-Determinism. Record order within epoch ``e`` is ``grain``'s ``index_shuffle`` permutation with seed
-``seed + e``; host ``h`` of ``P`` takes positions ``h, h + P, h + 2P, ...`` of that permutation, up to
+Determinism. Record order within epoch ``e`` is the permutation
+``np.random.default_rng([seed, e]).permutation(N)``; host ``h`` of ``P`` takes positions ``h, h + P, h + 2P, ...`` of that permutation, up to
 ``P * (N // P)`` positions, so hosts are disjoint, together cover all but ``N mod P`` records of each
 epoch (a different remainder every epoch) and each gets exactly ``N // P`` records per epoch. The
 augmentation of a record is ``transform(record, example_rng(seed, epoch, id))``: a pure function of
@@ -89,6 +89,10 @@ class ArraySource:
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
         return {key: value[index] for key, value in self._arrays.items()}
+
+    def take(self, ids: np.ndarray, keys: tuple[str, ...]) -> dict[str, np.ndarray]:
+        """``{key: arrays[key][ids]}`` for ``keys``: records ``ids`` in one gather per key."""
+        return {key: self._arrays[key][ids] for key in keys}
 
     def __repr__(self) -> str:
         shapes = {key: value.shape for key, value in self._arrays.items()}
@@ -164,69 +168,100 @@ def train_example(
     return result
 
 
-class _TrainExample:
-    """Grain map-with-index: (host stream position ``t``, record id) -> training row.
+def _epoch_order(seed: int, epoch: int, num_records: int) -> np.ndarray:
+    """The record order of ``epoch``: a permutation of ``range(num_records)`` drawn by
+    ``np.random.default_rng([seed, epoch])`` (int64)."""
+    return np.random.default_rng([int(seed), int(epoch)]).permutation(num_records)
 
-    Position ``t`` of a host's stream lies in epoch ``t // (N // P)``: the epoch grain's slice and
-    shuffle used to pick the record (``shuffle`` seeds epoch ``e`` with ``seed + e``).
+
+def _stack(rows: list[Mapping[str, Any]]) -> dict[str, np.ndarray]:
+    """Rows of equal keys -> one batch dict of stacked arrays."""
+    return {key: np.stack([np.asarray(row[key]) for row in rows]) for key in rows[0]}
+
+
+def _rows(source: Any, transform: Transform | None, ids: np.ndarray,
+          views: tuple[int, np.ndarray] | None) -> dict[str, np.ndarray]:
+    """The batch of records ``ids`` through ``transform``: train/view rows when ``views`` is
+    ``(seed, epochs)`` (each row exactly :func:`train_example`'s), eval rows (``rng=None``) when it
+    is None. Without a transform, an :class:`ArraySource` is read with one gather per key."""
+    if transform is None and isinstance(source, ArraySource):
+        batch = source.take(ids, ("image", "label"))
+        batch["label"] = batch["label"].astype(np.int32)
+        batch["id"] = ids.astype(np.int64)
+        if views is not None:
+            batch["epoch"] = views[1].astype(np.int32)
+            batch["mask"] = np.ones(len(ids), np.bool_)
+        return batch
+    if views is not None:
+        seed, epochs = views
+        return _stack([train_example(source, int(i), seed=seed, epoch=int(e), transform=transform)
+                       for i, e in zip(ids, epochs)])
+    rows = []
+    for i in ids:
+        record = source[int(i)]
+        rows.append(_finish(_passthrough(record) if transform is None
+                            else transform(record, None), int(i)))
+    return _stack(rows)
+
+
+class _TrainBatch:
+    """Grain map-with-index: host batch ``b`` -> its training rows.
+
+    Row ``r`` is host stream position ``t = b * L + r``, in epoch ``e = t // (N // P)``: record
+    ``order(e)[h + P * (t mod (N // P))]`` (:func:`_epoch_order` of the ``N`` records; host ``h``
+    of ``P``).
     """
 
-    def __init__(self, source: Any, transform: Transform | None, seed: int, per_host: int):
-        self._source = source
-        self._transform = transform
-        self._seed = seed
-        self._per_host = per_host
+    def __init__(self, source: Any, transform: Transform | None, seed: int, local_batch: int,
+                 process_index: int, process_count: int):
+        self._source, self._transform, self._seed = source, transform, seed
+        self._per_host, self._local = len(source) // process_count, local_batch
+        self._index, self._count = process_index, process_count
+        self._orders: dict[int, np.ndarray] = {}
 
-    def __call__(self, position: int, example_id: int) -> dict[str, Any]:
-        return train_example(
-            self._source,
-            int(example_id),
-            seed=self._seed,
-            epoch=int(position) // self._per_host,
-            transform=self._transform,
-        )
+    def _order(self, epoch: int) -> np.ndarray:
+        if epoch not in self._orders:  # a batch spans at most two epochs: keep the last two
+            self._orders = {e: o for e, o in self._orders.items() if e == epoch - 1}
+            self._orders[epoch] = _epoch_order(self._seed, epoch, len(self._source))
+        return self._orders[epoch]
+
+    def __call__(self, batch_index: int, _: Any) -> dict[str, np.ndarray]:
+        epochs, slots = np.divmod(int(batch_index) * self._local + np.arange(self._local),
+                                  self._per_host)
+        ids = np.empty(self._local, np.int64)
+        for epoch in np.unique(epochs):
+            rows = epochs == epoch
+            ids[rows] = self._order(int(epoch))[self._index + self._count * slots[rows]]
+        return _rows(self._source, self._transform, ids, (self._seed, epochs))
 
 
-class _EvalExample:
-    """Grain map: host-local eval position ``t`` -> row of global position ``j`` (padding if ``j >= N``).
+class _PaddedBatch:
+    """Grain map: host batch ``b`` of a padded pass -> its rows (eval and view iterators).
 
-    Global batch ``b`` holds positions ``b*G .. b*G + G - 1``; host ``h`` holds ``b*G + h*L + r`` for
-    ``r < L``. A padding row repeats record ``j mod N`` with ``mask=False``, so anything keyed by
-    ``id`` stays correct even if it ignores the mask.
+    Row ``r`` is global position ``j = b * G + h * L + r`` (host ``h``, ``G`` global and ``L``
+    local rows); positions ``j >= total`` are padding rows (``mask`` False) that repeat position
+    ``j mod total``. Eval: ``total = N`` and ``id = j``. Views (``views=(seed, first)``):
+    ``total = E * N`` and ``(epoch, id) = (first + j // N, j mod N)``, each row exactly
+    :func:`train_example`'s.
     """
 
-    def __init__(
-        self,
-        source: Any,
-        transform: Transform | None,
-        num_records: int,
-        global_batch: int,
-        local_batch: int,
-        process_index: int,
-    ):
-        self._source = source
-        self._transform = transform
-        self._num_records = num_records
-        self._global_batch = global_batch
-        self._local_batch = local_batch
-        self._process_index = process_index
+    def __init__(self, source: Any, transform: Transform | None, total: int, global_batch: int,
+                 local_batch: int, process_index: int, views: tuple[int, int] | None = None):
+        self._source, self._transform, self._total = source, transform, total
+        self._global, self._local, self._index = global_batch, local_batch, process_index
+        self._views = views
 
-    def __call__(self, position: int) -> dict[str, Any]:
-        global_position = _global_position(position, self._local_batch, self._global_batch,
-                                           self._process_index)
-        example_id = global_position % self._num_records
-        record = self._source[example_id]
-        out = _passthrough(record) if self._transform is None else self._transform(record, None)
-        result = _finish(out, example_id)
-        result["mask"] = np.bool_(global_position < self._num_records)
-        return result
-
-
-def _global_position(position: int, local_batch: int, global_batch: int, process_index: int) -> int:
-    """Host-local position ``t`` -> its position in the padded global order: row ``r`` of local
-    batch ``b`` is row ``process_index * local_batch + r`` of global batch ``b``."""
-    batch_index, row = divmod(int(position), local_batch)
-    return batch_index * global_batch + process_index * local_batch + row
+    def __call__(self, batch_index: int) -> dict[str, np.ndarray]:
+        positions = (int(batch_index) * self._global + self._index * self._local
+                     + np.arange(self._local))
+        if self._views is None:
+            batch = _rows(self._source, self._transform, positions % self._total, None)
+        else:
+            seed, first = self._views
+            epochs, ids = np.divmod(positions % self._total, len(self._source))
+            batch = _rows(self._source, self._transform, ids, (seed, first + epochs))
+        batch["mask"] = positions < self._total
+        return batch
 
 
 def _resolve_processes(process_index: int | None, process_count: int | None) -> tuple[int, int]:
@@ -253,13 +288,18 @@ def _check_source(source: Any) -> int:
     return num_records
 
 
-def _read_options(num_threads: int, prefetch_buffer_size: int) -> grain.ReadOptions:
+def _batches(ds: grain.MapDataset, local_batch: int, num_threads: int,
+             prefetch_buffer_size: int) -> grain.DatasetIterator:
+    """Iterator over a dataset whose elements are whole host batches; grain reads
+    ``ceil(prefetch_buffer_size / local_batch)`` batches ahead with ``num_threads`` threads."""
     if num_threads < 0 or prefetch_buffer_size < 0:
         raise ValueError(
             f"num_threads and prefetch_buffer_size must be >= 0, got {num_threads} and "
             f"{prefetch_buffer_size}."
         )
-    return grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch_buffer_size)
+    options = grain.ReadOptions(num_threads=num_threads,
+                                prefetch_buffer_size=-(-prefetch_buffer_size // local_batch))
+    return iter(ds.to_iter_dataset(options))
 
 
 def make_train_iterator(
@@ -312,15 +352,11 @@ def make_train_iterator(
                 f"num_epochs={num_epochs} gives each host {per_host * num_epochs} examples, fewer than "
                 f"one local batch of {local}; lower global_batch_size or raise num_epochs."
             )
-    options = _read_options(num_threads, prefetch_buffer_size)
-    # Epoch e of the shuffled range is a fresh permutation (seed + e); the strided slice keeps this
-    # host's positions of it, and grain maps slice epochs to shuffle epochs, so stream position t
-    # is position index + count * (t mod per_host) of the permutation of epoch t // per_host.
-    ds = grain.MapDataset.range(num_records).shuffle(seed=int(seed))
-    ds = ds[index : per_host * count : count].repeat(num_epochs)
-    ds = ds.map_with_index(_TrainExample(source, transform, int(seed), per_host))
-    batched = ds.to_iter_dataset(options).batch(local, drop_remainder=True)
-    return iter(batched)
+    # One element per host batch (the last partial one dropped); endless without num_epochs.
+    ds = (grain.MapDataset.range(1).repeat(None) if num_epochs is None
+          else grain.MapDataset.range(per_host * num_epochs // local))
+    ds = ds.map_with_index(_TrainBatch(source, transform, int(seed), local, index, count))
+    return _batches(ds, local, num_threads, prefetch_buffer_size)
 
 
 def make_eval_iterator(
@@ -347,40 +383,9 @@ def make_eval_iterator(
     num_records = _check_source(source)
     index, count = _resolve_processes(process_index, process_count)
     local = local_batch_size(global_batch_size, count)
-    options = _read_options(num_threads, prefetch_buffer_size)
-    num_batches = eval_num_batches(num_records, global_batch_size)
-    ds = grain.MapDataset.range(num_batches * local)
-    ds = ds.map(_EvalExample(source, transform, num_records, global_batch_size, local, index))
-    return iter(ds.to_iter_dataset(options).batch(local, drop_remainder=True))
-
-
-class _ViewExample:
-    """Grain map: host-local position ``t`` -> the training view of global position ``j``.
-
-    Position ``j < E * N`` is ``(epoch, id) = (first + j // N, j mod N)``; later positions are
-    padding rows (``mask`` False) that repeat position ``j mod (E * N)``.
-    """
-
-    def __init__(self, source: Any, transform: Transform | None, seed: int, first: int, num_epochs: int,
-                 num_records: int, global_batch: int, local_batch: int, process_index: int):
-        self._source = source
-        self._transform = transform
-        self._seed = seed
-        self._first = first
-        self._total = num_epochs * num_records
-        self._num_records = num_records
-        self._global_batch = global_batch
-        self._local_batch = local_batch
-        self._process_index = process_index
-
-    def __call__(self, position: int) -> dict[str, Any]:
-        global_position = _global_position(position, self._local_batch, self._global_batch,
-                                           self._process_index)
-        epoch, example_id = divmod(global_position % self._total, self._num_records)
-        result = train_example(self._source, example_id, seed=self._seed, epoch=self._first + epoch,
-                               transform=self._transform)
-        result["mask"] = np.bool_(global_position < self._total)
-        return result
+    ds = grain.MapDataset.range(eval_num_batches(num_records, global_batch_size))
+    ds = ds.map(_PaddedBatch(source, transform, num_records, global_batch_size, local, index))
+    return _batches(ds, local, num_threads, prefetch_buffer_size)
 
 
 def make_view_iterator(
@@ -415,12 +420,10 @@ def make_view_iterator(
     if not isinstance(seed, (int, np.integer)) or not 0 <= seed < _MAX_SEED:
         raise ValueError(f"seed must be an integer in [0, 2**32), got {seed!r}.")
     first, last = _check_epochs(epochs)
-    options = _read_options(num_threads, prefetch_buffer_size)
-    num_batches = view_num_batches(num_records, (first, last), global_batch_size)
-    ds = grain.MapDataset.range(num_batches * local)
-    ds = ds.map(_ViewExample(source, transform, int(seed), first, last - first + 1, num_records,
-                             global_batch_size, local, index))
-    return iter(ds.to_iter_dataset(options).batch(local, drop_remainder=True))
+    ds = grain.MapDataset.range(view_num_batches(num_records, (first, last), global_batch_size))
+    ds = ds.map(_PaddedBatch(source, transform, (last - first + 1) * num_records,
+                             global_batch_size, local, index, views=(int(seed), first)))
+    return _batches(ds, local, num_threads, prefetch_buffer_size)
 
 
 def _check_epochs(epochs: Any) -> tuple[int, int]:
