@@ -139,3 +139,30 @@ def test_requirements_tpu_resolve_and_cover_the_imagenet_run(tmp_path):
         if not candidates & set(resolved):
             missing[module] = {"imported by": importers, "distributions here": sorted(candidates)}
     assert not missing, f"requirements-tpu.txt lacks a distribution for: {missing}"
+
+
+def test_the_tpu_extra_pins_the_jax_of_requirements_tpu():
+    """pyproject's ``tpu`` extra and requirements-tpu.txt name the same ``jax[tpu]`` release: an
+    unpinned extra lets pip pick a jax whose libtpu is not published and backtrack for hours."""
+    import tomllib
+
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        extra = tomllib.load(f)["project"]["optional-dependencies"]["tpu"]
+    with open(REQUIREMENTS) as f:
+        pins = [line.strip() for line in f if line.startswith("jax[tpu]")]
+    assert len(extra) == 1 and len(pins) == 1, (extra, pins)
+    assert re.fullmatch(r"jax\[tpu\]==[0-9.]+", pins[0]), pins
+    assert extra[0].split(";")[0].strip() == pins[0], (extra, pins)
+
+
+def test_the_dev_extra_holds_every_other_extra():
+    """``dev`` lists every other extra's requirements itself (no ``kdjax[...]`` self-reference,
+    which sends pip 23's resolver backtracking), so none may be left out of it."""
+    import tomllib
+
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        extras = tomllib.load(f)["project"]["optional-dependencies"]
+    dev = set(extras.pop("dev"))
+    assert not any(r.startswith("kdjax") for r in dev), dev
+    for name, requirements in extras.items():
+        assert set(requirements) <= dev, (name, set(requirements) - dev)
