@@ -11,6 +11,7 @@ function.
 from __future__ import annotations
 
 import json
+import shutil
 import math
 import os
 import statistics
@@ -70,23 +71,27 @@ def test_smoke_run_writes_report_tables_plots_json_and_resumes(tmp_path):
     assert record["steps"] == 6 and record["kd_mode"] == "full"
     assert record["teacher"].startswith("cnn1d:width=128 (checkpoint")
     assert 0.0 <= record["accuracy"] <= 1.0 and record["kl"] >= 0.0
+    # The regime's teacher logits were computed once into the run's own store and read from it.
+    assert (work / "full" / "large" / "seed1" / rc.STORE_DIR / "train").is_dir()
+    assert result["setup"]["precomputed"] is True and result["setup"]["teacher_seeds"] == 5
     assert [row[0] for row in result["curves"]["full/large/seed1"]["eval"]] == [3, 6]
 
     report = (out / rc.REPORT_FILE).read_text()
     assert "SMOKE RUN" in report
     scratch, large = seed_values(result, "scratch"), seed_values(result, "full/large")
     teacher_large = seed_values(result, "teacher/large")
-    assert f"| none (scratch) | `cnn1d:width=8` | - | - | {pct(scratch)} | - | - |" in report
+    assert (f"| none (scratch) | `cnn1d:width=8,norm=true` | - | - | {pct(scratch)} | - | - |"
+            in report)
     assert (f"| large | `cnn1d:width=128` | {pct(teacher_large)} | - | {pct(large)} | - | - |"
             in report)
     kl = seed_values(result, "full/large", "kl")
     assert f"{statistics.mean(kl):.3f} ± {statistics.stdev(kl):.3f}" in report
-    # The comparison behind "full KD can lose to scratch", recomputed here.
-    diff = statistics.mean(large) - statistics.mean(scratch)
+    # The comparison behind "full KD can lose to scratch", recomputed here (paired by seed).
+    diff = 100 * (statistics.mean(large) - statistics.mean(scratch))
     claim = next(c for c in result["claims"] if c["id"] == "kd_vs_scratch")
     assert [r["name"] for r in claim["results"]] == ["full KD <- large minus scratch"]
-    assert claim["results"][0]["diff"] == pytest.approx(diff, abs=1e-12)
-    assert f"| kd_vs_scratch | full KD <- large minus scratch | {100 * diff:+.2f} points" in report
+    assert claim["results"][0]["mean_diff"] == pytest.approx(diff, abs=1e-9)
+    assert f"| kd_vs_scratch | full KD <- large minus scratch | 2 | - | {diff:+.2f} points" in report
     assert next(c for c in result["claims"] if c["id"] == "hints")["verdict"] == "not run"
 
     # A second invocation reuses every run and says so; the numbers do not change.
@@ -96,6 +101,13 @@ def test_smoke_run_writes_report_tables_plots_json_and_resumes(tmp_path):
     again = json.loads((out / rc.RESULTS_JSON).read_text())
     assert seed_values(again, "full/large") == large
     assert "6 runs trained, 0 reused" in (out / rc.REPORT_FILE).read_text()
+    # --report-only recomputes the statistics from results.json alone (the workdir is not read).
+    shutil.rmtree(work)
+    assert rc.main(["--out", str(out), "--report-only"]) == 0
+    rewritten = json.loads((out / rc.RESULTS_JSON).read_text())
+    assert rewritten["report_command"] == f"python -m experiments.reproduce_cpu --out {out} --report-only"
+    assert rewritten["claims"] == again["claims"] and rewritten["command"] == again["command"]
+    assert "recomputed from those records (no training)" in (out / rc.REPORT_FILE).read_text()
 
 
 @pytest.mark.slow
@@ -109,8 +121,6 @@ def test_smoke_run_of_every_cell(tmp_path):
     result = json.loads((out / rc.RESULTS_JSON).read_text())
     teachers, students = rc.grid("mnist1d")
     assert set(result["cells"]) == {c.key for c in teachers + students}
-    ta = result["cells"]["ta/large-medium"]["seeds"]["0"]
-    assert [s["stage"] for s in ta["stages"]] == ["assistant1", "student"]
     fitnet = result["cells"]["fitnet/hint_kd"]["seeds"]["0"]
     assert [s["stage"] for s in fitnet["stages"]] == ["fitnet_stage1", "fitnet_stage2"]
     assert result["cells"]["fitnet/kd_only"]["seeds"]["0"]["kd_mode"] == "kd_only"
@@ -118,7 +128,8 @@ def test_smoke_run_of_every_cell(tmp_path):
         small.SETTINGS["mnist1d"]["fitnet_student"])
     assert "early_teacher (teacher from its epoch 1)" == \
         result["cells"]["eskd_early/large"]["seeds"]["1"]["reading"]
-    assert all(c["verdict"] != "not run" for c in result["claims"])
+    # The teacher-assistant chain is a digits cell; every other claim has its cells here.
+    assert [c["id"] for c in result["claims"] if c["verdict"] == "not run"] == ["ta"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -130,23 +141,43 @@ def test_grid_configs_share_teachers_by_seed_and_keep_the_protocol(tmp_path):
     teachers, students = rc.grid("mnist1d")
     assert [t.key for t in teachers] == ["teacher/small", "teacher/medium", "teacher/large",
                                          "teacher/fitnet"]
-    assert len({c.key for c in students}) == len(students) == 14
+    assert len({c.key for c in students}) == len(students) == 16
     by_key = {c.key: c for c in students + teachers}
     work = str(tmp_path)
-    c = rc.build_config(by_key["eskd_early/medium"], "mnist1d", 3, work, smoke=False)
-    assert c.seed == 3 and c.teacher.source == "checkpoint"
+    # Student seed 8 reads the teachers of seed 8 mod 5 = 3, from its own logit store.
+    c = rc.build_config(by_key["eskd_early/medium"], "mnist1d", 8, work, smoke=False)
+    assert c.seed == 8 and c.teacher.source == "checkpoint"
     assert c.teacher.path == rc.cell_dir(work, "teacher/medium", 3)
+    assert c.teacher.precomputed and c.teacher.store == os.path.join(
+        rc.cell_dir(work, "eskd_early/medium", 8), rc.STORE_DIR)
     assert (c.kd.mode, c.kd.reading, c.teacher.early_epoch) == ("eskd", "early_teacher", 12)
     assert c.run.progress is False and c.run.best_metric is None
+    # The regime (results/regime): 40,000 / 10,000 examples, 24 epochs, decays at 12 and 18.
+    assert (c.dataset.num_samples, c.num_epochs, tuple(c.optimizer.decay_epochs)) == (
+        50_000, 24, (12, 18))
+    assert (c.student.model, c.teacher.model) == ("cnn1d:width=8,norm=true", "cnn1d:width=16")
+    stops = {k: rc.build_config(by_key[k], "mnist1d", 0, work, smoke=False).kd.stop_epoch
+             for k in ("eskd_stop25/large", "eskd_stop/large", "eskd_stop75/large")}
+    assert stops == {"eskd_stop25/large": 6, "eskd_stop/large": 12, "eskd_stop75/large": 18}
+    t1 = rc.build_config(by_key["full_t1/large"], "mnist1d", 0, work, smoke=False).kd
+    assert (t1.temperature, t1.weight, t1.ce_weight, t1.mode) == (1.0, 0.5, 0.5, "full")
     t = rc.build_config(by_key["teacher/large"], "mnist1d", 3, work, smoke=False)
     assert t.teacher.model == "cnn1d:width=128" and t.teacher.early_epoch == 12
+    assert (t.optimizer.name, t.optimizer.lr, t.run.eval_every_epochs) == ("adam", 0.01, 1)
+    assert [rc.teacher_seed("mnist1d", s) for s in (0, 4, 5, 19)] == [0, 4, 0, 4]
+    assert rc.teacher_seed("digits", 19) == 19
     thin = rc.build_config(by_key["fitnet/scratch"], "mnist1d", 0, work, smoke=True)
     settings = small.SETTINGS["mnist1d"]
     assert thin.student.model == settings["fitnet_student"]
     assert thin.optimizer.lr == settings["fitnet_lr"]
     assert thin.kd.mode == "scratch" and thin.num_epochs == 2
     assert thin.dataset.num_samples == rc.SMOKE_SAMPLES
-    ta = rc.build_config(by_key["ta/large-medium"], "digits", 1, work, smoke=False)
+    hint = rc.build_config(by_key["fitnet/hint_kd"], "mnist1d", 0, work, smoke=False)
+    assert hint.student.model == settings["fitnet_student"] and hint.num_epochs == 24
+    digits = {c.key: c for c in rc.grid("digits")[1]}
+    assert "ta/large-medium" in digits and "full_t1/large" not in digits
+    assert not rc.build_config(digits["full/large"], "digits", 1, work, False).teacher.precomputed
+    ta = rc.build_config(digits["ta/large-medium"], "digits", 1, work, smoke=False)
     assert tuple(ta.assistants) == ("cnn2d:width=16",) and ta.teacher.model == "cnn2d:width=32"
     assert ta.dataset.num_samples is None
 
@@ -201,7 +232,7 @@ def test_command_line_errors(capsys):
     args = rc.parse_args(["--out", "x", "--smoke"])
     assert args.seeds == 2 and args.workdir == os.path.join("workdirs", "reproduce_cpu",
                                                             "mnist1d_smoke")
-    assert rc.parse_args(["--out", "x"]).seeds == 10
+    assert rc.parse_args(["--out", "x"]).seeds == 20
 
 
 # ------------------------------------------------------------------------------------------------
@@ -223,65 +254,38 @@ def test_summarize_is_mean_and_sample_std():
         rc.summarize([])
 
 
-def test_compare_matches_hand_computed_welch_and_paired_tests():
+def test_compare_is_the_paired_comparison_in_points():
     a, b = np.array(list(A.values())), np.array(list(B.values()))
-    c = rc.compare(A, B)
-    va, vb = a.var(ddof=1) / 5, b.var(ddof=1) / 5
-    t = (a.mean() - b.mean()) / math.sqrt(va + vb)
-    df = (va + vb) ** 2 / (va ** 2 / 4 + vb ** 2 / 4)          # Welch-Satterthwaite
-    assert c["diff"] == pytest.approx(a.mean() - b.mean(), abs=1e-15)
-    assert c["welch_t"] == pytest.approx(t, rel=1e-10)
-    assert c["welch_p"] == pytest.approx(2 * stats.t.sf(abs(t), df), rel=1e-8)
-    d = a - b
+    c = rc.compare(A, B, name="A - B")
+    d = 100 * (a - b)
     tp = d.mean() / (d.std(ddof=1) / math.sqrt(5))
-    assert c["paired_t"] == pytest.approx(tp, rel=1e-10)
-    assert c["paired_p"] == pytest.approx(2 * stats.t.sf(abs(tp), 4), rel=1e-8)
-    assert c["paired_p"] < 0.05 < c["welch_p"]       # the pairing removes the seed variance
-    assert (c["n_a"], c["n_b"], c["n_paired"]) == (5, 5, 5)
+    assert c.mean_diff == pytest.approx(d.mean(), abs=1e-12)
+    assert c.t == pytest.approx(tp, rel=1e-10)
+    assert c.p_t == pytest.approx(2 * stats.t.sf(abs(tp), 4), rel=1e-8)
+    assert c.p_wilcoxon == pytest.approx(stats.wilcoxon(d).pvalue, rel=1e-12)
+    assert c.margin == rc.MARGINS["accuracy"] and c.n == 5
+    # Seeds only one cell has are left out of the pairs.
+    b7 = {**{s: v for s, v in B.items() if s != 4}, 7: 0.9}
+    assert rc.compare(A, b7).n == 4
+    with pytest.raises(ValueError, match="at least two seeds that both cells have"):
+        rc.compare({0: 0.5}, {0: 0.4, 1: 0.3})
 
 
-def test_compare_pairs_only_common_seeds_and_flags_undefined_tests():
-    b = {s: v for s, v in B.items() if s != 4}
-    b[7] = 0.9
-    c = rc.compare(A, b)
-    d = np.array([A[s] - B[s] for s in range(4)])
-    tp = d.mean() / (d.std(ddof=1) / 2)
-    assert c["n_paired"] == 4 and c["paired_t"] == pytest.approx(tp, rel=1e-10)
-    same = rc.compare({0: 0.5, 1: 0.5}, {0: 0.4, 1: 0.4})   # both constant: no test is defined
-    assert same["diff"] == pytest.approx(0.1)
-    assert all(math.isnan(same[k]) for k in ("welch_t", "welch_p", "paired_t", "paired_p"))
-    shifted = rc.compare({0: 0.5, 1: 0.6}, {0: 0.4, 1: 0.5})  # constant paired differences
-    assert math.isnan(shifted["paired_p"]) and not math.isnan(shifted["welch_p"])
-    one = rc.compare({0: 0.5}, {0: 0.4, 1: 0.3})
-    assert math.isnan(one["welch_p"]) and math.isnan(one["paired_p"])
-    with pytest.raises(ValueError, match="both cells need values; got 0 and 5 seeds"):
-        rc.compare({}, B)
-
-
-def test_direction_needs_both_tests_significant():
-    base = {"diff": 0.01, "welch_p": 0.01, "paired_p": 0.001}
-    assert rc.direction(base) == "higher"
-    assert rc.direction({**base, "diff": -0.01}) == "lower"
-    assert rc.direction({**base, "welch_p": 0.2}) == "n.s."
-    assert rc.direction({**base, "paired_p": math.nan}) == "n.s."
-    assert rc.direction({**base, "welch_p": 0.05}) == "n.s."      # p < alpha, strictly
-
-
-@pytest.mark.parametrize("kind,higher,lower,ns", [
-    ("higher", "agree", "disagree", "inconclusive"),
-    ("lower", "disagree", "agree", "inconclusive"),
-    ("not_higher", "disagree", "agree", "inconclusive"),
+@pytest.mark.parametrize("kind,better,worse,equivalent", [
+    ("higher", "agree", "disagree", "disagree"),
+    ("lower", "disagree", "agree", "disagree"),
+    ("not_higher", "disagree", "agree", "agree"),
 ])
-def test_verdict_truth_table(kind, higher, lower, ns):
-    sig = {"welch_p": 0.001, "paired_p": 0.001}
-    assert rc.verdict({**sig, "diff": 0.02}, kind) == higher
-    assert rc.verdict({**sig, "diff": -0.02}, kind) == lower
-    assert rc.verdict({"diff": 0.02, "welch_p": 0.3, "paired_p": 0.01}, kind) == ns
+def test_answer_truth_table(kind, better, worse, equivalent):
+    assert rc.answer("better", kind) == better
+    assert rc.answer("worse", kind) == worse
+    assert rc.answer("equivalent", kind) == equivalent
+    assert rc.answer("inconclusive", kind) == "inconclusive"
 
 
-def test_verdict_and_combine_errors_and_mixtures():
+def test_answer_and_combine_errors_and_mixtures():
     with pytest.raises(ValueError, match="claim='better' is not valid; valid: higher, lower"):
-        rc.verdict({"diff": 0.0, "welch_p": 1.0, "paired_p": 1.0}, "better")
+        rc.answer("better", "better")
     assert rc.combine(["agree", "agree"]) == "agree"
     assert rc.combine(["agree", "inconclusive", "disagree", "agree"]) == (
         "mixed (2 agree, 1 inconclusive, 1 disagree)")
@@ -289,17 +293,59 @@ def test_verdict_and_combine_errors_and_mixtures():
         rc.combine([])
 
 
+def _records(cells):
+    return [{"cell": cell, "seed": s, "accuracy": v, "model": model, "kd_mode": mode}
+            for cell, (model, mode, values) in cells.items() for s, v in values.items()]
+
+
+def test_collapse_threshold_rates_and_paired_test():
+    """Collapse is defined from the data: min(50%, scratch mean - 4 std) per student model; rates
+    get exact CIs and two cells are compared by the exact McNemar test over seeds."""
+    scratch = {s: 0.60 + 0.01 * s for s in range(10)}
+    thin = "cnn1d_thin_deep:width=16"
+    records = _records({
+        "fitnet/scratch": (thin, "scratch", scratch),
+        "fitnet/hint_kd": (thin, "fitnet", {s: 0.7 + 0.001 * s for s in range(10)}),
+        "fitnet/kd_only": (thin, "kd_only", {s: (0.40 if s < 6 else 0.7 + 0.002 * s)
+                                             for s in range(10)}),
+        "scratch": ("cnn1d:width=8", "scratch", {s: 0.94 for s in range(3)}),
+        "teacher/large": ("cnn1d:width=128", None, {0: 0.1})})
+    th = rc.collapse_thresholds(records)
+    x = np.array(list(scratch.values()))
+    assert th[thin]["threshold"] == pytest.approx(min(0.5, x.mean() - 4 * x.std(ddof=1)))
+    assert th["cnn1d:width=8"]["threshold"] == 0.5        # constant scratch: the cap
+    assert "cnn1d:width=128" not in th                      # teachers are not students
+    collapsed = rc.collapsed_runs(records, th)
+    assert [(c["cell"], c["seed"]) for c in collapsed] == [("fitnet/kd_only", s) for s in range(6)]
+    rates = rc.collapse_rates(records, collapsed)
+    ci = stats.binomtest(6, 10).proportion_ci(0.95, method="exact")
+    assert (rates["fitnet/kd_only"]["k"], rates["fitnet/kd_only"]["n"]) == (6, 10)
+    assert rates["fitnet/kd_only"]["ci_low"] == pytest.approx(ci.low)
+    assert rates["fitnet/hint_kd"]["k"] == 0
+    test = rc.collapse_test("fitnet/hint_kd", "fitnet/kd_only", records, collapsed)
+    assert (test["n"], test["a_only"], test["b_only"]) == (10, 0, 6)
+    assert test["p"] == pytest.approx(2 * 0.5 ** 6)          # exact two-sided binomial, 6 of 6
+    # The claims leave the collapsed seeds out of their pairs.
+    acc = rc.by_cell(records)
+    hints = next(c for c in rc.evaluate_claims({"accuracy": acc}, collapsed=collapsed)
+                 if c["id"] == "hints")
+    kd_only = next(r for r in hints["results"] if r["b"] == "fitnet/kd_only")
+    assert kd_only["n"] == 4 and kd_only["excluded"] == [0, 1, 2, 3, 4, 5]
+
+
 def test_evaluate_claims_on_synthetic_cells():
     """Full KD gets worse with teacher size (a capacity gap), ESKD stop_kd fixes it, the TA chain
-    is not better than the direct large teacher; cells not given are 'not run'."""
+    is not better than the direct large teacher, T = 1 is as good as T = 4 (equivalent within the
+    margin); cells not given are 'not run'."""
     rng = np.random.default_rng(0)
-    noise = {s: rng.normal(0, 0.002) for s in range(5)}
+    noise = {s: rng.normal(0, 0.002) for s in range(20)}
 
     def cell(mean):
-        return {s: mean + noise[s] + rng.normal(0, 0.001) for s in range(5)}
+        return {s: mean + noise[s] + rng.normal(0, 0.0005) for s in range(20)}
 
     acc = {"scratch": cell(0.78), "full/small": cell(0.80), "full/medium": cell(0.79),
            "full/large": cell(0.77), "ta/large-medium": cell(0.77),
+           "full_t1/large": cell(0.7701),
            **{f"eskd_stop/{s}": cell(0.83) for s in rc.SIZES}}
     results = {c["id"]: c for c in rc.evaluate_claims({"accuracy": acc})}
     assert results["bigger_teacher"]["verdict"] == "agree"
@@ -307,13 +353,19 @@ def test_evaluate_claims_on_synthetic_cells():
     assert len(results["eskd_stop"]["results"]) == 6
     assert results["eskd_early"]["verdict"] == "not run"
     assert results["hints"]["verdict"] == "not run" and results["mimic"]["verdict"] == "not run"
-    ta = {r["b"]: r["verdict"] for r in results["ta"]["results"]}
-    assert ta["full/small"] == "agree" and ta["full/large"] == "inconclusive"
+    ta = {r["b"]: (r["verdict"], r["answer"]) for r in results["ta"]["results"]}
+    assert ta["full/small"] == ("worse", "agree") and ta["full/large"] == ("equivalent", "agree")
+    assert results["loss_constants"]["results"][0]["verdict"] == "equivalent"
+    assert results["loss_constants"]["verdict"] == "agree"
     assert results["kd_vs_scratch"]["verdict"] == "mixed (1 agree, 0 inconclusive, 2 disagree)"
     large_small = results["bigger_teacher"]["results"][1]
     assert (large_small["a"], large_small["b"]) == ("full/large", "full/small")
-    assert large_small["diff"] == pytest.approx(
-        np.mean(list(acc["full/large"].values())) - np.mean(list(acc["full/small"].values())))
+    d = 100 * np.array([acc["full/large"][s] - acc["full/small"][s] for s in range(20)])
+    assert large_small["mean_diff"] == pytest.approx(d.mean())
+    # Holm over the claim's three comparisons: the smallest raw p-value times three.
+    ps = [r["p_t"] for r in results["bigger_teacher"]["results"]]
+    assert min(r["p_t_holm"] for r in results["bigger_teacher"]["results"]) == pytest.approx(
+        min(1.0, 3 * min(ps)))
 
 
 def test_formatting_helpers():
@@ -323,7 +375,7 @@ def test_formatting_helpers():
     assert rc.fmt_num({"mean": 0.123456, "std": 0.01}, 3) == "0.123 ± 0.010"
     assert rc.fmt_p(math.nan) == "n/a" and rc.fmt_p(0.0421) == "0.042"
     assert rc.fmt_p(3.2e-5) == "3.2e-05"
-    assert rc.fmt_diff(-0.0125, "accuracy") == "-1.25 points"
+    assert rc.fmt_diff(-1.25, "accuracy") == "-1.25 points"
     assert rc.fmt_diff(0.01234, "kl") == "+0.0123"
     assert rc.finite_or_none({"p": [math.nan, 0.5, math.inf], "s": "x", "n": 3}) == {
         "p": [None, 0.5, None], "s": "x", "n": 3}

@@ -40,18 +40,20 @@ command. Their public names are importable from the package itself.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
 from typing import Sequence
 
 # The public names of the package's modules, importable from the package itself.
-from experiments.reproduce_cpu.grid import (DATASETS, RUN_OVERRIDES, SIZES, SMOKE_SAMPLES, Cell,
-                                            build_config, cell_dir, grid, select, set_key)
+from experiments.reproduce_cpu.grid import (DATASETS, RUN_OVERRIDES, SIZES, SMOKE_SAMPLES,
+                                            STORE_DIR, TEACHER_SEEDS, Cell, build_config,
+                                            cell_dir, grid, select, set_key, teacher_seed)
 from experiments.reproduce_cpu.report import (ACCURACY_PLOT, FITNET_TA_PLOT, MIMIC_PLOT, PREDICTS,
                                               REPORT_FILE, RESULTS_JSON, code_versions,
-                                              comparison_text, comparisons_table, count_params,
-                                              eskd_table, fitnet_ta_table, fmt_diff, fmt_num,
+                                              collapse_table, comparison_text, comparisons_table,
+                                              constants_table, count_params, eskd_table, fitnet_ta_table, fmt_diff, fmt_num,
                                               fmt_p, fmt_pct, machine_info, markdown_table,
                                               mimic_table, plot_accuracy_vs_teacher,
                                               plot_fitnet_ta, plot_mimic, setup_info, timing_text,
@@ -61,9 +63,10 @@ from experiments.reproduce_cpu.runner import (INVOCATIONS_FILE, RECORD_FILE, TEA
                                               finite_or_none, record_invocation,
                                               run_cell, run_fitnet_kd_only, run_jobs, stale_reason,
                                               write_json)
-from experiments.reproduce_cpu.statistics import (ALPHA, CLAIM_KINDS, by_cell, claims,
-                                                  collapsed_runs, combine, compare, direction,
-                                                  evaluate_claims, stats_of, summarize, verdict)
+from experiments.reproduce_cpu.statistics import (ALPHA, CLAIM_KINDS, MARGINS, answer, by_cell,
+                                                  claims, collapse_rates, collapse_test,
+                                                  collapse_thresholds, collapsed_runs, combine,
+                                                  compare, evaluate_claims, stats_of, summarize)
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
@@ -72,7 +75,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--out", required=True, help="where README.md, plots, results.json go")
     parser.add_argument("--dataset", default="mnist1d", choices=DATASETS)
     parser.add_argument("--seeds", type=int, default=None,
-                        help="seeds per cell (default 10; 2 with --smoke)")
+                        help="seeds per student cell (default 20; 2 with --smoke)")
     parser.add_argument("--jobs", type=int, default=1, help="worker processes (default 1)")
     parser.add_argument("--workdir", default=None, help="run directories (default "
                         "workdirs/reproduce_cpu/<dataset>[_smoke]); reusing it resumes")
@@ -81,9 +84,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--cells", default=None,
                         help="comma-separated student cells to run (default: all), e.g. "
                              "'scratch,full/large'; the teachers they need are added")
+    parser.add_argument("--report-only", action="store_true",
+                        help="recompute the statistics, README.md and the plots from "
+                             "<out>/results.json (no training)")
     args = parser.parse_args(argv)
     if args.seeds is None:
-        args.seeds = 2 if args.smoke else 10
+        args.seeds = 2 if args.smoke else 20
     if args.seeds < 2:
         parser.error(f"--seeds={args.seeds}: need at least 2 seeds for a standard deviation and a "
                      f"t-test.")
@@ -101,10 +107,33 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     return args
 
 
+def rewrite_report(out: str, command: str) -> dict:
+    """``--report-only``: the report again from ``<out>/results.json``'s per-seed records, with
+    this code's statistics (no training); the setup, machine, timing and the command that trained
+    the runs are the file's, and the report names both commands."""
+    path = os.path.join(out, RESULTS_JSON)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} does not exist: --report-only rewrites the report of a "
+                                f"finished run; run the command without it first.")
+    with open(path, encoding="utf-8") as fh:
+        old = json.load(fh)
+    records = [{**entry, "cell": cell, "seed": int(seed),
+                "curves": old["curves"].get(f"{cell}/seed{seed}", {"train": [], "eval": []})}
+               for cell, c in old["cells"].items() for seed, entry in c["seeds"].items()]
+    setup = {**setup_info(old["setup"]["dataset"], old["setup"]["smoke"]), **old["setup"]}
+    return write_report(out, setup=setup, machine=old["machine"], records=records,
+                        seeds=old["seeds"], timing=old["timing"], command=old["command"],
+                        report_command=command)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the grid (teachers first, then the students) and writes the report. Returns 0."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
+    if args.report_only:
+        rewrite_report(args.out, " ".join(["python -m experiments.reproduce_cpu"] + argv))
+        print(f"report: {os.path.join(args.out, REPORT_FILE)} (from {RESULTS_JSON})", flush=True)
+        return 0
     start = time.perf_counter()
     started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     load_start = ", ".join(f"{x:.1f}" for x in os.getloadavg())
@@ -112,8 +141,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     seeds = list(range(args.seeds))
     teacher_cells, student_cells = select(*grid(args.dataset), args.cells)
     records = []
-    for phase, cells in (("teachers", teacher_cells), ("students", student_cells)):
-        jobs = [(cell, args.dataset, seed, workdir, args.smoke) for seed in seeds for cell in cells]
+    teacher_seeds = sorted({teacher_seed(args.dataset, s) for s in seeds})
+    for phase, cells, phase_seeds in (("teachers", teacher_cells, teacher_seeds),
+                                      ("students", student_cells, seeds)):
+        jobs = [(cell, args.dataset, seed, workdir, args.smoke) for seed in phase_seeds
+                for cell in cells]
         print(f"== {phase}: {len(jobs)} runs", flush=True)
         records += run_jobs(jobs, args.jobs, phase)
     reused = sum(1 for r in records if r.get("reused"))

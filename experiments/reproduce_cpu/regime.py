@@ -7,7 +7,7 @@ found to ``<out>/README.md`` and ``<out>/regime.json``::
 
     python -m experiments.reproduce_cpu.regime --out results/regime [--jobs 2] [--workdir DIR] [--quick]
 
-It runs, through the grid's own machinery (:class:`~experiments.reproduce_cpu.grid.Cell` configs
+It runs, through the grid's own machinery (:class:`~experiments.reproduce_cpu.protocol.Cell` configs
 from ``experiments/configs/small.py`` with override keys, run and reused by
 :func:`~experiments.reproduce_cpu.runner.run_jobs`):
 
@@ -47,19 +47,17 @@ from typing import Mapping, Sequence
 import numpy as np
 from scipy import stats
 
+from experiments.reproduce_cpu.protocol import (BATCH, DECAY, EPOCHS, NUM_SAMPLES, SIZES,
+                                                TEACHER_LR, Cell, adam, student_spec)
+
 PROG = "python -m experiments.reproduce_cpu.regime"
 DATASET = "mnist1d"
-#: Examples generated (before mnist1d's 80/20 split): 40,000 train / 10,000 test.
-NUM_SAMPLES = 50_000
-#: The grid's MNIST-1D batch size (``experiments/configs/small.py``).
-BATCH = 128
 #: The published MNIST-1D CNN's test accuracy (Greydanus & Kobak, ICML 2024), in percent.
 PUBLISHED_CNN = 94.0
 #: Teacher widths trained (CNN1D, 3 conv layers each, the grid's family) and the three sizes
 #: taken from them. Width 32 is trained to show why it is not the medium size: at 40,000 train
 #: examples it is within a few tenths of a point of width 128 (measured here).
 TEACHER_WIDTHS = (8, 16, 32, 128)
-SIZES = {"small": 8, "medium": 16, "large": 128}
 #: The student's CNN1D width: half the small teacher's (the grid's width 8 is the small teacher).
 STUDENT_WIDTH = 4
 #: Student sweep: ``(width, optimizer, peak rate)`` (SGD: the grid's, rate per 256 examples; Adam:
@@ -95,7 +93,7 @@ class Plan:
 
 #: The study: batch 128, 40,000 train examples -> 312 steps per epoch; 24 epochs = 7,488 steps
 #: (the reference recipe's ~8k), the rate / 10 at epochs 12 and 18 (1/2 and 3/4 of training).
-FULL = Plan(num_samples=NUM_SAMPLES, epochs=24, decay=(12, 18), teacher_lr=1e-2,
+FULL = Plan(num_samples=NUM_SAMPLES, epochs=EPOCHS, decay=DECAY, teacher_lr=TEACHER_LR,
             student_recipes=STUDENT_RECIPES, norms=NORMS, teacher_seeds=5, student_seeds=5)
 #: The test-sized study (CI): 400 train / 100 test, 2 epochs, 2 seeds, two student settings.
 QUICK = Plan(num_samples=500, epochs=2, decay=(1,), teacher_lr=1e-2,
@@ -116,18 +114,6 @@ def student_key(width: int, optimizer: str, lr: float, norm: bool) -> str:
     return f"student/{prefix}lr{lr:g}" + ("_bn" if norm else "")
 
 
-def _adam(lr: float) -> tuple:
-    """Overrides for Adam at rate ``lr`` (:data:`BATCH` as its ``lr_batch``, so ``lr`` is the rate
-    used) without weight decay: the MNIST-1D reference recipe's optimizer."""
-    return (("optimizer.name", "adam"), ("optimizer.lr", lr), ("optimizer.lr_batch", BATCH),
-            ("optimizer.weight_decay", 0.0))
-
-
-def student_spec(width: int, norm: bool) -> str:
-    """A student's model spec (``cnn1d:width=4`` plus ``norm=true`` with BatchNorm)."""
-    return f"cnn1d:width={width}" + (",norm=true" if norm else "")
-
-
 def _common(plan: Plan, eval_every: int) -> tuple:
     """Overrides every cell of the study shares: data size, schedule, evaluation interval."""
     return (("dataset.num_samples", plan.num_samples), ("num_epochs", plan.epochs),
@@ -138,24 +124,22 @@ def cells(plan: Plan) -> tuple[list, list]:
     """``(teacher cells, student cells)`` of the study (see the module docstring).
 
     Teachers: the grid's ``eskd`` config for an early-teacher run, with Adam at
-    ``plan.teacher_lr`` (:func:`_adam`), evaluated every epoch, snapshot kept at
+    ``plan.teacher_lr`` (:func:`adam`), evaluated every epoch, snapshot kept at
     :attr:`Plan.early_epoch`. Students: the grid's scratch student config with the grid's SGD
-    (momentum 0.9, weight decay 5e-4) or :func:`_adam` at each rate, BatchNorm off / on,
+    (momentum 0.9, weight decay 5e-4) or :func:`adam` at each rate, BatchNorm off / on,
     evaluated at the end only."""
-    from experiments.reproduce_cpu.grid import Cell
-
     teachers = [Cell(teacher_key(width), "teacher", "eskd",
                      "teacher=large,mode=eskd,reading=early_teacher", f"teacher cnn1d width {width}",
                      overrides=_common(plan, 1) + (
                          ("teacher.model", f"cnn1d:width={width}"),
-                         ("teacher.early_epoch", plan.early_epoch)) + _adam(plan.teacher_lr))
+                         ("teacher.early_epoch", plan.early_epoch)) + adam(plan.teacher_lr))
                 for width in TEACHER_WIDTHS]
     students = [Cell(student_key(width, opt, lr, norm), "kd", "eskd", "teacher=none",
                      f"student width {width} from scratch, {opt} {lr:g}"
                      + (", BatchNorm" if norm else ""),
                      overrides=_common(plan, plan.epochs) + (
                          ("student.model", student_spec(width, norm)),)
-                     + (_adam(lr) if opt == "adam" else (("optimizer.lr", lr),)))
+                     + (adam(lr) if opt == "adam" else (("optimizer.lr", lr),)))
                 for width, opt, lr in plan.student_recipes for norm in plan.norms]
     return teachers, students
 

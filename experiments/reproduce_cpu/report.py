@@ -17,11 +17,12 @@ import jax
 import numpy as np
 
 from experiments import report as run_report
-from experiments.configs import small
 from experiments.datasets import build_data
-from experiments.reproduce_cpu.grid import SIZES, Cell, build_config
+from experiments.reproduce_cpu.grid import SIZES, TEACHER_SEEDS, build_config, grid
 from experiments.reproduce_cpu.runner import write_json
-from experiments.reproduce_cpu.statistics import (ALPHA, by_cell, collapsed_runs, direction,
+from experiments.reproduce_cpu.statistics import (ALPHA, COLLAPSE_CAP, COLLAPSE_SDS, MARGINS,
+                                                   by_cell, collapse_rates, collapse_test,
+                                                   collapse_thresholds, collapsed_runs,
                                                    evaluate_claims, stats_of)
 from experiments.rundir import abstract_variables
 from experiments.specs import build_model
@@ -64,29 +65,39 @@ def fmt_p(p: float) -> str:
 
 
 def fmt_diff(diff: float, metric: str) -> str:
-    """A difference of means: points of top-1 for ``accuracy``, the raw value otherwise."""
-    return f"{100 * diff:+.2f} points" if metric == "accuracy" else f"{diff:+.4f}"
+    """A paired mean difference in the comparison's units: points of top-1, nats of KL."""
+    return f"{diff:+.2f} points" if metric == "accuracy" else f"{diff:+.4f}"
+
+
+def _ci(result: Mapping[str, Any]) -> str:
+    digits = 2 if result["metric"] == "accuracy" else 4
+    return f"[{result['ci_low']:+.{digits}f}, {result['ci_high']:+.{digits}f}]"
 
 
 def comparison_text(result: Mapping[str, Any]) -> str:
-    """One comparison in words: the difference of means and both p-values."""
-    sig = "significant at 0.05 (both tests)" if direction(result) != "n.s." else (
-        "not significant at 0.05")
-    return (f"{result['name']}: {fmt_diff(result['diff'], result['metric'])} (Welch p = "
-            f"{fmt_p(result['welch_p'])}, paired p = {fmt_p(result['paired_p'])}; {sig})")
+    """One comparison in words: the paired mean difference, its CI, the Holm-adjusted tests, the
+    MDE and the verdict."""
+    excluded = (f"; seeds {result['excluded']} left out (collapsed)" if result["excluded"]
+                else "")
+    note = f", {result['note']}" if result["note"] else ""
+    return (f"{result['name']}: {fmt_diff(result['mean_diff'], result['metric'])}, 95% CI "
+            f"{_ci(result)} over {result['n']} paired seeds{excluded} (Holm: paired t p = "
+            f"{fmt_p(result['p_t_holm'])}, Wilcoxon p = {fmt_p(result['p_wilcoxon_holm'])}, "
+            f"TOST ±{result['margin']:g} p = {fmt_p(result['p_tost_holm'])}; MDE "
+            f"{result['mde']:.2f}) -> {result['verdict']}{note}")
 
 
-def eskd_table(acc: Mapping, teacher_acc: Mapping, settings: Mapping,
+def eskd_table(acc: Mapping, teacher_acc: Mapping, models: Mapping,
                sizes: Sequence[str] = SIZES, early_acc: Mapping | None = None) -> str:
     """Table 1: eval top-1 (%) of the student per teacher (rows) and KD mode (columns).
 
     ``early_acc``: ``{cell: {seed: top-1}}`` of the early-epoch teachers (the ``teacher_accuracy``
     that the ``eskd_early`` runs measured)."""
     early_acc = early_acc or {}
-    rows = [["none (scratch)", f"`{settings['student']}`", "-", "-",
+    rows = [["none (scratch)", f"`{models['student']}`", "-", "-",
              fmt_pct(stats_of(acc.get("scratch"))), "-", "-"]]
     for size in sizes:
-        rows.append([size, f"`{settings['teachers'][size]}`",
+        rows.append([size, f"`{models[size]}`",
                      fmt_pct(stats_of(teacher_acc.get(f"teacher/{size}"))),
                      fmt_pct(stats_of(early_acc.get(f"eskd_early/{size}"))),
                      fmt_pct(stats_of(acc.get(f"full/{size}"))),
@@ -113,24 +124,24 @@ def mimic_table(records: Sequence[Mapping], sizes: Sequence[str] = SIZES) -> str
                           rows)
 
 
-def fitnet_ta_table(acc: Mapping, teacher_acc: Mapping, settings: Mapping,
+def fitnet_ta_table(acc: Mapping, teacher_acc: Mapping, models: Mapping,
                     assistant_acc: Mapping[int, float] | None = None) -> str:
     """Table 3: the FitNet comparison and the teacher-assistant chain (``assistant_acc``: seed ->
     top-1 of the chain's assistant stage)."""
     rows = [
-        ["FitNet teacher", f"`{settings['fitnet_teacher']}`",
+        ["FitNet teacher", f"`{models['fitnet_teacher']}`",
          fmt_pct(stats_of(teacher_acc.get("teacher/fitnet")))],
-        ["thin-deep student from scratch", f"`{settings['fitnet_student']}`",
+        ["thin-deep student from scratch", f"`{models['fitnet_student']}`",
          fmt_pct(stats_of(acc.get("fitnet/scratch")))],
-        ["thin-deep student, KD only (FitNet stage 2 alone)", f"`{settings['fitnet_student']}`",
+        ["thin-deep student, KD only (FitNet stage 2 alone)", f"`{models['fitnet_student']}`",
          fmt_pct(stats_of(acc.get("fitnet/kd_only")))],
-        ["thin-deep student, FitNet (hints, then KD)", f"`{settings['fitnet_student']}`",
+        ["thin-deep student, FitNet (hints, then KD)", f"`{models['fitnet_student']}`",
          fmt_pct(stats_of(acc.get("fitnet/hint_kd")))],
-        ["direct large -> student (full KD)", f"`{settings['student']}`",
+        ["direct large -> student (full KD)", f"`{models['student']}`",
          fmt_pct(stats_of(acc.get("full/large")))],
         ["TA chain: the assistant (medium size, distilled from large)",
-         f"`{settings['teachers']['medium']}`", fmt_pct(stats_of(assistant_acc))],
-        ["TA chain large -> medium -> student (full KD)", f"`{settings['student']}`",
+         f"`{models['medium']}`", fmt_pct(stats_of(assistant_acc))],
+        ["TA chain large -> medium -> student (full KD)", f"`{models['student']}`",
          fmt_pct(stats_of(acc.get("ta/large-medium")))],
     ]
     return markdown_table(["run", "model", "eval top-1 (%)"], rows)
@@ -140,23 +151,31 @@ PREDICTS = {"higher": "a > b", "lower": "a < b", "not_higher": "a not > b"}
 
 
 def comparisons_table(claim_results: Sequence[Mapping]) -> str:
-    """Table 4: every comparison behind the verdicts."""
+    """Every comparison behind the verdicts, with its tests (p-values Holm-adjusted within the
+    claim)."""
     rows = []
     for claim in claim_results:
         for r in claim["results"]:
-            rows.append([claim["id"], r["name"], fmt_diff(r["diff"], r["metric"]),
-                         fmt_p(r["welch_p"]), fmt_p(r["paired_p"]), str(r["n_paired"]),
-                         PREDICTS[r["claim"]], r["verdict"]])
-    return markdown_table(["claim", "comparison a - b", "diff of means", "Welch p", "paired p",
-                           "paired seeds", "claim predicts", "verdict"], rows)
+            rows.append([claim["id"], r["name"], str(r["n"]),
+                         ", ".join(map(str, r["excluded"])) or "-",
+                         fmt_diff(r["mean_diff"], r["metric"]), _ci(r),
+                         f"{fmt_p(r['p_t'])} ({fmt_p(r['p_t_holm'])})",
+                         f"{fmt_p(r['p_wilcoxon'])} ({fmt_p(r['p_wilcoxon_holm'])})",
+                         f"{fmt_p(r['p_tost'])} ({fmt_p(r['p_tost_holm'])}), ±{r['margin']:g}",
+                         f"{r['mde']:.2f}", r["verdict"] + (f" ({r['note']})" if r["note"] else ""),
+                         PREDICTS[r["claim"]], r["answer"]])
+    return markdown_table(["claim", "comparison a - b", "n", "seeds left out", "mean diff",
+                           "95% CI (bootstrap)", "paired t p (Holm)", "Wilcoxon p (Holm)",
+                           "TOST p (Holm), margin", "MDE (80%)", "paired verdict",
+                           "claim predicts", "answer"], rows)
 
 
 def verdict_table(claim_results: Sequence[Mapping]) -> str:
     """One row per claim: the claim, its verdict and every comparison behind it, in short."""
     return markdown_table(["claim", "verdict", "evidence"], [
         [c["claim"], f"**{c['verdict']}**",
-         "; ".join(f"{r['name']}: {fmt_diff(r['diff'], r['metric'])} ({fmt_p(r['welch_p'])} / "
-                   f"{fmt_p(r['paired_p'])})" for r in c["results"]) or "-"]
+         "; ".join(f"{r['name']}: {fmt_diff(r['mean_diff'], r['metric'])} {_ci(r)} "
+                   f"({r['verdict']})" for r in c["results"]) or "-"]
         for c in claim_results])
 
 
@@ -164,8 +183,32 @@ def _claim_section(claim: Mapping) -> list[str]:
     lines = [f"### {claim['claim']}", "", f"Paper: {claim['paper']}.", "",
              f"**Verdict: {claim['verdict']}.**", ""]
     for r in claim["results"]:
-        lines.append(f"- {comparison_text(r)} -> {r['verdict']}.")
+        lines.append(f"- {comparison_text(r)}; the claim predicts {PREDICTS[r['claim']]}: "
+                     f"{r['answer']}.")
     return lines + [""]
+
+
+def collapse_table(rates: Mapping[str, Mapping]) -> str:
+    """Collapsed runs per student cell: ``k / n``, the rate and its exact 95% CI."""
+    return markdown_table(["cell", "collapsed / runs", "rate (%)", "95% CI (Clopper-Pearson)"], [
+        [cell, f"{r['k']} / {r['n']}", f"{100 * r['rate']:.0f}",
+         f"[{100 * r['ci_low']:.0f}, {100 * r['ci_high']:.0f}]"] for cell, r in rates.items()])
+
+
+def constants_table(acc: Mapping, teacher_acc: Mapping, early_acc: Mapping) -> str:
+    """The ESKD protocol's free constants as measured axes (MNIST-1D grid): the stop epoch, the
+    early teacher and the loss constants, each against full KD from the large teacher."""
+    rows = [["full KD (T = 4, 0.1 CE + 0.9 KD)", fmt_pct(stats_of(acc.get("full/large")))]]
+    for label, cell in (("ESKD stop_kd after 25% (epoch 6)", "eskd_stop25/large"),
+                        ("ESKD stop_kd after 50% (epoch 12, first decay)", "eskd_stop/large"),
+                        ("ESKD stop_kd after 75% (epoch 18, second decay)", "eskd_stop75/large"),
+                        ("ESKD early_teacher (epoch 12 snapshot)", "eskd_early/large"),
+                        ("full KD at T = 1, 0.5 CE + 0.5 KD", "full_t1/large")):
+        rows.append([label, fmt_pct(stats_of(acc.get(cell)))])
+    rows.append(["(teacher: final / epoch-12 snapshot)",
+                 f"{fmt_pct(stats_of(teacher_acc.get('teacher/large')))} / "
+                 f"{fmt_pct(stats_of(early_acc.get('eskd_early/large')))}"])
+    return markdown_table(["student of the large teacher", "eval top-1 (%)"], rows)
 
 
 def plot_accuracy_vs_teacher(acc: Mapping, teacher_acc: Mapping, params: Mapping[str, int],
@@ -272,27 +315,35 @@ def count_params(spec: str, sample_input: np.ndarray, num_classes: int) -> int:
 
 
 def setup_info(dataset: str, smoke: bool) -> dict:
-    """Dataset sizes, model parameter counts and the training settings of the grid's configs."""
-    s = small.SETTINGS[dataset]
-    kd = build_config(Cell("x", "kd", "eskd", "teacher=large,mode=eskd", ""), dataset, 0, "/", smoke)
-    early = build_config(Cell("x", "kd", "eskd", "teacher=large,mode=eskd,reading=early_teacher",
-                              ""), dataset, 0, "/", smoke)
-    fit = build_config(Cell("x", "fitnet", "fitnet", "", ""), dataset, 0, "/", smoke)
+    """Dataset sizes, model parameter counts and the training settings, read from the configs of
+    the grid's own cells (:func:`~experiments.reproduce_cpu.grid.build_config`)."""
+    teachers, students = grid(dataset)
+    cells = {c.key: c for c in teachers + students}
+    config = {key: build_config(cells[key], dataset, 0, "/", smoke)
+              for key in ("scratch", "eskd_stop/large", "eskd_early/large", "fitnet/hint_kd")}
+    kd, early, fit = config["eskd_stop/large"], config["eskd_early/large"], config["fitnet/hint_kd"]
+    teacher_configs = {size: build_config(cells[f"teacher/{size}"], dataset, 0, "/", smoke)
+                       for size in SIZES}
     data = build_data(kd.dataset, 0)
-    specs = {**s["teachers"], "student": s["student"], "fitnet_teacher": s["fitnet_teacher"],
-             "fitnet_student": s["fitnet_student"]}
+    specs = {**{size: c.teacher.model for size, c in teacher_configs.items()},
+             "student": config["scratch"].student.model, "fitnet_teacher": fit.teacher.model,
+             "fitnet_student": fit.student.model}
     params = {k: count_params(v, data.sample_input, data.num_classes) for k, v in specs.items()}
+
+    def optimizer(c) -> dict:
+        return {"name": c.optimizer.name, "lr": c.optimizer.lr, "lr_batch": c.optimizer.lr_batch,
+                "momentum": c.optimizer.momentum, "weight_decay": c.optimizer.weight_decay,
+                "decay_epochs": list(c.optimizer.decay_epochs)}
+
     return {
         "dataset": dataset, "smoke": smoke,
         "train_examples": data.num_examples(data.train_split),
         "eval_examples": data.num_examples(data.eval_split), "eval_split": data.eval_split,
         "num_classes": data.num_classes, "models": specs, "params": params,
         "epochs": kd.num_epochs, "steps_per_epoch": data.steps_per_epoch,
-        "batch_size": kd.dataset.batch_size,
-        "optimizer": {"name": kd.optimizer.name, "lr": kd.optimizer.lr,
-                      "lr_batch": kd.optimizer.lr_batch, "momentum": kd.optimizer.momentum,
-                      "weight_decay": kd.optimizer.weight_decay,
-                      "decay_epochs": list(kd.optimizer.decay_epochs)},
+        "batch_size": kd.dataset.batch_size, "optimizer": optimizer(kd),
+        "teacher_optimizer": optimizer(teacher_configs["large"]),
+        "teacher_seeds": TEACHER_SEEDS[dataset], "precomputed": cells["full/large"].precomputed,
         "temperature": kd.kd.temperature, "kd_weight": kd.kd.weight, "ce_weight": kd.kd.ce_weight,
         "stop_epoch": kd.kd.stop_epoch, "early_teacher_epoch": early.teacher.early_epoch,
         "fitnet": {"lr": fit.optimizer.lr, "teacher_lr": fit.teacher.lr or fit.optimizer.lr,
@@ -339,53 +390,91 @@ def timing_text(timing: Mapping[str, Any]) -> str:
             f"an idle machine.")
 
 
+#: Published MNIST-1D test accuracies (Greydanus & Kobak, ICML 2024), percent.
+PUBLISHED_MNIST1D = {"logistic regression": 32, "MLP": 68, "CNN": 94}
+
+
+def _seeds_text(setup: Mapping, seeds: Sequence[int]) -> str:
+    k = setup["teacher_seeds"]
+    teachers = ("seed s sets the initialisation and data order of the teacher and of every "
+                "student of seed s, and the seed-s students all distil from the seed-s teachers"
+                if k is None else
+                f"seed s sets the initialisation and data order of every student of seed s, "
+                f"which distil from the teachers of seed s mod {k} ({k} teacher seeds, each "
+                f"teacher trained once)")
+    return (f"- Seeds: {len(seeds)} per student cell ({seeds[0]}-{seeds[-1]}); {teachers}; so "
+            f"comparisons between cells are paired by seed.")
+
+
 def write_report(out: str, *, setup: Mapping, machine: Mapping, records: Sequence[Mapping],
                  seeds: Sequence[int], timing: Mapping, command: str,
-                 sizes: Sequence[str] = SIZES) -> dict:
-    """Writes ``README.md``, the plots and ``results.json`` into ``out``; returns the JSON object."""
+                 sizes: Sequence[str] = SIZES, report_command: str | None = None) -> dict:
+    """Writes ``README.md``, the plots and ``results.json`` into ``out``; returns the JSON object.
+    ``report_command``: the ``--report-only`` command that recomputed the statistics from an
+    earlier run's records (None: ``command`` trained them and wrote this report)."""
     os.makedirs(out, exist_ok=True)
-    settings = small.SETTINGS[setup["dataset"]]
+    models = setup["models"]
     acc = by_cell(records)
     teacher_acc = {k: v for k, v in acc.items() if k.startswith("teacher/")}
-    claim_results = evaluate_claims({"accuracy": acc, "kl": by_cell(records, "kl")}, sizes)
-    collapsed = collapsed_runs(records, setup["num_classes"])
+    early_acc = by_cell(records, "teacher_accuracy")
+    thresholds = collapse_thresholds(records)
+    collapsed = collapsed_runs(records, thresholds)
+    rates = collapse_rates(records, collapsed)
+    claim_results = evaluate_claims({"accuracy": acc, "kl": by_cell(records, "kl")}, sizes,
+                                    collapsed)
+    fitnet_collapse = [(a, b, collapse_test(a, b, records, collapsed))
+                       for a, b in (("fitnet/hint_kd", "fitnet/kd_only"),
+                                    ("fitnet/hint_kd", "fitnet/scratch"))
+                       if a in rates and b in rates]
     plot_accuracy_vs_teacher(acc, teacher_acc, setup["params"], os.path.join(out, ACCURACY_PLOT),
                              sizes)
     plot_mimic(records, os.path.join(out, MIMIC_PLOT), sizes)
     plot_fitnet_ta(acc, os.path.join(out, FITNET_TA_PLOT))
 
     p = setup["params"]
-    o = setup["optimizer"]
+    o, to = setup["optimizer"], setup["teacher_optimizer"]
     f = setup["fitnet"]
     lines = [f"# CPU-scale reproduction of the ESKD and FitNet claims ({setup['dataset']})", ""]
     if setup["smoke"]:
         lines += ["**SMOKE RUN: two short epochs on a slice of the data. These numbers only show "
                   "that the pipeline runs; they say nothing about the claims.**", ""]
+    teachers_vs_published = ""
+    if setup["dataset"] == "mnist1d":
+        teachers_vs_published = (
+            " Published MNIST-1D test accuracies for comparison: " + ", ".join(
+                f"{k} {v}%" for k, v in PUBLISHED_MNIST1D.items()) + "; here (mean over the "
+            "teacher seeds): " + ", ".join(
+                f"{size} teacher {fmt_pct(stats_of(teacher_acc.get(f'teacher/{size}')))}"
+                for size in sizes) + f", student from scratch "
+            f"{fmt_pct(stats_of(acc.get('scratch')))}.")
     lines += [
         f"Regenerate with `{command}` (see docs/experiments.md). Every number below was measured "
         f"by that command; nothing is copied or extrapolated. Per-seed numbers: "
-        f"[`{RESULTS_JSON}`]({RESULTS_JSON}).", "",
+        f"[`{RESULTS_JSON}`]({RESULTS_JSON})."
+        + (f" The statistics, tables and plots were recomputed from those records (no "
+           f"training) by `{report_command}`." if report_command else ""), "",
         "## Setup", "",
         f"- Data: {setup['dataset']}, {setup['train_examples']} train / {setup['eval_examples']} "
         f"{setup['eval_split']} examples, {setup['num_classes']} classes; top-1 is measured on "
-        f"the {setup['eval_split']} split after the last step.",
-        f"- Student `{settings['student']}` ({p['student']:,} parameters); teachers small "
-        f"`{settings['teachers']['small']}` ({p['small']:,}), medium "
-        f"`{settings['teachers']['medium']}` ({p['medium']:,}), large "
-        f"`{settings['teachers']['large']}` ({p['large']:,}).",
-        f"- Training (teachers and students alike): {setup['epochs']} epochs x "
-        f"{setup['steps_per_epoch']} steps, batch {setup['batch_size']}, {o['name']} momentum "
-        f"{o['momentum']}, learning rate {o['lr']} x batch / {o['lr_batch']}, divided by 10 at "
-        f"epochs {o['decay_epochs']}, weight decay {o['weight_decay']}.",
+        f"the {setup['eval_split']} split after the last step.{teachers_vs_published}",
+        f"- Student `{models['student']}` ({p['student']:,} parameters); teachers small "
+        f"`{models['small']}` ({p['small']:,}), medium `{models['medium']}` ({p['medium']:,}), "
+        f"large `{models['large']}` ({p['large']:,}).",
+        f"- Students: {setup['epochs']} epochs x {setup['steps_per_epoch']} steps, batch "
+        f"{setup['batch_size']}, {o['name']} momentum {o['momentum']}, learning rate {o['lr']} x "
+        f"batch / {o['lr_batch']}, divided by 10 at epochs {o['decay_epochs']}, weight decay "
+        f"{o['weight_decay']}. Teachers: the same schedule with {to['name']} at rate {to['lr']} x "
+        f"batch / {to['lr_batch']}, weight decay {to['weight_decay']}.",
         f"- KD: `{setup['ce_weight']} CE + {setup['kd_weight']} T^2 KL(p_t^T || p_s^T)`, "
         f"T = {setup['temperature']}. ESKD `stop_kd`: the KD term off from epoch "
         f"{setup['stop_epoch']} (then CE with weight 1). ESKD `early_teacher`: full KD from the "
-        f"teacher's epoch-{setup['early_teacher_epoch']} snapshot.",
-        f"- Teacher-assistant chain: the medium-size model distilled from the large teacher "
-        f"(full KD), then the student distilled from it; both links with the settings above.",
-        f"- FitNet: teacher `{settings['fitnet_teacher']}` ({p['fitnet_teacher']:,}; trained at "
+        f"teacher's epoch-{setup['early_teacher_epoch']} snapshot."
+        + (" The teacher's logits are computed once per run into a logit store (full float32; "
+           "no augmentation, so the store holds exactly what a live teacher computes) and read "
+           "from it." if setup["precomputed"] else ""),
+        f"- FitNet: teacher `{models['fitnet_teacher']}` ({p['fitnet_teacher']:,}; trained at "
         f"learning rate {f['teacher_lr']} x batch / {o['lr_batch']}), thin-and-deep "
-        f"student `{settings['fitnet_student']}` ({p['fitnet_student']:,}); stage 1 "
+        f"student `{models['fitnet_student']}` ({p['fitnet_student']:,}); stage 1 "
         f"{f['stage1_epochs']} epochs ({f['stage1_schedule']} schedule) on the hint loss between "
         f"the teacher's `{f['hint_layer']}` and a 1x1-conv regressor"
         f"{' ending in a ReLU' if f['regressor_relu'] else ''} on the student's "
@@ -394,15 +483,18 @@ def write_report(out: str, *, setup: Mapping, machine: Mapping, records: Sequenc
         f"{f['weight_start']} -> {f['weight_end']}; learning rate {f['lr']} x batch / "
         f"{o['lr_batch']} (the FitNet config's). KD only: stage 2 alone from a random "
         f"initialisation. Scratch: CE alone, same learning rate and epochs.",
-        f"- Seeds: {len(seeds)} ({', '.join(map(str, seeds))}); seed s sets the initialisation "
-        f"and data order of the teacher and of every student of seed s, and the seed-s "
-        f"students all distil from the seed-s teachers, so comparisons are paired by seed.",
-        f"- Statistics: mean ± sample std (ddof 1) over seeds. Each comparison `a - b` gets "
-        f"Welch's t-test (`scipy.stats.ttest_ind(equal_var=False)`) and the paired t-test over "
-        f"seeds (`ttest_rel`); a difference counts as significant only when BOTH give p < "
-        f"{ALPHA}. Verdicts: agree / disagree when significant in the claim's / the opposite "
-        f"direction; inconclusive otherwise (with {len(seeds)} seeds a difference below about "
-        f"one std is not detectable).",
+        _seeds_text(setup, seeds),
+        f"- Statistics (`experiments/paired_stats.py`): mean ± sample std (ddof 1) over seeds. "
+        f"Each claim's comparisons `a - b` are one family: per-seed differences, the paired "
+        f"t-test and the Wilcoxon signed-rank test (two-sided, each Holm-adjusted over the "
+        f"family), a bootstrap 95% CI of the mean difference (BCa), a TOST equivalence test with "
+        f"margin ±{MARGINS['accuracy']:g} points of top-1 (±{MARGINS['kl']:g} for KL), and the "
+        f"minimal detectable effect (80% power, alpha {ALPHA}). Paired verdict: better / worse "
+        f"when both tests reject, else equivalent when TOST rejects, else inconclusive. The "
+        f"claim's answer: agree / disagree when the verdict is what the claim predicts / the "
+        f"opposite (for a predicted gain, equivalence disagrees; for \"no gain\", equivalence "
+        f"agrees), else inconclusive. Collapsed runs are left out of the comparisons and counted "
+        f"apart (below).",
         f"- Machine: {machine['platform']}, {machine['cpu_count']} CPU cores, Python "
         f"{machine['python']}, jax {machine['jax']}, devices {', '.join(machine['devices'])}.",
         timing_text(timing),
@@ -410,42 +502,60 @@ def write_report(out: str, *, setup: Mapping, machine: Mapping, records: Sequenc
         f"{', '.join(f'`{v}` ({_runs(n)})' for v, n in code_versions(records).items())} "
         f"(SHA-256 prefix over `kdjax/` and `experiments/`, see `code_version`).", "",
         "## Verdicts", "",
-        "The four claims the reproduction answers, then two supporting measurements. Evidence: "
-        "difference of means `a - b` (Welch p / paired p).", "",
+        "The claims the reproduction answers, then supporting measurements. Evidence: paired "
+        "mean difference `a - b` with its bootstrap 95% CI and the paired verdict.", "",
         verdict_table([c for c in claim_results if c["core"]]), "",
         "Supporting measurements:", "",
         verdict_table([c for c in claim_results if not c["core"]]), ""]
     for claim in claim_results:
         lines += _claim_section(claim)
+    threshold_text = "; ".join(
+        f"`{model}`: {100 * t['threshold']:.1f}%" + (
+            f" (scratch {100 * t['scratch_mean']:.2f} ± {100 * t['scratch_std']:.2f}, "
+            f"n = {t['scratch_n']})" if t["scratch_n"] >= 2 else " (no scratch runs: the cap)")
+        for model, t in thresholds.items())
     lines += [
         "## Tables", "",
         "### Table 1: the ESKD grid (eval top-1 %, mean ± std over seeds)", "",
         "Rows: the student's teacher; columns: the teacher's own top-1 and the student's under "
         "full KD, ESKD `stop_kd` and ESKD `early_teacher`. The first row is the student trained "
         "on labels alone.", "",
-        eskd_table(acc, teacher_acc, settings, sizes, by_cell(records, "teacher_accuracy")), "",
-        "### Table 2: does the student mimic its teacher? (full KD, end of training)", "",
+        eskd_table(acc, teacher_acc, models, sizes, early_acc), ""]
+    if "full_t1/large" in acc or "eskd_stop25/large" in acc:
+        lines += ["### Table 2: the protocol's free constants (large teacher)", "",
+                  "Where KD stops, which teacher snapshot teaches, and the loss constants, each "
+                  "beside full KD at the grid's constants (the `stop_epoch` and `loss_constants` "
+                  "claims test them).", "",
+                  constants_table(acc, teacher_acc, early_acc), ""]
+    lines += [
+        "### Table 3: does the student mimic its teacher? (full KD, end of training)", "",
         "The ESKD paper's explanation of the capacity gap: a small student cannot follow a large "
         "teacher, so its KD loss stays higher and it trades cross-entropy for KD loss. Train "
         "losses are the mean over the last logging window; KL and agreement are on the eval "
         "split.", "",
         mimic_table(records, sizes), "",
-        "### Table 3: FitNet and the teacher-assistant chain (eval top-1 %)", "",
-        fitnet_ta_table(acc, teacher_acc, settings, {
+        "### Table 4: FitNet and the teacher-assistant chain (eval top-1 %)", "",
+        fitnet_ta_table(acc, teacher_acc, models, {
             r["seed"]: r["stages"][0]["accuracy"] for r in records
             if r["cell"] == "ta/large-medium" and r["stages"][0]["accuracy"] is not None}), "",
-        "### Runs that collapsed", "",
-        f"Final eval top-1 below twice chance ({200 / setup['num_classes']:.0f}%): the network "
-        f"died or diverged (constant logits give eval CE = ln {setup['num_classes']} = "
-        f"{math.log(setup['num_classes']):.3f}). They are kept in every mean, std and test above: "
-        f"they are what the protocol produced.", "",
-        (markdown_table(["cell", "seed", "top-1 (%)", "eval CE"],
-                        [[c["cell"], str(c["seed"]), f"{100 * c['accuracy']:.2f}",
-                          "-" if c["ce"] is None else f"{c['ce']:.3f}"]
-                         for c in collapsed]) if collapsed else "None."), "",
-        "### Table 4: every comparison", "",
-        "`diff of means` = mean(a) - mean(b) (top-1 in points; KL raw); `claim predicts` is what "
-        "the paper's claim says about `a - b`.", "",
+        "### Collapsed runs", "",
+        f"A student run is collapsed when its final top-1 is below min({100 * COLLAPSE_CAP:.0f}%, "
+        f"its model's scratch mean - {COLLAPSE_SDS:g} scratch std): far below what the "
+        f"architecture reaches on labels alone. Thresholds: {threshold_text}. Collapsed runs are "
+        f"left out of the paired comparisons (their seeds are listed there) and counted here.", "",
+        collapse_table(rates) if rates else "No student runs.", ""]
+    for a, b, t in fitnet_collapse:
+        lines.append(f"- Collapse, {a} vs {b} (exact McNemar over {t['n']} paired seeds): "
+                     f"{t['a_only']} seeds collapsed only in {a}, {t['b_only']} only in {b}; "
+                     f"p = {fmt_p(t['p'])}.")
+    lines += ["", (markdown_table(["cell", "seed", "top-1 (%)", "eval CE"],
+                                  [[c["cell"], str(c["seed"]), f"{100 * c['accuracy']:.2f}",
+                                    "-" if c["ce"] is None else f"{c['ce']:.3f}"]
+                                   for c in collapsed]) if collapsed else "No run collapsed."), "",
+        "### Table 5: every comparison", "",
+        "`mean diff` = mean over seeds of a - b (top-1 in points; KL in nats), p-values raw "
+        "(Holm-adjusted within the claim); `claim predicts` is what the paper's claim says about "
+        "`a - b`.", "",
         comparisons_table(claim_results), "",
         "## Plots", "",
         f"Student top-1 against teacher size (full KD, both ESKD readings, scratch band): "
@@ -464,8 +574,10 @@ def write_report(out: str, *, setup: Mapping, machine: Mapping, records: Sequenc
     for key, entry in cells.items():
         entry["accuracy"] = stats_of(acc.get(key))
     result = {"setup": dict(setup), "machine": dict(machine), "seeds": list(seeds),
-              "timing": dict(timing), "command": command, "cells": cells, "claims": claim_results,
-              "collapsed": collapsed,
+              "timing": dict(timing), "command": command, "report_command": report_command,
+              "cells": cells, "claims": claim_results,
+              "collapsed": collapsed, "collapse_thresholds": thresholds,
+              "collapse_rates": rates,
               "curves": {f"{r['cell']}/seed{r['seed']}": r["curves"] for r in records
                          if r["cell"].startswith(("full/", "eskd_stop/"))}}
     write_json(os.path.join(out, RESULTS_JSON), result)

@@ -24,7 +24,7 @@ from typing import Any, Mapping, Sequence
 import jax
 
 from experiments import imagenet_eskd, imagenet_fitnet, rundir, stages, train_teacher
-from experiments.reproduce_cpu.grid import Cell, build_config, cell_dir
+from experiments.reproduce_cpu.grid import Cell, build_config, cell_dir, teacher_seed
 from experiments.specs import build_model
 from experiments.teachers import obtain_teacher
 from experiments.validate import validate_config
@@ -178,7 +178,8 @@ def run_cell(cell: Cell, dataset: str, seed: int, workdir: str, smoke: bool) -> 
     directory = cell_dir(workdir, cell.key, seed)
     path = os.path.join(directory, RECORD_FILE)
     config = build_config(cell, dataset, seed, workdir, smoke)
-    teacher_dir = cell_dir(workdir, cell.teacher, seed) if cell.teacher else None
+    teacher_dir = (cell_dir(workdir, cell.teacher, teacher_seed(dataset, seed))
+                   if cell.teacher else None)
     reason = stale_reason(directory, config, teacher_dir,
                           TEACHER_IGNORED if cell.kind == "teacher" else ())
     if reason is not None:

@@ -1,19 +1,40 @@
-"""The statistics of the reproduction: per-cell mean and std over seeds, Welch's and the paired
-t-test between two cells, and the verdict of each paper claim (docs/experiments.md gives the rules).
+"""The statistics of the reproduction: per-cell mean and std over seeds, collapsed runs, and the
+verdict of each paper claim from paired comparisons (:mod:`experiments.paired_stats`).
+
+Design: every student cell of seed ``s`` is trained from the same data order and initialisation
+seed and distils from the teachers of the same teacher seed, so the unit of analysis is the
+per-seed difference of two cells. Each claim's comparisons are one family: paired t-test and
+Wilcoxon signed-rank test, each Holm-adjusted over the family, a bootstrap 95% CI of the mean
+difference, a TOST equivalence test with the metric's margin (:data:`MARGINS`) and the minimal
+detectable effect; :func:`answer` turns a comparison's verdict into agree / disagree /
+inconclusive for what the claim predicts. Collapsed runs (:func:`collapse_thresholds`) are
+counted and analysed apart: a comparison uses the seeds at which neither run collapsed.
+docs/experiments.md gives the rules.
 """
 
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 from scipy import stats  # scipy comes with scikit-learn, of the `experiments` extra
 
+from experiments import paired_stats
 from experiments.reproduce_cpu.grid import SIZES
 
 ALPHA = 0.05
+#: TOST equivalence margins per metric, in the units the comparisons use (:data:`SCALE`): half a
+#: point of top-1 (a smaller difference is below what the papers report: their effects are
+#: 0.2-1.9 points on ImageNet, and half a point is about two binomial standard errors of one
+#: run on a 10,000-example test split) and 0.01 nats of KL.
+MARGINS = {"accuracy": 0.5, "kl": 0.01}
+#: Records hold top-1 as a fraction; comparisons use points.
+SCALE = {"accuracy": 100.0, "kl": 1.0}
+#: A run is collapsed below this top-1 whatever its family's spread (:func:`collapse_thresholds`).
+COLLAPSE_CAP = 0.5
+#: ... or below its family's scratch mean minus this many scratch standard deviations.
+COLLAPSE_SDS = 4.0
 
 
 def summarize(values: Sequence[float]) -> dict:
@@ -31,73 +52,47 @@ def stats_of(values: Mapping[int, float] | None) -> dict | None:
     return summarize(list(values.values())) if values else None
 
 
-def _constant(x: np.ndarray) -> bool:
-    """True when all values are equal up to float rounding (a t-test is undefined then)."""
-    return bool(np.ptp(x) <= 1e-12 * max(1.0, float(np.max(np.abs(x)))))
+def compare(a: Mapping[int, float], b: Mapping[int, float], *, metric: str = "accuracy",
+            name: str = "a - b") -> paired_stats.Comparison:
+    """Cell ``a`` against cell ``b`` (``seed -> value``) over their common seeds, a family of one:
+    :func:`experiments.paired_stats.compare` of ``a - b`` in :data:`SCALE` units with the metric's
+    margin. Raises ValueError with fewer than two common seeds."""
+    return _family({name: (a, b)}, metric)[0]
 
 
-def compare(a: Mapping[int, float], b: Mapping[int, float]) -> dict:
-    """Cell ``a`` against cell ``b`` over seeds: ``a`` and ``b`` map seed -> value.
-
-    Returns ``diff`` (mean(a) - mean(b)), Welch's t-test over all values (``welch_t``,
-    ``welch_p``: ``scipy.stats.ttest_ind(a, b, equal_var=False)``, two-sided) and the paired t-test
-    over the seeds both have (``paired_t``, ``paired_p``: ``scipy.stats.ttest_rel``, two-sided;
-    ``n_paired``). A test is undefined (t and p NaN) with fewer than two values per side, when
-    both samples are constant (Welch) or when the paired differences are constant (paired).
-    """
-    if len(a) < 1 or len(b) < 1:
-        raise ValueError(f"compare: both cells need values; got {len(a)} and {len(b)} seeds.")
-    xa = np.array([a[s] for s in sorted(a)], np.float64)
-    xb = np.array([b[s] for s in sorted(b)], np.float64)
-    common_seeds = sorted(set(a) & set(b))
-    da = np.array([a[s] - b[s] for s in common_seeds], np.float64)
-    out = {"diff": float(xa.mean() - xb.mean()), "n_a": int(xa.size), "n_b": int(xb.size),
-           "n_paired": len(common_seeds), "welch_t": math.nan, "welch_p": math.nan,
-           "paired_t": math.nan, "paired_p": math.nan}
-    with warnings.catch_warnings():
-        # One constant sample (e.g. every seed at the same top-1) is fine for Welch's test, but
-        # scipy warns about its zero variance; the undefined cases are excluded above.
-        warnings.filterwarnings("ignore", "Precision loss occurred", RuntimeWarning)
-        if xa.size > 1 and xb.size > 1 and not (_constant(xa) and _constant(xb)):
-            t, p = stats.ttest_ind(xa, xb, equal_var=False)
-            out["welch_t"], out["welch_p"] = float(t), float(p)
-        if da.size > 1 and not _constant(da):
-            t, p = stats.ttest_rel([a[s] for s in common_seeds], [b[s] for s in common_seeds])
-            out["paired_t"], out["paired_p"] = float(t), float(p)
-    return out
-
-
-def direction(comparison: Mapping[str, float], alpha: float = ALPHA) -> str:
-    """``'higher'`` / ``'lower'`` (the sign of ``diff``) when BOTH Welch's and the paired test give
-    p < ``alpha``; else ``'n.s.'`` (an undefined, NaN p-value counts as not significant)."""
-    p_values = (comparison["welch_p"], comparison["paired_p"])
-    if all(p == p and p < alpha for p in p_values):
-        return "higher" if comparison["diff"] > 0 else "lower"
-    return "n.s."
+def _family(pairs: Mapping[str, tuple], metric: str) -> list[paired_stats.Comparison]:
+    """``name -> (a, b)`` (seed -> value dicts) as one Holm family of paired comparisons."""
+    arrays = {}
+    for name, (a, b) in pairs.items():
+        seeds = sorted(set(a) & set(b))
+        if len(seeds) < 2:
+            raise ValueError(f"{name}: needs at least two seeds that both cells have (paired); "
+                             f"got {len(seeds)}.")
+        scale = SCALE[metric]
+        arrays[name] = ([scale * b[s] for s in seeds], [scale * a[s] for s in seeds])
+    return paired_stats.compare_family(arrays, margin=MARGINS[metric], alpha=ALPHA)
 
 
 CLAIM_KINDS = ("higher", "lower", "not_higher")
+#: What a claim's prediction makes of each paired verdict of ``a - b``.
+ANSWERS = {
+    "higher": {"better": "agree", "worse": "disagree", "equivalent": "disagree",
+               "inconclusive": "inconclusive"},
+    "lower": {"worse": "agree", "better": "disagree", "equivalent": "disagree",
+              "inconclusive": "inconclusive"},
+    "not_higher": {"better": "disagree", "worse": "agree", "equivalent": "agree",
+                   "inconclusive": "inconclusive"},
+}
 
 
-def verdict(comparison: Mapping[str, float], claim: str, alpha: float = ALPHA) -> str:
-    """Whether a comparison ``a - b`` supports what a claim predicts for it.
-
-    ``claim='higher'`` (``'lower'``): the claim predicts ``a > b`` (``a < b``): agree if
-    significantly so, disagree if significantly the other way. ``claim='not_higher'``: the claim
-    says ``a`` is no better than ``b``: disagree if significantly higher, agree if significantly
-    lower. No significant difference is ``'inconclusive'`` in every case (for ``not_higher`` it is
-    consistent with the claim, but a few seeds cannot exclude a small gain).
-    """
+def answer(verdict: str, claim: str) -> str:
+    """What a comparison's verdict (``better`` / ``worse`` / ``equivalent`` / ``inconclusive``,
+    :func:`experiments.paired_stats.verdict`) says about a claim predicting ``a - b``:
+    ``'higher'`` (a gain; equivalence within the margin disagrees), ``'lower'``, or
+    ``'not_higher'`` (no gain; equivalence or a loss agrees)."""
     if claim not in CLAIM_KINDS:
-        raise ValueError(f"verdict: claim={claim!r} is not valid; valid: {', '.join(CLAIM_KINDS)}.")
-    d = direction(comparison, alpha)
-    if d == "n.s.":
-        return "inconclusive"
-    if claim == "higher":
-        return "agree" if d == "higher" else "disagree"
-    if claim == "lower":
-        return "agree" if d == "lower" else "disagree"
-    return "disagree" if d == "higher" else "agree"
+        raise ValueError(f"answer: claim={claim!r} is not valid; valid: {', '.join(CLAIM_KINDS)}.")
+    return ANSWERS[claim][verdict]
 
 
 def combine(verdicts: Sequence[str]) -> str:
@@ -121,13 +116,71 @@ def by_cell(records: Sequence[Mapping[str, Any]], metric: str = "accuracy") -> d
     return out
 
 
-def collapsed_runs(records: Sequence[Mapping], num_classes: int) -> list[dict]:
-    """Runs whose final eval top-1 is below twice chance (``2 / num_classes``): the network died
-    or diverged (e.g. every ReLU off: constant logits, eval CE = ln C). They stay in the
-    statistics (they are what the protocol produced) and the report lists them."""
-    return [{"cell": r["cell"], "seed": r["seed"], "accuracy": r["accuracy"], "ce": r.get("ce")}
+def _family_of(record: Mapping) -> str | None:
+    """A student run's family (its model spec); None for a teacher run."""
+    return None if record["cell"].startswith("teacher/") else record.get("model")
+
+
+def collapse_thresholds(records: Sequence[Mapping]) -> dict[str, dict]:
+    """Per student model (family): the top-1 below which a run counts as collapsed.
+
+    ``min(COLLAPSE_CAP, mean - COLLAPSE_SDS * std)`` of the family's runs from scratch (the cell
+    with ``kd_mode == 'scratch'``): far below what the architecture reaches on labels alone,
+    and never above 50% (five times chance on ten classes). Without two scratch runs the cap
+    alone. Returns ``{model: {'threshold', 'scratch_mean', 'scratch_std', 'scratch_n'}}``."""
+    out: dict[str, dict] = {}
+    for model in sorted({m for m in map(_family_of, records) if m}):
+        scratch = [r["accuracy"] for r in records if _family_of(r) == model
+                   and r.get("kd_mode") == "scratch" and r.get("accuracy") is not None]
+        entry = {"threshold": COLLAPSE_CAP, "scratch_mean": math.nan, "scratch_std": math.nan,
+                 "scratch_n": len(scratch)}
+        if len(scratch) >= 2:
+            mean, std = float(np.mean(scratch)), float(np.std(scratch, ddof=1))
+            entry.update(threshold=min(COLLAPSE_CAP, mean - COLLAPSE_SDS * std),
+                         scratch_mean=mean, scratch_std=std)
+        out[model] = entry
+    return out
+
+
+def collapsed_runs(records: Sequence[Mapping],
+                   thresholds: Mapping[str, Mapping] | None = None) -> list[dict]:
+    """Student runs whose final eval top-1 is below their family's threshold
+    (:func:`collapse_thresholds`): the network died or diverged. They are listed, counted per
+    cell (:func:`collapse_rates`) and left out of the paired comparisons."""
+    thresholds = collapse_thresholds(records) if thresholds is None else thresholds
+    return [{"cell": r["cell"], "seed": r["seed"], "accuracy": r["accuracy"], "ce": r.get("ce"),
+             "threshold": thresholds[_family_of(r)]["threshold"]}
             for r in sorted(records, key=lambda r: (r["cell"], r["seed"]))
-            if r.get("accuracy") is not None and r["accuracy"] < 2.0 / num_classes]
+            if _family_of(r) and r.get("accuracy") is not None
+            and r["accuracy"] < thresholds[_family_of(r)]["threshold"]]
+
+
+def collapse_rates(records: Sequence[Mapping], collapsed: Sequence[Mapping]) -> dict[str, dict]:
+    """Per student cell: ``k`` collapsed of ``n`` runs, the rate and its exact (Clopper-Pearson)
+    95% confidence interval (``scipy.stats.binomtest``)."""
+    out = {}
+    bad = {(c["cell"], c["seed"]) for c in collapsed}
+    for cell in sorted({r["cell"] for r in records if _family_of(r)}):
+        seeds = [r["seed"] for r in records if r["cell"] == cell and r.get("accuracy") is not None]
+        k, n = sum((cell, s) in bad for s in seeds), len(seeds)
+        ci = stats.binomtest(k, n).proportion_ci(0.95, method="exact") if n else None
+        out[cell] = {"k": k, "n": n, "rate": k / n if n else math.nan,
+                     "ci_low": ci.low if ci else math.nan, "ci_high": ci.high if ci else math.nan}
+    return out
+
+
+def collapse_test(a: str, b: str, records: Sequence[Mapping],
+                  collapsed: Sequence[Mapping]) -> dict:
+    """Do cells ``a`` and ``b`` collapse at different rates? Paired by seed: the exact McNemar
+    test (a two-sided binomial test of the discordant seeds, ``scipy.stats.binomtest``).
+    Returns ``{'n', 'a_only', 'b_only', 'p'}`` (p 1 without discordant seeds)."""
+    bad = {(c["cell"], c["seed"]) for c in collapsed}
+    seeds = sorted({r["seed"] for r in records if r["cell"] == a}
+                   & {r["seed"] for r in records if r["cell"] == b})
+    a_only = sum((a, s) in bad and (b, s) not in bad for s in seeds)
+    b_only = sum((b, s) in bad and (a, s) not in bad for s in seeds)
+    p = stats.binomtest(a_only, a_only + b_only).pvalue if a_only + b_only else 1.0
+    return {"n": len(seeds), "a_only": a_only, "b_only": b_only, "p": float(p)}
 
 
 def claims(sizes: Sequence[str] = SIZES) -> list[dict]:
@@ -180,6 +233,21 @@ def claims(sizes: Sequence[str] = SIZES) -> list[dict]:
          "tests": [(f"TA chain large -> medium -> student minus direct {size} -> student",
                     "ta/large-medium", f"full/{size}", "not_higher", "accuracy")
                    for size in reversed(sizes)]},
+        {"id": "stop_epoch", "core": False,
+         "claim": "ESKD's gain over full KD holds wherever KD stops: after 25%, 50% or 75% of "
+                  "training (the `stop_kd` reading's free constant, large teacher)",
+         "paper": "ESKD paper: KD stopped at epoch 60 of 90 on ImageNet (2/3), one setting",
+         "tests": [(f"ESKD stop at {pct}% <- large minus full KD <- large", cell, "full/large",
+                    "higher", "accuracy")
+                   for pct, cell in ((25, "eskd_stop25/large"), (50, "eskd_stop/large"),
+                                     (75, "eskd_stop75/large"))]},
+        {"id": "loss_constants", "core": False,
+         "claim": "The grid's KD constants (T = 4, 0.1 CE + 0.9 KD, the kdjax ImageNet configs' "
+                  "defaults) are not beaten by T = 1 with 0.5 CE + 0.5 KD (torchdistill's and "
+                  "mdistiller's ImageNet ResNet-34 -> 18 configs)",
+         "paper": "no paper claim: the constants kdjax's ImageNet configs document",
+         "tests": [("full KD <- large at T = 1, 0.5 / 0.5 minus at T = 4, 0.1 / 0.9",
+                    "full_t1/large", "full/large", "not_higher", "accuracy")]},
         {"id": "kd_vs_scratch", "core": False,
          "claim": "Full KD can lose to training from scratch (ESKD paper, claim a)",
          "paper": paper_full,
@@ -196,21 +264,38 @@ def claims(sizes: Sequence[str] = SIZES) -> list[dict]:
 
 
 def evaluate_claims(values: Mapping[str, Mapping[str, Mapping[int, float]]],
-                    sizes: Sequence[str] = SIZES) -> list[dict]:
+                    sizes: Sequence[str] = SIZES,
+                    collapsed: Sequence[Mapping] = ()) -> list[dict]:
     """Runs every claim's comparisons on ``values`` (``{metric: {cell: {seed: value}}}``, e.g.
-    ``{'accuracy': by_cell(records), 'kl': by_cell(records, 'kl')}``); comparisons whose cells are
-    missing are left out. Each claim gets ``results`` (name, cells, metric, :func:`compare`'s
-    numbers, verdict) and an overall ``verdict`` (:func:`combine`; ``not run`` without results)."""
+    ``{'accuracy': by_cell(records), 'kl': by_cell(records, 'kl')}``) as one Holm family per
+    claim, leaving out the seeds at which either cell collapsed (``collapsed``: records of
+    :func:`collapsed_runs`); comparisons with fewer than two such seeds are left out. Each claim
+    gets ``results`` (name, cells, metric, what the claim predicts, the
+    :class:`~experiments.paired_stats.Comparison` fields, ``excluded`` seeds, ``answer``) and an
+    overall ``verdict`` (:func:`combine` of the answers; ``not run`` without results)."""
+    bad = {(c["cell"], c["seed"]) for c in collapsed}
     out = []
     for claim in claims(sizes):
+        metric = claim["tests"][0][4]
+        pairs, meta = {}, {}
+        for name, a, b, kind, m in claim["tests"]:
+            cells = values.get(m, {})
+            if not (cells.get(a) and cells.get(b)):
+                continue
+            common = set(cells[a]) & set(cells[b])
+            keep = {s for s in common if (a, s) not in bad and (b, s) not in bad}
+            if len(keep) < 2:
+                continue
+            pairs[name] = ({s: cells[a][s] for s in keep}, {s: cells[b][s] for s in keep})
+            meta[name] = {"name": name, "a": a, "b": b, "claim": kind, "metric": m,
+                          "excluded": sorted(common - keep)}
         results = []
-        for name, a, b, kind, metric in claim["tests"]:
-            cells = values.get(metric, {})
-            if cells.get(a) and cells.get(b):
-                c = compare(cells[a], cells[b])
-                results.append({"name": name, "a": a, "b": b, "claim": kind, "metric": metric,
-                                **c, "verdict": verdict(c, kind)})
-        overall = combine([r["verdict"] for r in results]) if results else "not run"
+        if pairs:
+            for c in _family(pairs, metric):
+                d = c.to_dict()
+                d.pop("name")
+                results.append({**meta[c.name], **d, "answer": answer(c.verdict, meta[c.name]["claim"])})
+        overall = combine([r["answer"] for r in results]) if results else "not run"
         out.append({**{k: v for k, v in claim.items() if k != "tests"}, "results": results,
                     "verdict": overall})
     return out
