@@ -61,7 +61,7 @@ def make_context(config: ml_collections.ConfigDict, workdir: str) -> Context:
     workdir = os.path.abspath(workdir)
     data = build_data(config.dataset, config.seed)
     mesh, split = make_meshes(config, jax.devices(), jax.process_count())
-    _record_config(config, workdir)
+    record_config(config, workdir)
     return Context(config=config, workdir=workdir, data=data, mesh=mesh, split=split)
 
 
@@ -111,7 +111,7 @@ RESUMABLE_KEYS = ("name", "paper.", "dataset.data_dir", "dataset.num_threads", "
                   "run.allow_config_change")
 
 
-def _record_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+def record_config(config: ml_collections.ConfigDict, workdir: str) -> None:
     """Writes ``config.json`` on the first start and keeps it: it is the config the run was
     started with. A resume whose config differs appends the differences to
     ``config_changes.jsonl``; it is refused (ConfigError) when a key outside

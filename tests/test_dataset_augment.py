@@ -86,7 +86,7 @@ def test_a_workdir_started_before_the_key_existed_resumes(tmp_path):
     del recorded["dataset"]["augment"]
     with open(os.path.join(workdir, "config.json"), "w") as f:
         json.dump(recorded, f)
-    stages._record_config(c, workdir)
+    stages.record_config(c, workdir)
     assert not os.path.exists(os.path.join(workdir, "config_changes.jsonl"))
     with pytest.raises(errors.ConfigError, match=r"dataset.augment: None -> 'shift_noise'"):
-        stages._record_config(config("shift_noise"), workdir)
+        stages.record_config(config("shift_noise"), workdir)

@@ -56,7 +56,7 @@ def main(argv: Sequence[str]) -> int:
     from experiments import cli, rundir, stages
     from experiments.detection_kd import grid, report, runs, stats
     from experiments.errors import ConfigError
-    from experiments.reproduce_cpu.runner import INVOCATIONS_FILE, record_invocation, write_json
+    from experiments.grids import INVOCATIONS_FILE, record_invocation, write_json
 
     argv = list(argv)
     args = cli.parse_command_line(_with_default_config(argv), prog=PROG, doc=__doc__,
@@ -77,7 +77,7 @@ def main(argv: Sequence[str]) -> int:
     seeds = list(range(flags["seeds"]))
     command = " ".join([PROG] + [shlex.quote(a) for a in argv])
     os.makedirs(workdir, exist_ok=True)
-    stages._record_config(config, workdir)
+    stages.record_config(config, workdir)
     start, started = time.perf_counter(), time.strftime("%Y-%m-%d %H:%M:%S %Z")
     todo = grid.teacher_runs(config) + grid.student_runs(config, seeds)
     if flags["report_only"]:

@@ -7,7 +7,7 @@ Several workers (spawned, persistent: a worker keeps its compiled steps for the 
 same cell): a SIGTERM to the driver writes ``<workdir>/PREEMPTED`` (runs not yet started return at
 once) and is forwarded to the workers, whose running runs checkpoint and stop; workers ignore SIGTERM
 between runs. The next start of the command removes the file and resumes. A worker exits within 2 s of
-the driver going away (:func:`experiments.reproduce_cpu.runner._exit_when_orphaned`).
+the driver going away (:func:`experiments.grids.exit_when_orphaned`).
 """
 
 from __future__ import annotations
@@ -27,12 +27,12 @@ def _worker_init(parent: int, cache_dir: str, prng_impl: str) -> None:
     cache and the PRNG on, and an exit when the driver ``parent`` is gone."""
     import jax
 
-    from experiments.reproduce_cpu.runner import _exit_when_orphaned
+    from experiments.grids import exit_when_orphaned
 
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     enable_cache(cache_dir)
     jax.config.update("jax_default_prng_impl", prng_impl)
-    _exit_when_orphaned(parent)
+    exit_when_orphaned(parent)
 
 
 @contextlib.contextmanager
@@ -54,7 +54,7 @@ def prng(impl: str):
 
 def enable_cache(directory: str) -> None:
     """JAX's persistent compilation cache in ``directory`` (the seeds of a cell compile once)."""
-    from experiments.reproduce_cpu.runner import enable_compilation_cache
+    from experiments.grids import enable_compilation_cache
 
     enable_compilation_cache(directory)
 

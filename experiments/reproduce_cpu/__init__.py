@@ -3,38 +3,47 @@ r"""The measured CPU-scale reproduction of the ESKD and FitNet claims (MNIST-1D 
 One command trains the whole grid, seeds x cells, and writes ``<out>/README.md`` (setup, tables,
 per-claim verdicts with numbers), three PNG plots and ``<out>/results.json`` (every per-seed number)::
 
-    python -m experiments.reproduce_cpu --out results [--seeds 10] [--dataset mnist1d] [--jobs 2] \
-        [--workdir workdirs/reproduce_cpu/mnist1d] [--cells scratch,full/large] [--smoke]
+    python -m experiments.reproduce_cpu --out results [--seeds 20] [--dataset mnist1d] [--jobs 2] \
+        [--workdir workdirs/reproduce_cpu/mnist1d] [--cells scratch,full/large] [--smoke] \
+        [--report-only]
 
 Every run goes through the experiment modules with the configs of ``experiments/configs/small.py``
-(``mnist1d_eskd.py`` / ``mnist1d_fitnet.py`` and the digits ones):
+(``mnist1d_eskd.py`` / ``mnist1d_fitnet.py`` and the digits ones); on MNIST-1D the grid sets the
+regime that :mod:`~experiments.reproduce_cpu.regime` measured (:mod:`~experiments.reproduce_cpu.protocol`:
+40,000 / 10,000 examples, 24 epochs, Adam teachers of widths 8 / 16 / 128, the BatchNorm student):
 
-* teachers (trained once per size and seed, :func:`experiments.train_teacher.run`, keeping the
-  early-teacher epoch): ``small`` / ``medium`` / ``large`` CNNs of the ESKD grid and the FitNet
-  teacher; every student cell of seed ``s`` reads the seed-``s`` teacher with
-  ``source=checkpoint,path=...``;
+* teachers (trained once per size and teacher seed, :func:`experiments.train_teacher.run`,
+  keeping the early-teacher epoch): ``small`` / ``medium`` / ``large`` CNNs of the ESKD grid and
+  the FitNet teacher; every student cell of seed ``s`` reads the teachers of seed
+  :func:`~experiments.reproduce_cpu.grid.teacher_seed` ``(dataset, s)`` (``s mod 5`` on MNIST-1D)
+  with ``source=checkpoint,path=...``;
 * ESKD grid (:func:`experiments.imagenet_eskd.run`): the small student from scratch, with full KD
   and with ESKD from each teacher, ESKD in both readings (``stop_kd``: KD term off from the stop
-  epoch; ``early_teacher``: the teacher's early-epoch snapshot); one teacher-assistant chain
-  ``large -> medium -> small`` (full KD at each link) against the direct ``large -> small``;
+  epoch; ``early_teacher``: the teacher's early-epoch snapshot); on MNIST-1D also the stop epoch
+  swept (KD off after 25% / 50% / 75% of training) and the loss constants (T = 1, 0.5 / 0.5 against
+  T = 4, 0.1 / 0.9), the teacher read from a logit store computed per run; on digits one
+  teacher-assistant chain ``large -> medium -> small`` against the direct ``large -> small``;
 * FitNet (:func:`experiments.imagenet_fitnet.run`): the thin-and-deep student with hints (stage 1)
   then KD (stage 2), against the same student with stage 2 alone (KD only, built here from the same
   pieces as ``run_fitnet``'s stage 2, see :func:`~experiments.reproduce_cpu.runner.run_fitnet_kd_only`)
   and from scratch.
 
-Seed ``s`` sets ``config.seed`` (initialisation and data order) of the teacher and of every student
-of that seed, so comparisons between cells of one seed are paired. Each (cell, seed) runs in its own
-directory ``<workdir>/<cell>/seed<s>``; a finished one leaves ``record.json`` and is reused when
-the command runs again unless it is stale (:func:`~experiments.reproduce_cpu.runner.stale_reason`:
-its config or its teacher changed); an interrupted run resumes inside a cell from its checkpoints. ``--cells`` runs only some
-student cells (and their teachers); ``--smoke`` runs every cell for two short epochs on a small
-slice of the data (CI). docs/experiments.md describes the tables and the verdict rules.
+Seed ``s`` sets ``config.seed`` (initialisation and data order) of every student of that seed, so
+comparisons between cells of one seed are paired. Each (cell, seed) runs in its own directory
+``<workdir>/<cell>/seed<s>``; a finished one leaves ``record.json`` and is reused when the command
+runs again unless it is stale (:func:`~experiments.reproduce_cpu.runner.stale_reason`: its config
+or its teacher changed); an interrupted run resumes inside a cell from its checkpoints. ``--cells``
+runs only some student cells (and their teachers); ``--smoke`` runs every cell for two short epochs
+on a small slice of the data (CI); ``--report-only`` recomputes the statistics and the report from
+``<out>/results.json``. docs/experiments.md describes the tables and the verdict rules.
 
-The package, in the order a run goes through it: :mod:`~experiments.reproduce_cpu.grid` (the cells
-and their configs), :mod:`~experiments.reproduce_cpu.runner` (running them, the per-seed records),
-:mod:`~experiments.reproduce_cpu.statistics` (means, t-tests, the claims' verdicts) and
-:mod:`~experiments.reproduce_cpu.report` (README.md, plots, results.json); :func:`main` is the
-command. Their public names are importable from the package itself.
+The package, in the order a run goes through it: :mod:`~experiments.reproduce_cpu.protocol` (the
+cell and the MNIST-1D regime), :mod:`~experiments.reproduce_cpu.grid` (the cells and their configs),
+:mod:`~experiments.reproduce_cpu.runner` (running them, the per-seed records),
+:mod:`~experiments.reproduce_cpu.statistics` (paired comparisons, collapsed runs, the claims'
+verdicts) and :mod:`~experiments.reproduce_cpu.report` (README.md, plots, results.json);
+:func:`main` is the command; :mod:`~experiments.reproduce_cpu.regime` is the study that chose the
+regime. Their public names are importable from the package itself.
 """
 
 from __future__ import annotations
@@ -46,6 +55,9 @@ import sys
 import time
 from typing import Sequence
 
+from experiments.grids import (INVOCATIONS_FILE, finite_or_none, record_invocation,
+                               write_json)
+
 # The public names of the package's modules, importable from the package itself.
 from experiments.reproduce_cpu.grid import (DATASETS, RUN_OVERRIDES, SIZES, SMOKE_SAMPLES,
                                             STORE_DIR, TEACHER_SEEDS, Cell, build_config,
@@ -53,16 +65,14 @@ from experiments.reproduce_cpu.grid import (DATASETS, RUN_OVERRIDES, SIZES, SMOK
 from experiments.reproduce_cpu.report import (ACCURACY_PLOT, FITNET_TA_PLOT, MIMIC_PLOT, PREDICTS,
                                               REPORT_FILE, RESULTS_JSON, code_versions,
                                               collapse_table, comparison_text, comparisons_table,
-                                              constants_table, count_params, eskd_table, fitnet_ta_table, fmt_diff, fmt_num,
+                                              constants_table, count_params, eskd_table,
+                                              fitnet_ta_table, fmt_diff, fmt_num,
                                               fmt_p, fmt_pct, machine_info, markdown_table,
                                               mimic_table, plot_accuracy_vs_teacher,
                                               plot_fitnet_ta, plot_mimic, setup_info, timing_text,
                                               verdict_table, write_report)
-from experiments.reproduce_cpu.runner import (INVOCATIONS_FILE, RECORD_FILE, TEACHER_IGNORED,
-                                              code_version, enable_compilation_cache,
-                                              finite_or_none, record_invocation,
-                                              run_cell, run_fitnet_kd_only, run_jobs, stale_reason,
-                                              write_json)
+from experiments.reproduce_cpu.runner import (RECORD_FILE, TEACHER_IGNORED, code_version,
+                                              run_cell, run_fitnet_kd_only, run_jobs, stale_reason)
 from experiments.reproduce_cpu.statistics import (ALPHA, CLAIM_KINDS, MARGINS, answer, by_cell,
                                                   claims, collapse_rates, collapse_test,
                                                   collapse_thresholds, collapsed_runs, combine,

@@ -170,7 +170,8 @@ def build_config(cell: Cell, dataset: str, seed: int, workdir: str, smoke: bool)
         teacher = cell_dir(workdir, cell.teacher, teacher_seed(dataset, seed))
         parts.append(f"source=checkpoint,path={teacher}")
     if cell.precomputed:
-        parts.append(f"precomputed,store={os.path.join(cell_dir(workdir, cell.key, seed), STORE_DIR)}")
+        store = os.path.join(cell_dir(workdir, cell.key, seed), STORE_DIR)
+        parts.append(f"precomputed,store={store}")
     if smoke:
         parts.append("smoke")
     getter = small.eskd_config if cell.config == "eskd" else small.fitnet_config

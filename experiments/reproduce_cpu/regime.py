@@ -432,7 +432,8 @@ def run_study(out: str, plan: Plan, workdir: str, jobs: int, command: str) -> di
     """Runs (or reuses) every teacher and student run of ``plan`` and writes ``<out>/README.md``
     and ``<out>/regime.json``. Returns the result."""
     from experiments.reproduce_cpu.report import machine_info
-    from experiments.reproduce_cpu.runner import record_invocation, run_jobs, write_json
+    from experiments.grids import record_invocation, write_json
+    from experiments.reproduce_cpu.runner import run_jobs
     from kdjax.atomic import write_text_atomic
 
     start, started = time.perf_counter(), time.strftime("%Y-%m-%d %H:%M:%S %Z")

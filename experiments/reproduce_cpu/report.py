@@ -19,7 +19,7 @@ import numpy as np
 from experiments import report as run_report
 from experiments.datasets import build_data
 from experiments.reproduce_cpu.grid import SIZES, TEACHER_SEEDS, build_config, grid
-from experiments.reproduce_cpu.runner import write_json
+from experiments.grids import write_json
 from experiments.reproduce_cpu.statistics import (ALPHA, COLLAPSE_CAP, COLLAPSE_SDS, MARGINS,
                                                    by_cell, collapse_rates, collapse_test,
                                                    collapse_thresholds, collapsed_runs,

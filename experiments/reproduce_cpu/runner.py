@@ -5,7 +5,7 @@ modules' ``run`` functions; a finished one leaves ``record.json`` (:data:`RECORD
 result) and is reused when the command runs again unless it is stale (:func:`stale_reason`: its
 config or its teacher changed); an interrupted run resumes inside a cell from its checkpoints.
 ``<workdir>/invocations.json`` keeps the history of the command's invocations
-(:func:`record_invocation`).
+(:func:`experiments.grids.record_invocation`).
 """
 
 from __future__ import annotations
@@ -13,47 +13,24 @@ from __future__ import annotations
 import concurrent.futures
 import hashlib
 import json
-import math
 import multiprocessing
 import os
 import shutil
-import threading
 import time
 from typing import Any, Mapping, Sequence
 
-import jax
-
 from experiments import imagenet_eskd, imagenet_fitnet, rundir, stages, train_teacher
+from experiments.grids import enable_compilation_cache, exit_when_orphaned, write_json
 from experiments.reproduce_cpu.grid import Cell, build_config, cell_dir, teacher_seed
 from experiments.specs import build_model
 from experiments.teachers import obtain_teacher
 from experiments.validate import validate_config
 from kdjax import metrics as metrics_lib
-from kdjax.atomic import write_json_atomic
 
 RECORD_FILE = "record.json"
-INVOCATIONS_FILE = "invocations.json"
 #: Config keys a teacher run does not read (``train_teacher`` trains ``teacher.model`` on labels):
 #: a change there leaves a trained teacher valid.
 TEACHER_IGNORED = ("student.", "kd.", "fitnet.", "assistants", "name", "paper.")
-
-
-def finite_or_none(tree: Any) -> Any:
-    """``tree`` with every non-finite float (an undefined std or p-value) as None: strict JSON."""
-    if isinstance(tree, float) and not math.isfinite(tree):
-        return None
-    if isinstance(tree, Mapping):
-        return {k: finite_or_none(v) for k, v in tree.items()}
-    if isinstance(tree, (list, tuple)):
-        return [finite_or_none(v) for v in tree]
-    return tree
-
-
-def write_json(path: str, obj: Any) -> None:
-    """Writes ``obj`` as strict JSON (non-finite floats as null, one-space indent) atomically
-    (:func:`kdjax.atomic.write_json_atomic`), creating its directory."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    write_json_atomic(path, finite_or_none(obj), indent=1, allow_nan=False)
 
 
 def run_fitnet_kd_only(config, workdir: str):
@@ -128,19 +105,6 @@ def _record(cell: Cell, seed: int, directory: str, summaries: Sequence[Mapping[s
     }
 
 
-def enable_compilation_cache(directory: str) -> None:
-    """Turns on JAX's persistent compilation cache in ``directory`` for this process.
-
-    The seeds of a cell compile exactly the same train and eval steps, so with the cache only the
-    first seed of each cell pays for XLA's compiles (seconds per run on a busy 2-core CPU, more
-    than the training itself in smoke runs). Results are unchanged: the cache stores compiled
-    executables keyed by the computation and the compile options.
-    """
-    jax.config.update("jax_compilation_cache_dir", directory)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-
-
 def stale_reason(directory: str, config, teacher_dir: str | None,
                  ignore: Sequence[str] = ()) -> str | None:
     """Why the run in ``directory`` cannot be reused for ``config`` (None: it can, or is new).
@@ -204,18 +168,6 @@ def run_cell(cell: Cell, dataset: str, seed: int, workdir: str, smoke: bool) -> 
     return record
 
 
-def _exit_when_orphaned(parent: int) -> None:
-    """Worker initializer: a daemon thread ends the worker (``os._exit``) within 2 s of the driver
-    process ``parent`` going away, so a killed driver never leaves workers writing into the
-    workdir (an unfinished run resumes or restarts cleanly next time)."""
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(2.0)
-        os._exit(1)
-
-    threading.Thread(target=watch, name="orphan-watch", daemon=True).start()
-
-
 def _run_job(job: tuple) -> dict:
     return run_cell(*job)
 
@@ -238,23 +190,9 @@ def run_jobs(jobs: Sequence[tuple], num_workers: int, log_prefix: str) -> list[d
         return records
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(num_workers, mp_context=context,
-                                                initializer=_exit_when_orphaned,
+                                                initializer=exit_when_orphaned,
                                                 initargs=(os.getpid(),)) as pool:
         futures = {pool.submit(_run_job, job): job for job in jobs}
         for i, future in enumerate(concurrent.futures.as_completed(futures), 1):
             done(i, futures[future], future.result())
     return records
-
-
-def record_invocation(workdir: str, entry: Mapping[str, Any]) -> list[dict]:
-    """Appends ``entry`` to ``<workdir>/invocations.json`` and returns the whole history, so a
-    report regenerated from reused runs still states when and how long they were measured.
-    An invocation that reused no run trained every run of the report: it starts a new history."""
-    path = os.path.join(workdir, INVOCATIONS_FILE)
-    history = []
-    if os.path.exists(path) and entry["reused"]:
-        with open(path, encoding="utf-8") as fh:
-            history = json.load(fh)
-    history.append(dict(entry))
-    write_json(path, history)
-    return history

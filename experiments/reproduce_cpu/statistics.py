@@ -294,7 +294,8 @@ def evaluate_claims(values: Mapping[str, Mapping[str, Mapping[int, float]]],
             for c in _family(pairs, metric):
                 d = c.to_dict()
                 d.pop("name")
-                results.append({**meta[c.name], **d, "answer": answer(c.verdict, meta[c.name]["claim"])})
+                results.append({**meta[c.name], **d,
+                                "answer": answer(c.verdict, meta[c.name]["claim"])})
         overall = combine([r["answer"] for r in results]) if results else "not run"
         out.append({**{k: v for k, v in claim.items() if k != "tests"}, "results": results,
                     "verdict": overall})
