@@ -58,7 +58,7 @@ def test_smoke_run_writes_report_tables_plots_json_and_resumes(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "== teachers: 2 runs" in proc.stdout and "== students: 4 runs" in proc.stdout
 
-    for name in (rc.ACCURACY_PLOT, rc.MIMIC_PLOT, rc.FITNET_TA_PLOT):
+    for name in (rc.ACCURACY_PLOT, rc.MIMIC_PLOT, rc.FITNET_TA_PLOT, rc.CLAIMS_PLOT):
         with open(out / name, "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n", name
     result = json.loads((out / rc.RESULTS_JSON).read_text())

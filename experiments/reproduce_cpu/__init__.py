@@ -62,7 +62,8 @@ from experiments.grids import (INVOCATIONS_FILE, finite_or_none, record_invocati
 from experiments.reproduce_cpu.grid import (DATASETS, RUN_OVERRIDES, SIZES, SMOKE_SAMPLES,
                                             STORE_DIR, TEACHER_SEEDS, Cell, build_config,
                                             cell_dir, grid, select, set_key, teacher_seed)
-from experiments.reproduce_cpu.report import (ACCURACY_PLOT, FITNET_TA_PLOT, MIMIC_PLOT, PREDICTS,
+from experiments.reproduce_cpu.report import (ACCURACY_PLOT, CLAIMS_PLOT, FITNET_TA_PLOT,
+                                              MIMIC_PLOT, PREDICTS,
                                               REPORT_FILE, RESULTS_JSON, code_versions,
                                               collapse_table, comparison_text, comparisons_table,
                                               constants_table, count_params, eskd_table,
@@ -70,7 +71,7 @@ from experiments.reproduce_cpu.report import (ACCURACY_PLOT, FITNET_TA_PLOT, MIM
                                               fmt_p, fmt_pct, machine_info, markdown_table,
                                               mimic_table, plot_accuracy_vs_teacher,
                                               plot_fitnet_ta, plot_mimic, setup_info, timing_text,
-                                              verdict_table, write_report)
+                                              plot_claims, verdict_table, write_report)
 from experiments.reproduce_cpu.runner import (RECORD_FILE, TEACHER_IGNORED, code_version,
                                               run_cell, run_fitnet_kd_only, run_jobs, stale_reason)
 from experiments.reproduce_cpu.statistics import (ALPHA, CLAIM_KINDS, MARGINS, answer, by_cell,

@@ -33,6 +33,7 @@ REPORT_FILE = "README.md"
 ACCURACY_PLOT = "accuracy_vs_teacher.png"
 MIMIC_PLOT = "mimic.png"
 FITNET_TA_PLOT = "fitnet_ta.png"
+CLAIMS_PLOT = "claims.png"
 
 #: Size of one plot panel, inches.
 PANEL_WIDTH, PANEL_HEIGHT = 5.2, 4.2
@@ -213,16 +214,20 @@ def constants_table(acc: Mapping, teacher_acc: Mapping, early_acc: Mapping) -> s
 
 def plot_accuracy_vs_teacher(acc: Mapping, teacher_acc: Mapping, params: Mapping[str, int],
                              path: str, sizes: Sequence[str] = SIZES) -> str:
-    """Student eval top-1 (mean ± std over seeds) against teacher size: full KD, ESKD (both
-    readings), the teachers themselves, and the scratch student as a band."""
+    """Student eval top-1 (every seed as a dot, mean ± std as a bar) against teacher size: full
+    KD, ESKD (both readings), the teachers themselves, and the scratch student as a band."""
     fig, (ax,) = run_report.figure(1, width=PANEL_WIDTH, height=4.6)
     x = np.arange(len(sizes))
     for i, (prefix, label) in enumerate((("full", "full KD"), ("eskd_stop", "ESKD stop_kd"),
                                          ("eskd_early", "ESKD early_teacher"))):
         stats = [stats_of(acc.get(f"{prefix}/{s}")) for s in sizes]
         keep = [j for j, st in enumerate(stats) if st]
+        for j in keep:
+            values = 100 * np.array(list(acc[f"{prefix}/{sizes[j]}"].values()))
+            ax.scatter(np.full(values.size, x[j] + (i - 1) * 0.18 + 0.05), values, s=6,
+                       color=f"C{i}", alpha=0.45, linewidths=0)
         if keep:
-            ax.errorbar(x[keep] + (i - 1) * 0.06, [100 * stats[j]["mean"] for j in keep],
+            ax.errorbar(x[keep] + (i - 1) * 0.18, [100 * stats[j]["mean"] for j in keep],
                         yerr=[100 * np.nan_to_num(stats[j]["std"]) for j in keep], marker="o",
                         capsize=3, label=label, color=f"C{i}")
     scratch = stats_of(acc.get("scratch"))
@@ -237,9 +242,44 @@ def plot_accuracy_vs_teacher(acc: Mapping, teacher_acc: Mapping, params: Mapping
                      (f"\nteacher {100 * st['mean']:.1f}%" if st else ""))
     ax.set_xticks(x, ticks)
     ax.set_ylabel("student eval top-1 (%)")
-    ax.set_title("student accuracy vs teacher size (mean ± std over seeds)")
+    ax.set_title("student accuracy vs teacher size (dots: seeds; mean ± std)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
+    fig.savefig(path, dpi=100)
+    return path
+
+
+def plot_claims(claim_results: Sequence[Mapping], values: Mapping[str, Mapping[int, float]],
+                path: str) -> str:
+    """Every top-1 comparison of the claims at a glance: one row per comparison ``a - b``, the
+    per-seed paired differences as dots (the seeds it used), the mean with its bootstrap 95% CI,
+    the TOST margin as a band, and the paired verdict and the claim's answer beside it."""
+    rows = [(c["id"], r) for c in claim_results for r in c["results"] if r["metric"] == "accuracy"]
+    fig, (ax,) = run_report.figure(1, width=11.0, height=max(2.5, 0.34 * len(rows) + 1.2))
+    if not rows:
+        ax.text(0.5, 0.5, "no comparisons", ha="center", va="center", transform=ax.transAxes)
+        fig.savefig(path, dpi=100)
+        return path
+    margin = rows[0][1]["margin"]
+    ax.axvspan(-margin, margin, color="tab:green", alpha=0.12,
+               label=f"equivalence margin ±{margin:g}")
+    ax.axvline(0, color="0.5", linewidth=0.8)
+    for y, (claim, r) in enumerate(rows):
+        a, b = values[r["a"]], values[r["b"]]
+        seeds = sorted((set(a) & set(b)) - set(r["excluded"]))
+        d = [100 * (a[s] - b[s]) for s in seeds]
+        ax.scatter(d, np.full(len(d), y) + np.linspace(-0.12, 0.12, len(d)), s=7, alpha=0.5,
+                   color="C0", linewidths=0)
+        ax.errorbar(r["mean_diff"], y, xerr=[[r["mean_diff"] - r["ci_low"]],
+                                             [r["ci_high"] - r["mean_diff"]]],
+                    fmt="o", color="k", capsize=3, markersize=4)
+        ax.annotate(f" {r['verdict']} -> {r['answer']}", (1.0, y), xycoords=("axes fraction",
+                    "data"), fontsize=8, va="center")
+    ax.set_yticks(range(len(rows)), [f"[{claim}] {r['name']}" for claim, r in rows], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("paired difference a - b (top-1 points); dots: seeds; bar: bootstrap 95% CI")
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(fontsize="small", loc="lower left")
     fig.savefig(path, dpi=100)
     return path
 
@@ -430,6 +470,7 @@ def write_report(out: str, *, setup: Mapping, machine: Mapping, records: Sequenc
                              sizes)
     plot_mimic(records, os.path.join(out, MIMIC_PLOT), sizes)
     plot_fitnet_ta(acc, os.path.join(out, FITNET_TA_PLOT))
+    plot_claims(claim_results, acc, os.path.join(out, CLAIMS_PLOT))
 
     p = setup["params"]
     o, to = setup["optimizer"], setup["teacher_optimizer"]
@@ -558,6 +599,8 @@ def write_report(out: str, *, setup: Mapping, machine: Mapping, records: Sequenc
         "`a - b`.", "",
         comparisons_table(claim_results), "",
         "## Plots", "",
+        f"Every top-1 comparison of the claims: per-seed paired differences, the mean with its "
+        f"bootstrap 95% CI, the equivalence margin, the verdict: ![claims]({CLAIMS_PLOT})", "",
         f"Student top-1 against teacher size (full KD, both ESKD readings, scratch band): "
         f"![accuracy vs teacher]({ACCURACY_PLOT})", "",
         f"The student fails to mimic? Train KD loss, train CE and eval KL(p_t || p_s) over "
