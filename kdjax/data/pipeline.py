@@ -220,10 +220,14 @@ class _TrainBatch:
         self._orders: dict[int, np.ndarray] = {}
 
     def _order(self, epoch: int) -> np.ndarray:
-        if epoch not in self._orders:  # a batch spans at most two epochs: keep the last two
-            self._orders = {e: o for e, o in self._orders.items() if e == epoch - 1}
-            self._orders[epoch] = _epoch_order(self._seed, epoch, len(self._source))
-        return self._orders[epoch]
+        # Grain's reader threads may call this at once: the cache is replaced, never mutated, and
+        # keeps the neighbouring epochs (a batch spans at most two, threads run a few ahead).
+        order = self._orders.get(epoch)
+        if order is None:
+            order = _epoch_order(self._seed, epoch, len(self._source))
+            self._orders = {**{e: o for e, o in self._orders.items() if abs(e - epoch) <= 1},
+                            epoch: order}
+        return order
 
     def __call__(self, batch_index: int, _: Any) -> dict[str, np.ndarray]:
         epochs, slots = np.divmod(int(batch_index) * self._local + np.arange(self._local),
