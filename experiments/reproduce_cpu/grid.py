@@ -91,8 +91,7 @@ def grid(dataset: str) -> tuple[list[Cell], list[Cell]]:
     teachers = [Cell(f"teacher/{size}", "teacher", "eskd",
                      f"teacher={size},mode=eskd,reading=early_teacher",
                      f"teacher {size} ({models[size]})",
-                     overrides=common + model(size) + teacher_extra + (
-                         (("teacher.early_epoch", early),) if regime else ()))
+                     overrides=common + model(size) + teacher_extra + kd_extra[1:])
                 for size in SIZES]
     teachers.append(Cell("teacher/fitnet", "teacher", "fitnet", "",
                          f"FitNet teacher ({s['fitnet_teacher']})", overrides=common))
