@@ -221,6 +221,12 @@ def test_select_adds_the_needed_teachers_and_rejects_unknown_cells():
         rc.grid("cifar10")
 
 
+def test_report_only_needs_a_finished_run(tmp_path):
+    with pytest.raises(FileNotFoundError, match="results.json does not exist: --report-only "
+                                                "rewrites the report of a finished run"):
+        rc.main(["--out", str(tmp_path), "--report-only"])
+
+
 def test_command_line_errors(capsys):
     for argv, message in ((["--out", "x", "--seeds", "1"], "need at least 2 seeds"),
                           (["--out", "x", "--jobs", "0"], "need at least 1 worker"),
