@@ -44,6 +44,7 @@ checkpointing; ``history``/``eval_history`` of steps before a resume are re-read
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import functools
@@ -518,7 +519,10 @@ def evaluate(eval_step, state: train.TrainState, teacher_variables: Any, eval_it
     batches = _HostBatches(iter(eval_iter), check or (lambda b: None), batch_transform)
     device_batches = prefetch_to_device(batches, sharding.batch_sharding(mesh), device_fn=device_fn)
     try:
-        sums = [eval_step(state, teacher_variables, batch) for batch in device_batches]
+        sums, inflight = [], InFlight()
+        for batch in device_batches:
+            sums.append(eval_step(state, teacher_variables, batch))
+            inflight.push(sums[-1])
     finally:
         device_batches.close()
     if not sums:
@@ -553,6 +557,34 @@ def _nonfinite_terms(m: Mapping[str, Any]) -> list[str]:
     if not np.isfinite(m["loss/total"]):
         return ["total"]
     return ["gradient"]
+
+
+class InFlight:
+    """Bounds how far a loop's dispatched computations run ahead of the host.
+
+    ``push(outputs)`` records the outputs of a computation just dispatched; when more than
+    ``limit`` are recorded, it first waits (``jax.block_until_ready``) for the oldest. JAX dispatches
+    asynchronously, so a loop that fetches results only every ``log_every`` steps queues that many
+    steps. XLA's CPU client admits 32 computations in flight per device and runs them on a pool of
+    about one thread per device: with a multi-device mesh, launches waiting for that admission can
+    hold every pool thread while a collective of an earlier step waits for a participant that has
+    no thread left, and XLA aborts the process after its rendezvous timeout (seen with 8 CPU
+    devices and 50 steps between fetches). A few steps ahead keep dispatch overlapped with compute.
+    """
+
+    def __init__(self, limit: int = 4):
+        if not isinstance(limit, int) or limit < 1:
+            raise ValueError(f"limit must be a positive integer (computations ahead), got {limit!r}.")
+        self._limit = limit
+        self._queue: collections.deque = collections.deque()
+
+    def push(self, outputs: Any) -> None:
+        self._queue.append(outputs)
+        while len(self._queue) > self._limit:
+            jax.block_until_ready(self._queue.popleft())
+
+    def __len__(self) -> int:
+        return len(self._queue)
 
 
 @dataclasses.dataclass
@@ -852,6 +884,7 @@ def fit(*, workdir: str, student, tx: optax.GradientTransformation, recipe: Sequ
                 print(resuming, flush=True)
 
         pending: list = []
+        inflight = InFlight()
         pending_first = start
         window = _Window()
         stopped = False
@@ -865,6 +898,7 @@ def fit(*, workdir: str, student, tx: optax.GradientTransformation, recipe: Sequ
                     f"num_steps.") from None
             state, step_metrics = train_step(state, t_vars, batch)
             pending.append(step_metrics)
+            inflight.push(step_metrics)
             done = step + 1
             if bar is not None:
                 bar.update(1)

@@ -674,3 +674,46 @@ def test_subprocess_sigkill_resumes_from_last_periodic_checkpoint_bit_identical(
     assert_bitwise_equal(_final_params(workdir), reference["params"])
     steps = [r["step"] for r in metrics.read_jsonl(workdir / "metrics.jsonl") if r["kind"] == "train"]
     assert steps == list(range(5, STEPS + 1, 5))
+
+
+class _Leaf:
+    """A pytree leaf that records when ``jax.block_until_ready`` waits on it."""
+
+    def __init__(self, name, waited):
+        self.name, self._waited = name, waited
+
+    def block_until_ready(self):
+        self._waited.append(self.name)
+        return self
+
+
+def test_in_flight_waits_for_the_oldest_beyond_its_limit():
+    waited = []
+    inflight = loop.InFlight(limit=2)
+    for i in range(5):
+        inflight.push({"loss": _Leaf(i, waited)})
+        assert len(inflight) == min(i + 1, 2)
+    assert waited == [0, 1, 2]  # pushing #2 waits for #0, #3 for #1, #4 for #2
+    for bad in (0, -1, 1.5, None):
+        with pytest.raises(ValueError, match="limit must be a positive integer"):
+            loop.InFlight(bad)
+
+
+def test_fit_keeps_at_most_a_few_steps_dispatched_ahead(tmp_path, monkeypatch):
+    """fit logs every 50 steps but never lets more than InFlight's limit run ahead: unbounded, XLA's
+    CPU client could deadlock a multi-device collective (see loop.InFlight)."""
+    sizes = []
+
+    class Recording(loop.InFlight):
+        def push(self, outputs):
+            super().push(outputs)
+            sizes.append(len(self))
+
+    monkeypatch.setattr(loop, "InFlight", Recording)
+    assert jax.device_count() == 8  # the data-parallel step all-reduces over 8 CPU devices
+    # 300 updates fetched once, at the end: unbounded, jax 0.10's CPU client deadlocked here and
+    # aborted the process (reproduced before InFlight existed).
+    result = fit_worker.run(str(tmp_path), 300, checkpoint_every=0, log_every=300)
+    assert int(result.state.step) == 300
+    # 300 updates, then the final eval's 3 batches (359 test rows, 128 per batch).
+    assert len(sizes) == 303 and max(sizes) == 4

@@ -245,6 +245,7 @@ def train_loop(directory: str, prog: Programs, state, teacher_variables, train_i
     ``(state, stopped_early, last logged train record)``."""
     from kdjax import checkpointing, metrics as metrics_lib, sharding
     from kdjax.detection.train import BATCH_KEYS
+    from kdjax.loop import InFlight
     from kdjax.preemption import PreemptionWatcher
 
     last_record: dict = {}
@@ -261,12 +262,13 @@ def train_loop(directory: str, prog: Programs, state, teacher_variables, train_i
             print(f"{directory}: resuming from step {start} of {num_steps}", flush=True)
         writer = stack.enter_context(metrics_lib.MetricWriter(directory, purge_step=start))
         watcher = stack.enter_context(PreemptionWatcher())
-        window = []
+        window, inflight = [], InFlight()
         for step in range(start, num_steps):
             batch = next(train_iter)
             state, metrics = prog.train_step(state, teacher_variables, sharding.global_batch(
                 {k: batch[k] for k in BATCH_KEYS}, prog.mesh))
             window.append(metrics)
+            inflight.push(metrics)
             done = step + 1
             last = done == num_steps
             if last or done % log_every == 0:
