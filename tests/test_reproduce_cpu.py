@@ -23,7 +23,6 @@ import pytest
 from scipy import stats
 
 from experiments import reproduce_cpu as rc, rundir
-from experiments.configs import small
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -108,6 +107,21 @@ def test_smoke_run_writes_report_tables_plots_json_and_resumes(tmp_path):
     assert rewritten["report_command"] == f"python -m experiments.reproduce_cpu --out {out} --report-only"
     assert rewritten["claims"] == again["claims"] and rewritten["command"] == again["command"]
     assert "recomputed from those records (no training)" in (out / rc.REPORT_FILE).read_text()
+    # --merge trains the named cells again and keeps the other cells' records from results.json.
+    merge = ["--smoke", "--seeds", "2", "--cells", "scratch", "--merge", "--out", str(out),
+             "--workdir", str(work)]
+    assert rc.main(merge) == 0
+    merged = json.loads((out / rc.RESULTS_JSON).read_text())
+    assert set(merged["cells"]) == set(again["cells"])
+    assert seed_values(merged, "full/large") == large
+    assert merged["command"] == again["command"]
+    assert merged["updates"] == [{"command": "python -m experiments.reproduce_cpu "
+                                  + " ".join(merge), "cells": ["scratch"]}]
+    assert len(merged["timing"]["invocations"]) == 3
+    assert merged["timing"]["invocations"][-1]["ran"] == 2
+    assert "The cells `scratch` were trained again" in (out / rc.REPORT_FILE).read_text()
+    with pytest.raises(ValueError, match=r"--merge: .* pass the same --dataset, --smoke and --seeds"):
+        rc.main(merge[:2] + ["3"] + merge[3:])
 
 
 @pytest.mark.slow
@@ -124,8 +138,7 @@ def test_smoke_run_of_every_cell(tmp_path):
     fitnet = result["cells"]["fitnet/hint_kd"]["seeds"]["0"]
     assert [s["stage"] for s in fitnet["stages"]] == ["fitnet_stage1", "fitnet_stage2"]
     assert result["cells"]["fitnet/kd_only"]["seeds"]["0"]["kd_mode"] == "kd_only"
-    assert result["cells"]["fitnet/scratch"]["seeds"]["0"]["model"] == (
-        small.SETTINGS["mnist1d"]["fitnet_student"])
+    assert result["cells"]["fitnet/scratch"]["seeds"]["0"]["model"] == "cnn1d:width=8,depth=18"
     assert "early_teacher (teacher from its epoch 1)" == \
         result["cells"]["eskd_early/large"]["seeds"]["1"]["reading"]
     # The teacher-assistant chain is a digits cell; every other claim has its cells here.
@@ -166,14 +179,17 @@ def test_grid_configs_share_teachers_by_seed_and_keep_the_protocol(tmp_path):
     assert (t.optimizer.name, t.optimizer.lr, t.run.eval_every_epochs) == ("adam", 0.01, 1)
     assert [rc.teacher_seed("mnist1d", s) for s in (0, 4, 5, 19)] == [0, 4, 0, 4]
     assert rc.teacher_seed("digits", 19) == 19
+    # The three FitNet arms train the regime's 18-layer student at its rate.
     thin = rc.build_config(by_key["fitnet/scratch"], "mnist1d", 0, work, smoke=True)
-    settings = small.SETTINGS["mnist1d"]
-    assert thin.student.model == settings["fitnet_student"]
-    assert thin.optimizer.lr == settings["fitnet_lr"]
+    assert (thin.student.model, thin.optimizer.lr) == ("cnn1d:width=8,depth=18", 0.01)
     assert thin.kd.mode == "scratch" and thin.num_epochs == 2
     assert thin.dataset.num_samples == rc.SMOKE_SAMPLES
-    hint = rc.build_config(by_key["fitnet/hint_kd"], "mnist1d", 0, work, smoke=False)
-    assert hint.student.model == settings["fitnet_student"] and hint.num_epochs == 24
+    for key in ("fitnet/hint_kd", "fitnet/kd_only"):
+        arm = rc.build_config(by_key[key], "mnist1d", 0, work, smoke=False)
+        assert (arm.student.model, arm.optimizer.lr, arm.num_epochs) == (
+            "cnn1d:width=8,depth=18", 0.01, 24)
+    fitnet_teacher = rc.build_config(by_key["teacher/fitnet"], "mnist1d", 0, work, smoke=False)
+    assert fitnet_teacher.teacher.model == "cnn1d:width=64"
     digits = {c.key: c for c in rc.grid("digits")[1]}
     assert "ta/large-medium" in digits and "full_t1/large" not in digits
     assert not rc.build_config(digits["full/large"], "digits", 1, work, False).teacher.precomputed
@@ -223,14 +239,15 @@ def test_select_adds_the_needed_teachers_and_rejects_unknown_cells():
 
 def test_report_only_needs_a_finished_run(tmp_path):
     with pytest.raises(FileNotFoundError, match="results.json does not exist: --report-only "
-                                                "rewrites the report of a finished run"):
+                                                "reads the records of a finished run"):
         rc.main(["--out", str(tmp_path), "--report-only"])
 
 
 def test_command_line_errors(capsys):
     for argv, message in ((["--out", "x", "--seeds", "1"], "need at least 2 seeds"),
                           (["--out", "x", "--jobs", "0"], "need at least 1 worker"),
-                          (["--out", "x", "--cells", "bogus"], "unknown cell(s) ['bogus']")):
+                          (["--out", "x", "--cells", "bogus"], "unknown cell(s) ['bogus']"),
+                          (["--out", "x", "--merge"], "--merge needs --cells")):
         with pytest.raises(SystemExit) as e:
             rc.parse_args(argv)
         assert e.value.code == 2

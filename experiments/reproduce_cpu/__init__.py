@@ -5,7 +5,7 @@ per-claim verdicts with numbers), three PNG plots and ``<out>/results.json`` (ev
 
     python -m experiments.reproduce_cpu --out results [--seeds 20] [--dataset mnist1d] [--jobs 2] \
         [--workdir workdirs/reproduce_cpu/mnist1d] [--cells scratch,full/large] [--smoke] \
-        [--report-only]
+        [--merge] [--report-only]
 
 Every run goes through the experiment modules with the configs of ``experiments/configs/small.py``
 (``mnist1d_eskd.py`` / ``mnist1d_fitnet.py`` and the digits ones); on MNIST-1D the grid sets the
@@ -33,7 +33,8 @@ comparisons between cells of one seed are paired. Each (cell, seed) runs in its 
 ``<workdir>/<cell>/seed<s>``; a finished one leaves ``record.json`` and is reused when the command
 runs again unless it is stale (:func:`~experiments.reproduce_cpu.runner.stale_reason`: its config
 or its teacher changed); an interrupted run resumes inside a cell from its checkpoints. ``--cells``
-runs only some student cells (and their teachers); ``--smoke`` runs every cell for two short epochs
+runs only some student cells (and their teachers), and with ``--merge`` keeps every other
+cell's per-seed records from ``<out>/results.json`` (after a change to those cells only); ``--smoke`` runs every cell for two short epochs
 on a small slice of the data (CI); ``--report-only`` recomputes the statistics and the report from
 ``<out>/results.json``. docs/experiments.md describes the tables and the verdict rules.
 
@@ -95,6 +96,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--cells", default=None,
                         help="comma-separated student cells to run (default: all), e.g. "
                              "'scratch,full/large'; the teachers they need are added")
+    parser.add_argument("--merge", action="store_true",
+                        help="with --cells: train those cells (and their teachers) and keep every "
+                             "other cell's per-seed records from <out>/results.json")
     parser.add_argument("--report-only", action="store_true",
                         help="recompute the statistics, README.md and the plots from "
                              "<out>/results.json (no training)")
@@ -106,6 +110,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                      f"t-test.")
     if args.jobs < 1:
         parser.error(f"--jobs={args.jobs}: need at least 1 worker process.")
+    if args.merge and (args.cells is None or args.report_only):
+        parser.error("--merge needs --cells (the cells to train again) and no --report-only.")
     if args.cells is not None:
         args.cells = [k.strip() for k in args.cells.split(",") if k.strip()]
         try:
@@ -118,23 +124,42 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     return args
 
 
-def rewrite_report(out: str, command: str) -> dict:
-    """``--report-only``: the report again from ``<out>/results.json``'s per-seed records, with
-    this code's statistics (no training); the setup, machine, timing and the command that trained
-    the runs are the file's, and the report names both commands."""
+def read_results(out: str, flag: str) -> tuple[dict, list[dict]]:
+    """``<out>/results.json`` and its per-seed records (``cell``, ``seed``, ``curves`` added)."""
     path = os.path.join(out, RESULTS_JSON)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} does not exist: --report-only rewrites the report of a "
-                                f"finished run; run the command without it first.")
+        raise FileNotFoundError(f"{path} does not exist: {flag} reads the records of a finished "
+                                f"run; run the command without it first.")
     with open(path, encoding="utf-8") as fh:
         old = json.load(fh)
     records = [{**entry, "cell": cell, "seed": int(seed),
                 "curves": old["curves"].get(f"{cell}/seed{seed}", {"train": [], "eval": []})}
                for cell, c in old["cells"].items() for seed, entry in c["seeds"].items()]
+    return old, records
+
+
+def rewrite_report(out: str, command: str) -> dict:
+    """``--report-only``: the report again from ``<out>/results.json``'s per-seed records, with
+    this code's statistics (no training); the setup, machine, timing and the command that trained
+    the runs are the file's, and the report names both commands."""
+    old, records = read_results(out, "--report-only")
     setup = {**setup_info(old["setup"]["dataset"], old["setup"]["smoke"]), **old["setup"]}
     return write_report(out, setup=setup, machine=old["machine"], records=records,
                         seeds=old["seeds"], timing=old["timing"], command=old["command"],
-                        report_command=command)
+                        report_command=command, updates=old.get("updates", ()))
+
+
+def kept_records(args: argparse.Namespace, trained: set[str]) -> tuple[dict, list[dict]]:
+    """``--merge``: ``<out>/results.json`` and its records of the cells not in ``trained``; the
+    file must hold the same dataset, smoke setting and seeds."""
+    old, records = read_results(args.out, "--merge")
+    mine = (args.dataset, args.smoke, list(range(args.seeds)))
+    theirs = (old["setup"]["dataset"], old["setup"]["smoke"], old["seeds"])
+    if mine != theirs:
+        raise ValueError(f"--merge: {args.out}/{RESULTS_JSON} holds (dataset, smoke, seeds) = "
+                         f"{theirs}, this command {mine}; pass the same --dataset, --smoke and "
+                         f"--seeds, or run the whole grid without --merge.")
+    return old, [r for r in records if r["cell"] not in trained]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -151,7 +176,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     workdir = os.path.abspath(args.workdir)
     seeds = list(range(args.seeds))
     teacher_cells, student_cells = select(*grid(args.dataset), args.cells)
-    records = []
+    trained = {c.key for c in teacher_cells + student_cells}
+    old, records = kept_records(args, trained) if args.merge else ({}, [])
     teacher_seeds = sorted({teacher_seed(args.dataset, s) for s in seeds})
     for phase, cells, phase_seeds in (("teachers", teacher_cells, teacher_seeds),
                                       ("students", student_cells, seeds)):
@@ -164,11 +190,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         "started": started, "wall_s": time.perf_counter() - start, "jobs": args.jobs,
         "ran": len(records) - reused, "reused": reused, "argv": argv, "load_start": load_start,
         "load_end": ", ".join(f"{x:.1f}" for x in os.getloadavg())})
+    command = ("python -m experiments.reproduce_cpu " + " ".join(argv)).strip()
+    updates = ()
+    if args.merge:  # the kept records' invocations and command, then this one's
+        history = old["timing"]["invocations"] + history[-1:]
+        updates = list(old.get("updates", ())) + [{"command": command, "cells": sorted(trained)}]
+        command = old["command"]
     timing = {"invocations": history, "runs_s": float(sum(r["wall_s"] for r in records)),
               "total": len(records)}
-    command = "python -m experiments.reproduce_cpu " + " ".join(argv)
     write_report(args.out, setup=setup_info(args.dataset, args.smoke), machine=machine_info(),
-                 records=records, seeds=seeds, timing=timing, command=command.strip())
+                 records=records, seeds=seeds, timing=timing, command=command, updates=updates)
     print(f"report: {os.path.join(args.out, REPORT_FILE)} "
           f"({(time.perf_counter() - start) / 60:.1f} min)", flush=True)
     return 0

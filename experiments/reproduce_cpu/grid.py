@@ -5,8 +5,8 @@ student cells of seed ``s`` read the teachers of seed :func:`teacher_seed` ``(da
 
 MNIST-1D runs in the regime that ``experiments/reproduce_cpu/regime.py`` measured
 (results/regime): 40,000 train / 10,000 test examples, 24 epochs with the rate / 10 after epochs
-12 and 18, teachers of widths 8 / 16 / 128 trained with Adam, the stable BatchNorm student, five
-teacher seeds shared by the student seeds, and the teacher's logits precomputed into a store per
+12 and 18, teachers of widths 8 / 16 / 128 trained with Adam, the stable BatchNorm student, the
+18-layer FitNet student (``protocol.FITNET_STUDENT``), five teacher seeds shared by the student seeds, and the teacher's logits precomputed into a store per
 student run (exact: MNIST-1D is not augmented, so the store holds what a live teacher computes,
 and the run skips the teacher's forward pass on every step). Digits keeps ``small.SETTINGS``.
 """
@@ -122,12 +122,14 @@ def grid(dataset: str) -> tuple[list[Cell], list[Cell]]:
     else:
         students.append(Cell("ta/large-medium", "kd", "eskd", "teacher=large,mode=full,ta=medium",
                              "TA chain large -> medium -> student (full KD)", "teacher/large"))
-    thin = (("student.model", s["fitnet_student"]), ("optimizer.lr", s["fitnet_lr"]))
+    thin = ((("student.model", protocol.FITNET_STUDENT), ("optimizer.lr", protocol.FITNET_LR))
+            if regime else
+            (("student.model", s["fitnet_student"]), ("optimizer.lr", s["fitnet_lr"])))
     students += [
         Cell("fitnet/hint_kd", "fitnet", "fitnet", "", "FitNet: hints, then KD", "teacher/fitnet",
-             overrides=common),
+             overrides=common + thin),
         Cell("fitnet/kd_only", "fitnet_kd_only", "fitnet", "", "thin-deep: KD only (FitNet stage 2)",
-             "teacher/fitnet", overrides=common),
+             "teacher/fitnet", overrides=common + thin),
         Cell("fitnet/scratch", "kd", "eskd", "teacher=none", "thin-deep: from scratch",
              overrides=common + thin)]
     return teachers, students

@@ -8,7 +8,6 @@ the plots here average over seeds (mean ± std), where a run's report draws one 
 
 from __future__ import annotations
 
-import math
 import os
 import platform
 from typing import Any, Mapping, Sequence
@@ -425,9 +424,9 @@ def timing_text(timing: Mapping[str, Any]) -> str:
     trained = sum(inv["wall_s"] for inv in timing["invocations"] if inv["ran"])
     return (f"- Wall time: {trained / 60:.1f} min in total for the invocations that trained "
             f"runs (sum of the {timing['total']} runs' own times: {timing['runs_s'] / 60:.1f} "
-            f"min). Invocations: " + "; ".join(parts) + ". The 2-core CPU was shared with other "
-            f"processes (load average above 2), so these times are upper bounds of the time on "
-            f"an idle machine.")
+            "min). Invocations: " + "; ".join(parts) + ". The 2-core CPU was shared with other "
+            "processes (load average above 2), so these times are upper bounds of the time on "
+            "an idle machine.")
 
 
 #: Published MNIST-1D test accuracies (Greydanus & Kobak, ICML 2024), percent.
@@ -448,10 +447,13 @@ def _seeds_text(setup: Mapping, seeds: Sequence[int]) -> str:
 
 def write_report(out: str, *, setup: Mapping, machine: Mapping, records: Sequence[Mapping],
                  seeds: Sequence[int], timing: Mapping, command: str,
-                 sizes: Sequence[str] = SIZES, report_command: str | None = None) -> dict:
+                 sizes: Sequence[str] = SIZES, report_command: str | None = None,
+                 updates: Sequence[Mapping] = ()) -> dict:
     """Writes ``README.md``, the plots and ``results.json`` into ``out``; returns the JSON object.
     ``report_command``: the ``--report-only`` command that recomputed the statistics from an
-    earlier run's records (None: ``command`` trained them and wrote this report)."""
+    earlier run's records (None: ``command`` trained them and wrote this report). ``updates``:
+    ``{'command', 'cells'}`` of each ``--merge`` invocation that trained those cells again after
+    ``command`` (their records replace ``command``'s)."""
     os.makedirs(out, exist_ok=True)
     models = setup["models"]
     acc = by_cell(records)
@@ -493,7 +495,10 @@ def write_report(out: str, *, setup: Mapping, machine: Mapping, records: Sequenc
         f"by that command; nothing is copied or extrapolated. Per-seed numbers: "
         f"[`{RESULTS_JSON}`]({RESULTS_JSON})."
         + (f" The statistics, tables and plots were recomputed from those records (no "
-           f"training) by `{report_command}`." if report_command else ""), "",
+           f"training) by `{report_command}`." if report_command else "")
+        + "".join(f" The cells {', '.join(f'`{c}`' for c in u['cells'])} were trained again, "
+                  f"after a change to their setup, by `{u['command']}`, which kept the other "
+                  f"cells' records." for u in updates), "",
         "## Setup", "",
         f"- Data: {setup['dataset']}, {setup['train_examples']} train / {setup['eval_examples']} "
         f"{setup['eval_split']} examples, {setup['num_classes']} classes; top-1 is measured on "
@@ -618,6 +623,7 @@ def write_report(out: str, *, setup: Mapping, machine: Mapping, records: Sequenc
         entry["accuracy"] = stats_of(acc.get(key))
     result = {"setup": dict(setup), "machine": dict(machine), "seeds": list(seeds),
               "timing": dict(timing), "command": command, "report_command": report_command,
+              "updates": [dict(u) for u in updates],
               "cells": cells, "claims": claim_results,
               "collapsed": collapsed, "collapse_thresholds": thresholds,
               "collapse_rates": rates,
