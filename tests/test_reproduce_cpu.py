@@ -118,7 +118,8 @@ def test_smoke_run_writes_report_tables_plots_json_and_resumes(tmp_path):
     assert merged["updates"] == [{"command": "python -m experiments.reproduce_cpu "
                                   + " ".join(merge), "cells": ["scratch"]}]
     assert len(merged["timing"]["invocations"]) == 3
-    assert merged["timing"]["invocations"][-1]["ran"] == 2
+    assert (merged["timing"]["invocations"][-1]["ran"],
+            merged["timing"]["invocations"][-1]["reused"]) == (2, 4)
     assert "The cells `scratch` were trained again" in (out / rc.REPORT_FILE).read_text()
     with pytest.raises(ValueError, match=r"--merge: .* pass the same --dataset, --smoke and --seeds"):
         rc.main(merge[:2] + ["3"] + merge[3:])

@@ -150,8 +150,8 @@ def rewrite_report(out: str, command: str) -> dict:
 
 
 def kept_records(args: argparse.Namespace, trained: set[str]) -> tuple[dict, list[dict]]:
-    """``--merge``: ``<out>/results.json`` and its records of the cells not in ``trained``; the
-    file must hold the same dataset, smoke setting and seeds."""
+    """``--merge``: ``<out>/results.json`` and its records of the cells not in ``trained`` (marked
+    reused); the file must hold the same dataset, smoke setting and seeds."""
     old, records = read_results(args.out, "--merge")
     mine = (args.dataset, args.smoke, list(range(args.seeds)))
     theirs = (old["setup"]["dataset"], old["setup"]["smoke"], old["seeds"])
@@ -159,7 +159,7 @@ def kept_records(args: argparse.Namespace, trained: set[str]) -> tuple[dict, lis
         raise ValueError(f"--merge: {args.out}/{RESULTS_JSON} holds (dataset, smoke, seeds) = "
                          f"{theirs}, this command {mine}; pass the same --dataset, --smoke and "
                          f"--seeds, or run the whole grid without --merge.")
-    return old, [r for r in records if r["cell"] not in trained]
+    return old, [{**r, "reused": True} for r in records if r["cell"] not in trained]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
