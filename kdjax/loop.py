@@ -563,23 +563,25 @@ class InFlight:
     """Bounds how far a loop's dispatched computations run ahead of the host.
 
     ``push(outputs)`` records the outputs of a computation just dispatched; when more than
-    ``limit`` are recorded, it first waits (``jax.block_until_ready``) for the oldest. JAX dispatches
+    ``limit`` are recorded, it waits for the oldest (for its first leaf: the outputs of one
+    computation become ready together, on every device). JAX dispatches
     asynchronously, so a loop that fetches results only every ``log_every`` steps queues that many
     steps. XLA's CPU client admits 32 computations in flight per device and runs them on a pool of
     about one thread per device: with a multi-device mesh, launches waiting for that admission can
     hold every pool thread while a collective of an earlier step waits for a participant that has
     no thread left, and XLA aborts the process after its rendezvous timeout (seen with 8 CPU
-    devices and 50 steps between fetches). A few steps ahead keep dispatch overlapped with compute.
+    devices and 50 steps between fetches). The default, 16, is half that admission; that many steps
+    ahead keep dispatch overlapped with compute.
     """
 
-    def __init__(self, limit: int = 4):
+    def __init__(self, limit: int = 16):
         if not isinstance(limit, int) or limit < 1:
             raise ValueError(f"limit must be a positive integer (computations ahead), got {limit!r}.")
         self._limit = limit
         self._queue: collections.deque = collections.deque()
 
     def push(self, outputs: Any) -> None:
-        self._queue.append(outputs)
+        self._queue.append(jax.tree_util.tree_leaves(outputs)[:1])
         while len(self._queue) > self._limit:
             jax.block_until_ready(self._queue.popleft())
 

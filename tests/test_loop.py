@@ -691,7 +691,7 @@ def test_in_flight_waits_for_the_oldest_beyond_its_limit():
     waited = []
     inflight = loop.InFlight(limit=2)
     for i in range(5):
-        inflight.push({"loss": _Leaf(i, waited)})
+        inflight.push({"loss": _Leaf(i, waited), "z": _Leaf(-1, waited)})  # waits on one leaf
         assert len(inflight) == min(i + 1, 2)
     assert waited == [0, 1, 2]  # pushing #2 waits for #0, #3 for #1, #4 for #2
     for bad in (0, -1, 1.5, None):
@@ -716,4 +716,4 @@ def test_fit_keeps_at_most_a_few_steps_dispatched_ahead(tmp_path, monkeypatch):
     result = fit_worker.run(str(tmp_path), 300, checkpoint_every=0, log_every=300)
     assert int(result.state.step) == 300
     # 300 updates, then the final eval's 3 batches (359 test rows, 128 per batch).
-    assert len(sizes) == 303 and max(sizes) == 4
+    assert len(sizes) == 303 and max(sizes) == 16
