@@ -155,7 +155,7 @@ def test_grid_configs_share_teachers_by_seed_and_keep_the_protocol(tmp_path):
     teachers, students = rc.grid("mnist1d")
     assert [t.key for t in teachers] == ["teacher/small", "teacher/medium", "teacher/large",
                                          "teacher/fitnet"]
-    assert len({c.key for c in students}) == len(students) == 16
+    assert len({c.key for c in students}) == len(students) == 18
     by_key = {c.key: c for c in students + teachers}
     work = str(tmp_path)
     # Student seed 8 reads the teachers of seed 8 mod 5 = 3, from its own logit store.
@@ -189,6 +189,10 @@ def test_grid_configs_share_teachers_by_seed_and_keep_the_protocol(tmp_path):
         arm = rc.build_config(by_key[key], "mnist1d", 0, work, smoke=False)
         assert (arm.student.model, arm.optimizer.lr, arm.num_epochs) == (
             "cnn1d:width=8,depth=18", 0.01, 24)
+    fast = rc.build_config(by_key["fitnet_fast/kd_only"], "mnist1d", 0, work, smoke=False)
+    assert (fast.student.model, fast.optimizer.lr) == ("cnn1d:width=8,depth=18", 0.02)
+    assert "fitnet_fast/hint_kd" in by_key and not any(
+        c.key.startswith("fitnet_fast/") for c in rc.grid("digits")[1])
     fitnet_teacher = rc.build_config(by_key["teacher/fitnet"], "mnist1d", 0, work, smoke=False)
     assert fitnet_teacher.teacher.model == "cnn1d:width=64"
     digits = {c.key: c for c in rc.grid("digits")[1]}

@@ -67,7 +67,8 @@ def grid(dataset: str) -> tuple[list[Cell], list[Cell]]:
     Teachers: ``teacher/<size>`` for each ESKD size (kept at the early-teacher epoch too) and
     ``teacher/fitnet``. Students: ``scratch``; ``full/<size>``, ``eskd_stop/<size>``,
     ``eskd_early/<size>``; ``fitnet/hint_kd``, ``fitnet/kd_only``, ``fitnet/scratch``
-    (thin-and-deep student). MNIST-1D adds the stop-epoch sweep (``eskd_stop25/large``,
+    (thin-and-deep student). MNIST-1D adds the two FitNet arms at twice the rate
+    (``fitnet_fast/hint_kd``, ``fitnet_fast/kd_only``), the stop-epoch sweep (``eskd_stop25/large``,
     ``eskd_stop75/large``, :data:`STOP_SWEEP`) and the loss constants (``full_t1/large``,
     :data:`T1_LOSS`); digits adds the teacher-assistant chain ``ta/large-medium`` (large ->
     medium assistant -> student, full KD).
@@ -132,6 +133,15 @@ def grid(dataset: str) -> tuple[list[Cell], list[Cell]]:
              "teacher/fitnet", overrides=common + thin),
         Cell("fitnet/scratch", "kd", "eskd", "teacher=none", "thin-deep: from scratch",
              overrides=common + thin)]
+    if regime:
+        fast = (("student.model", protocol.FITNET_STUDENT), ("optimizer.lr", protocol.FITNET_FAST_LR))
+        students += [
+            Cell("fitnet_fast/hint_kd", "fitnet", "fitnet", "",
+                 f"FitNet: hints, then KD (rate {protocol.FITNET_FAST_LR:g})", "teacher/fitnet",
+                 overrides=common + fast),
+            Cell("fitnet_fast/kd_only", "fitnet_kd_only", "fitnet", "",
+                 f"thin-deep: KD only (rate {protocol.FITNET_FAST_LR:g})", "teacher/fitnet",
+                 overrides=common + fast)]
     return teachers, students
 
 

@@ -137,6 +137,11 @@ def fitnet_ta_table(acc: Mapping, teacher_acc: Mapping, models: Mapping,
          fmt_pct(stats_of(acc.get("fitnet/kd_only")))],
         ["thin-deep student, FitNet (hints, then KD)", f"`{models['fitnet_student']}`",
          fmt_pct(stats_of(acc.get("fitnet/hint_kd")))],
+        *[[f"{label}, twice the rate", f"`{models['fitnet_student']}`",
+           fmt_pct(stats_of(acc.get(cell)))]
+          for label, cell in (("thin-deep student, KD only", "fitnet_fast/kd_only"),
+                              ("thin-deep student, FitNet", "fitnet_fast/hint_kd"))
+          if cell in acc],
         ["direct large -> student (full KD)", f"`{models['student']}`",
          fmt_pct(stats_of(acc.get("full/large")))],
         ["TA chain: the assistant (medium size, distilled from large)",
@@ -318,11 +323,13 @@ def plot_mimic(records: Sequence[Mapping], path: str, sizes: Sequence[str] = SIZ
 
 
 def plot_fitnet_ta(acc: Mapping, path: str) -> str:
-    """Bars (mean ± std, seeds as dots): thin-deep scratch / KD only / FitNet; the small student
+    """Bars (mean ± std, seeds as dots): thin-deep scratch / KD only / FitNet (and the last two at
+    twice the rate); the small student
     from scratch, by full KD from each teacher, and through the TA chain."""
     fig, axes = run_report.figure(2, width=PANEL_WIDTH, height=PANEL_HEIGHT)
     groups = ((("fitnet/scratch", "scratch"), ("fitnet/kd_only", "KD only"),
-               ("fitnet/hint_kd", "hints + KD")),
+               ("fitnet/hint_kd", "hints + KD"), ("fitnet_fast/kd_only", "KD only\n2x rate"),
+               ("fitnet_fast/hint_kd", "hints + KD\n2x rate")),
               (("scratch", "scratch"), ("full/small", "direct\nsmall"),
                ("full/medium", "direct\nmedium"), ("full/large", "direct\nlarge"),
                ("ta/large-medium", "TA chain\nlarge->medium")))
@@ -466,7 +473,8 @@ def write_report(out: str, *, setup: Mapping, machine: Mapping, records: Sequenc
                                     collapsed)
     fitnet_collapse = [(a, b, collapse_test(a, b, records, collapsed))
                        for a, b in (("fitnet/hint_kd", "fitnet/kd_only"),
-                                    ("fitnet/hint_kd", "fitnet/scratch"))
+                                    ("fitnet/hint_kd", "fitnet/scratch"),
+                                    ("fitnet_fast/hint_kd", "fitnet_fast/kd_only"))
                        if a in rates and b in rates]
     plot_accuracy_vs_teacher(acc, teacher_acc, setup["params"], os.path.join(out, ACCURACY_PLOT),
                              sizes)

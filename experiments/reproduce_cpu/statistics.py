@@ -225,6 +225,14 @@ def claims(sizes: Sequence[str] = SIZES) -> list[dict]:
                     "higher", "accuracy"),
                    ("FitNet (hints + KD) minus scratch", "fitnet/hint_kd", "fitnet/scratch",
                     "higher", "accuracy")]},
+        {"id": "hints_fast", "core": False,
+         "claim": "Hints rescue a thin-and-deep student that KD alone trains poorly (FitNets), "
+                  "at twice the learning rate; the collapse rate per arm is the primary outcome "
+                  "(see Collapsed runs)",
+         "paper": "FitNets: deep thin students trained with KD alone fail to learn well; the hint "
+                  "stage makes them trainable",
+         "tests": [("FitNet (hints + KD) minus KD only, twice the rate", "fitnet_fast/hint_kd",
+                    "fitnet_fast/kd_only", "higher", "accuracy")]},
         {"id": "ta", "core": True,
          "claim": "A teacher assistant does not fix the capacity gap (ESKD paper, claim c; "
                   "Mirzadeh et al. claim it does)",
