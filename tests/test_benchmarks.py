@@ -145,3 +145,23 @@ def test_data_parallel_script_end_to_end(tmp_path):
         lo, hi = r["ratio_range_over_rounds"][f"mesh_over_single_{conv}"]
         assert 0 < lo <= r[f"mesh_over_single_{conv}"] <= hi
         assert f"{conv:7s} one device" in proc.stdout
+
+
+@pytest.mark.slow
+def test_detection_step_script_end_to_end(tmp_path):
+    """benchmarks/detection_step.py shrunk (batches 1 and 2, one step, one round): both arms timed,
+    and the fitted line through two points is exactly fixed = 2 t1 - t2, per image = t2 - t1."""
+    out = tmp_path / "det.json"
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "LD_PRELOAD")}
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "detection_step.py"), "--json", str(out),
+           "--batches", "1,2", "--steps", "1", "--rounds", "1"]
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert set(r["arms"]) == {"scratch", "kd_large"}
+    for arm in r["arms"].values():
+        t1, t2 = arm["ms"]["1"], arm["ms"]["2"]
+        assert arm["per_image_ms"] == pytest.approx(t2 - t1, rel=1e-6, abs=1e-9)
+        assert arm["fixed_ms"] == pytest.approx(2 * t1 - t2, rel=1e-6, abs=1e-9)
+        assert arm["gflops"]["2"] > arm["gflops"]["1"] > 0
+    assert "ms fixed +" in proc.stdout
