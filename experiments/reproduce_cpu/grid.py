@@ -6,9 +6,10 @@ student cells of seed ``s`` read the teachers of seed :func:`teacher_seed` ``(da
 MNIST-1D runs in the regime that ``experiments/reproduce_cpu/regime.py`` measured
 (results/regime): 40,000 train / 10,000 test examples, 24 epochs with the rate / 10 after epochs
 12 and 18, teachers of widths 8 / 16 / 128 trained with Adam, the stable BatchNorm student, the
-18-layer FitNet student (``protocol.FITNET_STUDENT``), five teacher seeds shared by the student seeds, and the teacher's logits precomputed into a store per
-student run (exact: MNIST-1D is not augmented, so the store holds what a live teacher computes,
-and the run skips the teacher's forward pass on every step). Digits keeps ``small.SETTINGS``.
+18-layer FitNet student (``protocol.FITNET_STUDENT``), five teacher seeds shared by the student
+seeds, and the teacher's logits precomputed into a store per student run (exact: MNIST-1D is not
+augmented, so the store holds what a live teacher computes, and the run skips the teacher's
+forward pass on every step). Digits keeps ``small.SETTINGS``.
 """
 
 from __future__ import annotations
@@ -126,22 +127,22 @@ def grid(dataset: str) -> tuple[list[Cell], list[Cell]]:
     thin = ((("student.model", protocol.FITNET_STUDENT), ("optimizer.lr", protocol.FITNET_LR))
             if regime else
             (("student.model", s["fitnet_student"]), ("optimizer.lr", s["fitnet_lr"])))
-    students += [
-        Cell("fitnet/hint_kd", "fitnet", "fitnet", "", "FitNet: hints, then KD", "teacher/fitnet",
-             overrides=common + thin),
-        Cell("fitnet/kd_only", "fitnet_kd_only", "fitnet", "", "thin-deep: KD only (FitNet stage 2)",
-             "teacher/fitnet", overrides=common + thin),
+
+    def fitnet_arms(prefix: str, overrides: tuple, note: str = "") -> list[Cell]:
+        """``<prefix>/hint_kd`` (hints, then KD) and ``<prefix>/kd_only`` (FitNet's stage 2 alone)
+        of the thin-and-deep student set by ``overrides``; ``note`` ends their labels."""
+        return [Cell(f"{prefix}/hint_kd", "fitnet", "fitnet", "", f"FitNet: hints, then KD{note}",
+                     "teacher/fitnet", overrides=common + overrides),
+                Cell(f"{prefix}/kd_only", "fitnet_kd_only", "fitnet", "",
+                     f"thin-deep: KD only (FitNet stage 2){note}", "teacher/fitnet",
+                     overrides=common + overrides)]
+
+    students += fitnet_arms("fitnet", thin) + [
         Cell("fitnet/scratch", "kd", "eskd", "teacher=none", "thin-deep: from scratch",
              overrides=common + thin)]
     if regime:
-        fast = (("student.model", protocol.FITNET_STUDENT), ("optimizer.lr", protocol.FITNET_FAST_LR))
-        students += [
-            Cell("fitnet_fast/hint_kd", "fitnet", "fitnet", "",
-                 f"FitNet: hints, then KD (rate {protocol.FITNET_FAST_LR:g})", "teacher/fitnet",
-                 overrides=common + fast),
-            Cell("fitnet_fast/kd_only", "fitnet_kd_only", "fitnet", "",
-                 f"thin-deep: KD only (rate {protocol.FITNET_FAST_LR:g})", "teacher/fitnet",
-                 overrides=common + fast)]
+        fast = thin[:1] + (("optimizer.lr", protocol.FITNET_FAST_LR),)
+        students += fitnet_arms("fitnet_fast", fast, f" (rate {protocol.FITNET_FAST_LR:g})")
     return teachers, students
 
 
