@@ -1,7 +1,7 @@
 r"""Detection distillation end to end (issue 18): Chen et al. (NeurIPS 2017) measured at CPU scale.
 
     python -m experiments.detection_kd --config=experiments/configs/detection_digits.py \
-        --workdir=/tmp/kdjax_detection --out=results/detection [--seeds=6] [--jobs=2]
+        --workdir=/tmp/kdjax_detection --out=results/detection [--seeds=8] [--jobs=2]
     python -m experiments.detection_kd --quick        # the smoke grid (tests), under a minute
 
 Trains the grid of :mod:`experiments.detection_kd.grid` (teachers once per size, then every student
@@ -30,7 +30,7 @@ PROG = "python -m experiments.detection_kd"
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                               "configs", "detection_digits.py")
 FLAGS = (("out", "", "report directory (default results/detection; <workdir>/out with --quick)"),
-         ("seeds", 0, "student seeds per cell (0 .. N-1), at least 2 (default 6; 2 with --quick)"),
+         ("seeds", 0, "student seeds per cell (0 .. N-1), at least 2 (default 8; 2 with --quick)"),
          ("jobs", 1, "worker processes (runs in parallel)"),
          ("quick", False, "the smoke grid (config arg 'quick'), for the test suite"),
          ("report_only", False, "rewrite the report from the finished runs (no training)"))
@@ -66,7 +66,7 @@ def main(argv: Sequence[str]) -> int:
         raise ConfigError(f"{PROG}: --quick selects the config argument 'quick'; leave --config out "
                           f"or pass --config=...detection_digits.py:quick.")
     quick = config.name.endswith("quick")
-    flags["seeds"] = flags["seeds"] or (2 if quick else 6)
+    flags["seeds"] = flags["seeds"] or (2 if quick else 8)
     if flags["seeds"] < 2:
         raise ConfigError(f"{PROG}: --seeds={flags['seeds']}: paired statistics need at least 2 seeds.")
     if flags["jobs"] < 1:

@@ -62,7 +62,8 @@ class ChenConfig:
         **paper**, 1.5 (Sec. 3.2, for the imbalance of background and objects).
       temperature: ``T`` of the soft loss: **paper**, 1 ("no temperature at all (equivalent to
         T = 1)", Sec. 3.2, works best for detection in their study).
-      nu: weight of the teacher-bounded regression loss: **paper**, 0.5 (Sec. 3.3). 0 leaves it out.
+      nu: weight of the teacher-bounded regression loss (Sec. 3.3): **kdjax's choice** 0.5, the
+        value the paper is cited for, not confirmed from its text here. 0 leaves it out.
       margin: ``m`` of the bounded loss: the paper names it but gives no value: **kdjax's choice** 0
         (penalise the student while it is no better than the teacher).
       hint_weight: weight of ``fitnet_hint``. The paper's ``gamma = 0.5`` (Eq. 1, "fixed to 1 and
