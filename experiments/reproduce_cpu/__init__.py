@@ -35,8 +35,8 @@ runs again unless it is stale (:func:`~experiments.reproduce_cpu.runner.stale_re
 or its teacher changed); an interrupted run resumes inside a cell from its checkpoints. ``--cells``
 runs only some student cells (and their teachers), and with ``--merge`` keeps every other
 cell's per-seed records from ``<out>/results.json`` (after a change to those cells only);
-``--smoke`` runs every cell for two short epochs on a small slice of the data (CI); ``--report-only`` recomputes the statistics and the report from
-``<out>/results.json``. docs/experiments.md describes the tables and the verdict rules.
+``--smoke`` runs every cell for two short epochs on a small slice of the data (CI);
+``--report-only`` recomputes the statistics and the report from ``<out>/results.json``. docs/experiments.md describes the tables and the verdict rules.
 
 The package, in the order a run goes through it: :mod:`~experiments.reproduce_cpu.protocol` (the
 cell and the MNIST-1D regime), :mod:`~experiments.reproduce_cpu.grid` (the cells and their configs),
